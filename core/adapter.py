@@ -1,0 +1,273 @@
+"""One LoRA adapter in memory, read from PEFT's file format and checked against a base model.
+
+A PEFT LoRA adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors``
+whose keys look like ``base_model.model.<module>.lora_A.weight`` / ``...lora_B.weight``. We keep,
+per adapted ``nn.Linear``, ``A`` (r × in), ``B`` (out × r) and the scaling ``alpha / r`` (or
+``alpha / sqrt(r)`` with rsLoRA), in the base model's dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+__all__ = [
+    "AdapterError",
+    "LoraAdapter",
+    "LoraWeights",
+    "check_adapter_name",
+    "read_adapter_files",
+]
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=:+\-]{0,127}$")
+_KEY_PATTERN = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$"
+)
+
+
+class AdapterError(ValueError):
+    """An adapter could not be read or does not fit the base model. Nothing was changed."""
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """The low-rank update of one Linear layer: ``delta(x) = scaling * B @ A @ x``."""
+
+    A: torch.Tensor = field(metadata={"help": "Down projection, shape (r, in_features)."})
+    B: torch.Tensor = field(metadata={"help": "Up projection, shape (out_features, r)."})
+    scaling: float = field(metadata={"help": "alpha / r, or alpha / sqrt(r) with rsLoRA."})
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A validated LoRA adapter: per module name (as in ``model.named_modules()``), its weights."""
+
+    name: str = field(metadata={"help": "Unique name in the pool."})
+    modules: dict[str, LoraWeights] = field(metadata={"help": "Adapted Linear layers by module name."})
+    config: dict[str, Any] = field(default_factory=dict, metadata={"help": "The PEFT adapter config."})
+    source: str | None = field(default=None, metadata={"help": "Where it was loaded from, if anywhere."})
+    digest: str = field(default="", metadata={"help": "SHA-256 of the weights (first 16 hex digits)."})
+
+    @property
+    def ranks(self) -> set[int]:
+        return {w.rank for w in self.modules.values()}
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(w.A.numel() + w.B.numel() for w in self.modules.values())
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        name: str,
+        config: dict[str, Any],
+        state_dict: dict[str, torch.Tensor],
+        model: nn.Module,
+        *,
+        source: str | None = None,
+    ) -> LoraAdapter:
+        """Builds an adapter from a PEFT config and state dict, checking both against ``model``.
+
+        Args:
+            name: The adapter's name (letters, digits and ``_ . = : + -``; no path separators).
+            config: The content of ``adapter_config.json`` (or ``LoraConfig.to_dict()``).
+            state_dict: PEFT-format weights (``...<module>.lora_A.weight`` / ``lora_B``).
+            model: The base model the adapter must fit.
+            source: Where the weights came from, used in error messages.
+
+        Raises:
+            AdapterError: naming the adapter, the file or key, and the fix.
+        """
+        check_adapter_name(name)
+        where = f"adapter {name!r}" + (f" ({source})" if source else "")
+        _check_config(config, where)
+        linear_layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        all_modules = dict(model.named_modules())
+        dtype = next(model.parameters()).dtype
+
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state_dict.items():
+            match = _KEY_PATTERN.match(key)
+            if match is None:
+                raise AdapterError(
+                    f"{where}: weight {key!r} is not a LoRA A/B matrix of a Linear layer; loraretriever "
+                    "composes plain LoRA only (no modules_to_save, embedding LoRA or DoRA). "
+                    "Fix: save the adapter without those extras."
+                )
+            parts.setdefault(match["module"], {})[match["part"]] = tensor
+        if not parts:
+            raise AdapterError(
+                f"{where}: the weights hold no lora_A/lora_B matrices. Fix: save a LoRA adapter."
+            )
+
+        r_default = int(config.get("r", 8))
+        alpha_default = float(config.get("lora_alpha", r_default))
+        rank_pattern = config.get("rank_pattern") or {}
+        alpha_pattern = config.get("alpha_pattern") or {}
+        rslora = bool(config.get("use_rslora", False))
+
+        modules: dict[str, LoraWeights] = {}
+        for module_name, ab in sorted(parts.items()):
+            if set(ab) != {"A", "B"}:
+                missing = ({"A", "B"} - set(ab)).pop()
+                raise AdapterError(
+                    f"{where}: module {module_name!r} has no lora_{missing} weight; the file is incomplete."
+                )
+            if module_name not in linear_layers:
+                kind = (
+                    type(all_modules[module_name]).__name__
+                    if module_name in all_modules
+                    else "no such module"
+                )
+                raise AdapterError(
+                    f"{where}: target module {module_name!r} is not a Linear layer of the base model "
+                    f"({kind}). Fix: train the adapter on this base model "
+                    f"({type(model).__name__}), or check its target_modules."
+                )
+            layer = linear_layers[module_name]
+            A, B = ab["A"], ab["B"]
+            if (
+                A.dim() != 2
+                or B.dim() != 2
+                or A.shape[1] != layer.in_features
+                or B.shape[0] != layer.out_features
+            ):
+                raise AdapterError(
+                    f"{where}: module {module_name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                    f"but the base layer maps {layer.in_features} -> {layer.out_features}; the adapter was "
+                    "trained for another base model. Fix: load it with the model it was trained on."
+                )
+            if A.shape[0] != B.shape[1]:
+                raise AdapterError(
+                    f"{where}: module {module_name!r} has lora_A rank {A.shape[0]} but lora_B rank {B.shape[1]}."
+                )
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise AdapterError(
+                    f"{where}: module {module_name!r} holds NaN or infinite weights. Fix: retrain or re-save it."
+                )
+            rank = A.shape[0]
+            pattern_rank = _pattern_value(rank_pattern, module_name, r_default)
+            if rank != pattern_rank:
+                raise AdapterError(
+                    f"{where}: module {module_name!r} has rank {rank} but the config says r={pattern_rank}. "
+                    "Fix: the config and the weights must come from the same save."
+                )
+            alpha = float(_pattern_value(alpha_pattern, module_name, alpha_default))
+            scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+            modules[module_name] = LoraWeights(
+                A=A.detach().to(dtype).contiguous(), B=B.detach().to(dtype).contiguous(), scaling=scaling
+            )
+        digest = hashlib.sha256()
+        for module_name, weights in modules.items():
+            digest.update(module_name.encode())
+            digest.update(f"{weights.scaling}".encode())
+            for tensor in (weights.A, weights.B):
+                digest.update(tensor.cpu().view(torch.uint8).numpy().tobytes())
+        return cls(
+            name=name, modules=modules, config=dict(config), source=source, digest=digest.hexdigest()[:16]
+        )
+
+
+def check_adapter_name(name: object) -> str:
+    """Returns ``name`` if it is a safe adapter name, else raises :class:`AdapterError`."""
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name) or ".." in name:
+        raise AdapterError(
+            f"adapter name {name!r} is not allowed: use 1-128 letters, digits and '_ . = : + -', starting "
+            "with a letter or digit (no path separators, no '..')."
+        )
+    return name
+
+
+def read_adapter_files(
+    directory: str | Path, *, allow_pickle: bool = False
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Reads ``adapter_config.json`` and the weights of a PEFT adapter directory.
+
+    Args:
+        directory: A local directory as written by ``PeftModel.save_pretrained``.
+        allow_pickle: Read ``adapter_model.bin`` (a pickle, which can run code) when there is no
+            safetensors file. Off by default: such files are refused, never unpickled.
+
+    Raises:
+        AdapterError: for a missing directory, missing or corrupt files, or a refused pickle.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"adapter directory {str(directory)!r} does not exist.")
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(
+            f"{str(config_path)!r} is missing. Fix: save the adapter with PEFT's save_pretrained."
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(
+            f"{str(config_path)!r} is not valid JSON ({err}). Fix: re-save the adapter."
+        ) from err
+    if not isinstance(config, dict):
+        raise AdapterError(f"{str(config_path)!r} must hold a JSON object, not {type(config).__name__}.")
+
+    weights_path = directory / SAFETENSORS_FILE
+    if weights_path.is_file():
+        try:
+            state_dict = load_file(weights_path)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterError(
+                f"{str(weights_path)!r} is corrupt ({err}). Fix: re-save the adapter."
+            ) from err
+        return config, state_dict
+    pickle_path = directory / PICKLE_FILE
+    if pickle_path.is_file():
+        if not allow_pickle:
+            raise AdapterError(
+                f"{str(pickle_path)!r} is a pickle, which can run arbitrary code when loaded, so it was not "
+                "read. Fix: convert it to adapter_model.safetensors, or pass allow_pickle=True if you trust it."
+            )
+        try:
+            state_dict = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a bad pickle
+            raise AdapterError(f"{str(pickle_path)!r} could not be read ({err}).") from err
+        return config, state_dict
+    raise AdapterError(f"{str(directory)!r} has no {SAFETENSORS_FILE}. Fix: save the adapter with PEFT.")
+
+
+def _check_config(config: dict[str, Any], where: str) -> None:
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterError(f"{where}: peft_type is {peft_type!r}; only LORA adapters can be composed.")
+    if config.get("use_dora"):
+        raise AdapterError(
+            f"{where}: DoRA adapters (use_dora=True) cannot be composed. Fix: train plain LoRA."
+        )
+    if config.get("fan_in_fan_out"):
+        raise AdapterError(f"{where}: fan_in_fan_out=True (Conv1D layers) is not supported.")
+    r = config.get("r", 8)
+    if not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{where}: r={r!r} in the config must be a positive integer.")
+
+
+def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name suffix as a regex."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default

@@ -1,0 +1,103 @@
+"""A routing: which adapters serve one prompt, with which weights, composed how."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["MODES", "Mode", "Routing"]
+
+Mode = Literal["mixture", "fusion", "single"]
+MODES: tuple[str, ...] = ("mixture", "fusion", "single")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The adapters of one prompt (best first), their weights and the composition mode.
+
+    * ``mixture``: ``y = W0 x + sum_j w_j s_j B_j A_j x`` (the weighted sum of the LoRAs' outputs).
+    * ``fusion``: ``y = W0 x + (sum_j w_j s_j B_j)(sum_j w_j A_j) x`` (one LoRA from averaged
+      matrices; ranks differ -> smaller ones are zero-padded to the largest).
+    * ``single``: the first adapter alone, at weight 1.
+
+    No adapters means the base model. ``fallback`` says why a router left a prompt without any.
+
+    Example:
+        >>> print(Routing(("sst2", "imdb"), (0.5, 0.5), similarities=(0.81, 0.77)))
+        mixture: sst2 0.50 (sim 0.810), imdb 0.50 (sim 0.770)
+    """
+
+    adapters: tuple[str, ...] = field(default=(), metadata={"help": "Adapter names, best first."})
+    weights: tuple[float, ...] = field(default=(), metadata={"help": "One weight per adapter."})
+    similarities: tuple[float, ...] | None = field(
+        default=None, metadata={"help": "Retrieval similarity per adapter, when a router chose them."}
+    )
+    mode: Mode = field(default="mixture", metadata={"help": "mixture, fusion or single."})
+    fallback: str | None = field(default=None, metadata={"help": "Why the prompt got no adapter, if so."})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", tuple(self.adapters))
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        if self.similarities is not None:
+            object.__setattr__(self, "similarities", tuple(float(s) for s in self.similarities))
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {MODES}.")
+        if len(self.weights) != len(self.adapters):
+            raise ValueError(
+                f"Routing has {len(self.adapters)} adapters {self.adapters} but {len(self.weights)} weights."
+            )
+        if self.similarities is not None and len(self.similarities) != len(self.adapters):
+            raise ValueError(
+                f"Routing has {len(self.adapters)} adapters but {len(self.similarities)} similarities."
+            )
+        if len(set(self.adapters)) != len(self.adapters):
+            raise ValueError(f"Routing names an adapter twice: {self.adapters}.")
+        for name, weight in zip(self.adapters, self.weights, strict=True):
+            if not math.isfinite(weight):
+                raise ValueError(f"weight {weight!r} of adapter {name!r} is not finite.")
+
+    @classmethod
+    def base(cls, reason: str | None = None) -> Routing:
+        """The base model alone."""
+        return cls(fallback=reason)
+
+    @classmethod
+    def pinned(
+        cls, adapters: Sequence[str], weights: Sequence[float] | None = None, mode: Mode = "mixture"
+    ) -> Routing:
+        """Fixed adapters, by default with uniform weights ``1/k``."""
+        adapters = tuple(adapters)
+        if weights is None:
+            weights = tuple(1.0 / len(adapters) for _ in adapters) if adapters else ()
+        return cls(adapters, tuple(weights), mode=mode)
+
+    @property
+    def is_base(self) -> bool:
+        return not self.adapters
+
+    def effective(self) -> list[tuple[str, float]]:
+        """The (adapter, weight) pairs the composer applies: the top-1 at weight 1 for ``single``."""
+        if self.mode == "single":
+            return [(self.adapters[0], 1.0)] if self.adapters else []
+        return list(zip(self.adapters, self.weights, strict=True))
+
+    def to_dict(self) -> dict:
+        return {
+            "adapters": list(self.adapters),
+            "weights": list(self.weights),
+            "similarities": None if self.similarities is None else list(self.similarities),
+            "mode": self.mode,
+            "fallback": self.fallback,
+        }
+
+    def __str__(self) -> str:
+        if self.is_base:
+            return "base model" + (f" ({self.fallback})" if self.fallback else "")
+        sims = self.similarities or (None,) * len(self.adapters)
+        parts = [
+            f"{name} {weight:.2f}" + (f" (sim {sim:.3f})" if sim is not None else "")
+            for name, weight, sim in zip(self.adapters, self.weights, sims, strict=True)
+        ]
+        return f"{self.mode}: " + ", ".join(parts)
