@@ -34,9 +34,7 @@ SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=:+\-]{0,127}$")
-_KEY_PATTERN = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$"
-)
+_KEY_PATTERN = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 
 
 class AdapterError(ValueError):
@@ -114,9 +112,7 @@ class LoraAdapter:
                 )
             parts.setdefault(match["module"], {})[match["part"]] = tensor
         if not parts:
-            raise AdapterError(
-                f"{where}: the weights hold no lora_A/lora_B matrices. Fix: save a LoRA adapter."
-            )
+            raise AdapterError(f"{where}: the weights hold no lora_A/lora_B matrices. Fix: save a LoRA adapter.")
 
         r_default = int(config.get("r", 8))
         alpha_default = float(config.get("lora_alpha", r_default))
@@ -132,11 +128,7 @@ class LoraAdapter:
                     f"{where}: module {module_name!r} has no lora_{missing} weight; the file is incomplete."
                 )
             if module_name not in linear_layers:
-                kind = (
-                    type(all_modules[module_name]).__name__
-                    if module_name in all_modules
-                    else "no such module"
-                )
+                kind = type(all_modules[module_name]).__name__ if module_name in all_modules else "no such module"
                 raise AdapterError(
                     f"{where}: target module {module_name!r} is not a Linear layer of the base model "
                     f"({kind}). Fix: train the adapter on this base model "
@@ -144,12 +136,7 @@ class LoraAdapter:
                 )
             layer = linear_layers[module_name]
             A, B = ab["A"], ab["B"]
-            if (
-                A.dim() != 2
-                or B.dim() != 2
-                or A.shape[1] != layer.in_features
-                or B.shape[0] != layer.out_features
-            ):
+            if A.dim() != 2 or B.dim() != 2 or A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
                 raise AdapterError(
                     f"{where}: module {module_name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
                     f"but the base layer maps {layer.in_features} -> {layer.out_features}; the adapter was "
@@ -181,9 +168,7 @@ class LoraAdapter:
             digest.update(f"{weights.scaling}".encode())
             for tensor in (weights.A, weights.B):
                 digest.update(tensor.cpu().view(torch.uint8).numpy().tobytes())
-        return cls(
-            name=name, modules=modules, config=dict(config), source=source, digest=digest.hexdigest()[:16]
-        )
+        return cls(name=name, modules=modules, config=dict(config), source=source, digest=digest.hexdigest()[:16])
 
 
 def check_adapter_name(name: object) -> str:
@@ -196,9 +181,7 @@ def check_adapter_name(name: object) -> str:
     return name
 
 
-def read_adapter_files(
-    directory: str | Path, *, allow_pickle: bool = False
-) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter_files(directory: str | Path, *, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """Reads ``adapter_config.json`` and the weights of a PEFT adapter directory.
 
     Args:
@@ -214,15 +197,11 @@ def read_adapter_files(
         raise AdapterError(f"adapter directory {str(directory)!r} does not exist.")
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
-        raise AdapterError(
-            f"{str(config_path)!r} is missing. Fix: save the adapter with PEFT's save_pretrained."
-        )
+        raise AdapterError(f"{str(config_path)!r} is missing. Fix: save the adapter with PEFT's save_pretrained.")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(
-            f"{str(config_path)!r} is not valid JSON ({err}). Fix: re-save the adapter."
-        ) from err
+        raise AdapterError(f"{str(config_path)!r} is not valid JSON ({err}). Fix: re-save the adapter.") from err
     if not isinstance(config, dict):
         raise AdapterError(f"{str(config_path)!r} must hold a JSON object, not {type(config).__name__}.")
 
@@ -231,9 +210,7 @@ def read_adapter_files(
         try:
             state_dict = load_file(weights_path)
         except (SafetensorError, OSError, ValueError) as err:
-            raise AdapterError(
-                f"{str(weights_path)!r} is corrupt ({err}). Fix: re-save the adapter."
-            ) from err
+            raise AdapterError(f"{str(weights_path)!r} is corrupt ({err}). Fix: re-save the adapter.") from err
         return config, state_dict
     pickle_path = directory / PICKLE_FILE
     if pickle_path.is_file():
@@ -255,9 +232,7 @@ def _check_config(config: dict[str, Any], where: str) -> None:
     if str(peft_type).upper() != "LORA":
         raise AdapterError(f"{where}: peft_type is {peft_type!r}; only LORA adapters can be composed.")
     if config.get("use_dora"):
-        raise AdapterError(
-            f"{where}: DoRA adapters (use_dora=True) cannot be composed. Fix: train plain LoRA."
-        )
+        raise AdapterError(f"{where}: DoRA adapters (use_dora=True) cannot be composed. Fix: train plain LoRA.")
     if config.get("fan_in_fan_out"):
         raise AdapterError(f"{where}: fan_in_fan_out=True (Conv1D layers) is not supported.")
     r = config.get("r", 8)

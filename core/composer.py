@@ -52,9 +52,7 @@ class Composer:
 
     def __init__(self, model: nn.Module, pool: LoraPool) -> None:
         if pool.model is not model:
-            raise ValueError(
-                "the pool was built for another model object; pass the model the pool validates against."
-            )
+            raise ValueError("the pool was built for another model object; pass the model the pool validates against.")
         self.model = model
         self.pool = pool
         self._linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -101,13 +99,10 @@ class Composer:
     def select_rows(self, rows: torch.Tensor | Sequence[int]) -> None:
         """Keeps only some rows of the active plan (e.g. when finished rows leave a generation)."""
         if self._plan is None:
-            raise RuntimeError(
-                "select_rows() needs an active plan: call it inside `with composer.apply(...)`."
-            )
+            raise RuntimeError("select_rows() needs an active plan: call it inside `with composer.apply(...)`.")
         index = torch.as_tensor(rows, dtype=torch.long)
         self._plan = {
-            m: LayerPlan(p.A_t.index_select(0, index), p.B_t.index_select(0, index))
-            for m, p in self._plan.items()
+            m: LayerPlan(p.A_t.index_select(0, index), p.B_t.index_select(0, index)) for m, p in self._plan.items()
         }
         self._batch_size = len(index)
 

@@ -49,9 +49,7 @@ class Routing:
                 f"Routing has {len(self.adapters)} adapters {self.adapters} but {len(self.weights)} weights."
             )
         if self.similarities is not None and len(self.similarities) != len(self.adapters):
-            raise ValueError(
-                f"Routing has {len(self.adapters)} adapters but {len(self.similarities)} similarities."
-            )
+            raise ValueError(f"Routing has {len(self.adapters)} adapters but {len(self.similarities)} similarities.")
         if len(set(self.adapters)) != len(self.adapters):
             raise ValueError(f"Routing names an adapter twice: {self.adapters}.")
         for name, weight in zip(self.adapters, self.weights, strict=True):
@@ -64,9 +62,7 @@ class Routing:
         return cls(fallback=reason)
 
     @classmethod
-    def pinned(
-        cls, adapters: Sequence[str], weights: Sequence[float] | None = None, mode: Mode = "mixture"
-    ) -> Routing:
+    def pinned(cls, adapters: Sequence[str], weights: Sequence[float] | None = None, mode: Mode = "mixture") -> Routing:
         """Fixed adapters, by default with uniform weights ``1/k``."""
         adapters = tuple(adapters)
         if weights is None:
