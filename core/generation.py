@@ -176,10 +176,11 @@ class Generator:
         configs = [config or GenerationConfig()] * n if not isinstance(config, Sequence) else list(config)
         if len(routings) != n or len(configs) != n:
             raise ValueError(f"got {n} prompts, {len(routings)} routings and {len(configs)} configs; they must match.")
-        rows = []
-        for i, (prompt, routing, cfg) in enumerate(zip(prompts, routings, configs, strict=True)):
+        for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompt {i} is empty ({prompt!r}); pass some text to generate from.")
+        rows = []
+        for i, (prompt, routing, cfg) in enumerate(zip(prompts, routings, configs, strict=True)):
             ids = self._encode(prompt, cfg)
             budget = self.context_window - cfg.max_new_tokens
             if budget < 1:

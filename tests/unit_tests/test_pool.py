@@ -103,7 +103,9 @@ def test_shape_mismatch_with_base_model_is_refused(pool_with_one, tmp_path):
     other = LlamaForCausalLM(LlamaConfig(**{**_tiny_kwargs(), "hidden_size": 48, "intermediate_size": 96}))
     path = save_peft_adapter(other, tmp_path / "wide", r=4)
     fingerprint = pool_with_one.fingerprint()
-    with pytest.raises(AdapterError, match=r"adapter 'wide'.*q_proj.*lora_A \(4, 48\).*maps 32 -> 32.*another base model"):
+    with pytest.raises(
+        AdapterError, match=r"adapter 'wide'.*q_proj.*lora_A \(4, 48\).*maps 32 -> 32.*another base model"
+    ):
         pool_with_one.add(path)
     _assert_unchanged(pool_with_one, fingerprint)
 
@@ -170,7 +172,10 @@ def test_pickled_weights_are_refused_unless_opted_in(pool_with_one, tiny_adapter
         pool_with_one.add(path)
     _assert_unchanged(pool_with_one, fingerprint)
     assert pool_with_one.add(path, allow_pickle=True) == "pickled"
-    assert torch.equal(pool_with_one.get("pickled").modules["model.layers.0.self_attn.q_proj"].A, pool_with_one.get("kept").modules["model.layers.0.self_attn.q_proj"].A)
+    assert torch.equal(
+        pool_with_one.get("pickled").modules["model.layers.0.self_attn.q_proj"].A,
+        pool_with_one.get("kept").modules["model.layers.0.self_attn.q_proj"].A,
+    )
 
 
 def test_unsupported_adapter_kinds_are_refused(pool_with_one, tiny_adapters, tmp_path):

@@ -1,0 +1,160 @@
+"""Generator on a tiny Llama with SmolLM2's real tokenizer: batching, stop strings, streaming, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from loraretriever import Composer, LoraPool, Routing
+from loraretriever.base_model import default_model_path
+from loraretriever.generation import GenerationConfig, Generator
+from tests.conftest import save_peft_adapter
+
+PROMPTS = ["Translate to French: the cat sleeps.", "Is this review positive? A fine film.", "Name a colour:"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def generator(model, tokenizer, tmp_path_factory) -> Generator:
+    root = tmp_path_factory.mktemp("gen_adapters")
+    pool = LoraPool(model)
+    pool.add(save_peft_adapter(model, root / "a", r=4, seed=1, targets=["q_proj", "v_proj", "o_proj"]))
+    pool.add(save_peft_adapter(model, root / "b", r=8, seed=2, targets=["gate_proj", "down_proj"]))
+    return Generator(model, tokenizer, Composer(model, pool))
+
+
+ROUTINGS = [Routing.pinned(["a"]), Routing(("b", "a"), (0.6, 0.4), mode="fusion"), Routing.base()]
+
+
+def test_batch_rows_equal_each_row_alone(generator):
+    configs = [GenerationConfig(max_new_tokens=n) for n in (6, 12, 9)]
+    batch = generator.generate(PROMPTS, ROUTINGS, configs)
+    for i, prompt in enumerate(PROMPTS):
+        alone = generator.generate([prompt], [ROUTINGS[i]], configs[i])[0]
+        assert batch[i].text == alone.text
+        assert batch[i].completion_tokens == alone.completion_tokens == configs[i].max_new_tokens
+        assert batch[i].finish_reason == "length"
+        assert batch[i].routing == ROUTINGS[i]
+    assert len({c.text for c in batch}) == 3
+
+
+def test_base_rows_match_transformers_generate(generator, model, tokenizer):
+    ours = generator.generate(PROMPTS, config=GenerationConfig(max_new_tokens=10))
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        reference = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    for i, completion in enumerate(ours):
+        expected = tokenizer.decode(reference[i, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert completion.text == expected
+        assert completion.prompt_tokens == int(inputs["attention_mask"][i].sum())
+
+
+def test_stop_string_spanning_a_token_boundary(generator, tokenizer):
+    full = generator.generate(PROMPTS[:1], ROUTINGS[:1], GenerationConfig(max_new_tokens=12))[0]
+    pieces = [tokenizer.decode([t]) for t in tokenizer(full.text, add_special_tokens=False)["input_ids"]]
+    boundaries = [sum(len(p) for p in pieces[:n]) for n in range(1, len(pieces))]
+    # A 4-character stop string made of the last 2 characters of one token and the first 2 of the next,
+    # occurring nowhere earlier in the text.
+    boundary = next(b for b in boundaries if b >= 2 and full.text.find(full.text[b - 2 : b + 2]) == b - 2)
+    stop = full.text[boundary - 2 : boundary + 2]
+    stopped = generator.generate(PROMPTS[:1], ROUTINGS[:1], GenerationConfig(max_new_tokens=12, stop=(stop,)))[0]
+    assert stopped.text == full.text[: boundary - 2]
+    assert stopped.finish_reason == "stop" and stopped.stop_sequence == stop
+    assert stopped.completion_tokens < full.completion_tokens
+
+
+def test_streaming_deltas_add_up_to_the_text(generator, tokenizer):
+    full = generator.generate(PROMPTS, ROUTINGS, GenerationConfig(max_new_tokens=10))
+    stops = [full[0].text[8:11], "\u2603 never", full[2].text[-3:]]
+    configs = [GenerationConfig(max_new_tokens=10, stop=(s,)) for s in stops]
+    events = list(generator.stream(PROMPTS, ROUTINGS, configs))
+    expected = generator.generate(PROMPTS, ROUTINGS, configs)
+    for row in range(3):
+        row_events = [e for e in events if e.row == row]
+        assert "".join(e.delta for e in row_events) == expected[row].text
+        assert row_events[-1].completion == expected[row]
+        assert all(e.completion is None for e in row_events[:-1])
+        assert not any(stops[row] in e.delta for e in row_events)
+    assert len([e for e in events if e.row == 1]) > 3, "tokens are streamed as they are produced"
+    assert [e.row for e in events[:3]] == [0, 1, 2], "rows stream side by side"
+
+
+def test_sampling_is_seeded_per_row(generator):
+    sampled = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    batch = generator.generate(PROMPTS, ROUTINGS, [sampled, GenerationConfig(max_new_tokens=8), sampled])
+    alone = generator.generate(PROMPTS[2:], ROUTINGS[2:], sampled)[0]
+    assert batch[2].text == alone.text
+    greedy = generator.generate(PROMPTS[2:], ROUTINGS[2:], GenerationConfig(max_new_tokens=8))[0]
+    other_seed = generator.generate(
+        PROMPTS[2:], ROUTINGS[2:], GenerationConfig(max_new_tokens=8, temperature=1.0, seed=8)
+    )
+    assert {alone.text, greedy.text, other_seed[0].text} != {alone.text}
+
+
+def test_chat_template_on_request(generator, tokenizer):
+    raw = generator.generate(PROMPTS[:1], config=GenerationConfig(max_new_tokens=2))[0]
+    chat = generator.generate(
+        PROMPTS[:1], config=GenerationConfig(max_new_tokens=2, chat_template=True, system_prompt="Be brief.")
+    )[0]
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert chat.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"]) > raw.prompt_tokens
+
+
+def test_long_prompt_truncated_left_with_warning_or_refused(generator):
+    long_prompt = "one two three four five six seven eight nine ten " * 10  # > 64-token window
+    with pytest.warns(UserWarning, match="oldest tokens were dropped"):
+        completion = generator.generate([long_prompt], config=GenerationConfig(max_new_tokens=4))[0]
+    assert completion.truncated_prompt and completion.prompt_tokens == 60
+    with pytest.raises(ValueError, match="context window.*truncation='left'"):
+        generator.generate([long_prompt], config=GenerationConfig(max_new_tokens=4, truncation="error"))
+    with pytest.raises(ValueError, match="max_new_tokens=64 leaves no room"):
+        generator.generate(["hi"], config=GenerationConfig(max_new_tokens=64))
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_empty_prompt_is_a_clear_error(generator, prompt):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generator.generate(["fine", prompt])
+
+
+def test_bad_settings_are_clear_errors(generator):
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        GenerationConfig(temperature=-1)
+    with pytest.raises(ValueError, match="top_p=0"):
+        GenerationConfig(top_p=0)
+    with pytest.raises(ValueError, match="stop=.*non-empty"):
+        GenerationConfig(stop=("",))
+    with pytest.raises(TypeError, match="not one string"):
+        generator.generate("a single string")
+    with pytest.raises(ValueError, match="2 prompts, 1 routings"):
+        generator.generate(["a", "b"], [Routing.base()])
