@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from loraretriever.home import loraretriever_home
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from loraretriever.home import loraretriever_home
 
 __all__ = ["DEFAULT_MODEL", "default_model_path", "load_base_model"]
 

@@ -21,9 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from loraretriever.pool import LoraPool
 from loraretriever.routing import Routing
-from torch import nn
 
 __all__ = ["Composer", "LayerPlan"]
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from loraretriever.adapter import (
     CONFIG_FILE,
     PICKLE_FILE,
@@ -18,7 +20,6 @@ from loraretriever.adapter import (
     check_adapter_name,
     read_adapter_files,
 )
-from torch import nn
 
 __all__ = ["LoraPool", "PoolListener"]
 
