@@ -32,7 +32,7 @@ class GenerationConfig:
 
     Example:
         >>> GenerationConfig(max_new_tokens=16, stop=("\\n",))
-        GenerationConfig(max_new_tokens=16, temperature=0.0, top_p=1.0, seed=None, stop=('\\n',), chat_template=False, system_prompt=None, truncation='left')
+        GenerationConfig(max_new_tokens=16, temperature=0.0, top_p=1.0, seed=None, stop=('\\n',), chat_template=False, system_prompt=None, ignore_eos=False, truncation='left')
     """
 
     max_new_tokens: int = field(default=64, metadata={"help": "The most tokens to generate."})
@@ -42,6 +42,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = field(default=(), metadata={"help": "Strings that end the text (not included)."})
     chat_template: bool = field(default=False, metadata={"help": "Wrap the prompt in the model's chat template."})
     system_prompt: str | None = field(default=None, metadata={"help": "System message, with chat_template."})
+    ignore_eos: bool = field(default=False, metadata={"help": "Keep going past EOS (benchmarks need fixed lengths)."})
     truncation: Literal["left", "error"] = field(
         default="left",
         metadata={
@@ -271,7 +272,7 @@ class Generator:
         cfg = row.config
         finish: FinishReason | None = None
         stop_sequence = None
-        if token in self._eos_ids:
+        if token in self._eos_ids and not cfg.ignore_eos:
             finish = "stop"
         else:
             row.ids.append(token)

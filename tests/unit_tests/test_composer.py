@@ -166,3 +166,25 @@ def test_adapters_added_and_removed_at_run_time(tiny_model, pool, composer, make
         pool.remove("late")
     with pytest.raises(KeyError, match="late"):
         composer.build_plan([Routing.pinned(["late"])])
+
+
+def test_paper_union_einsum_baseline_computes_the_same_mixture(tiny_model, pool, composer, tokens):
+    """The benchmark's baseline must be a faithful mixture, or its timings would mean nothing."""
+    from loraretriever.bench import UnionEinsumComposer
+
+    routings = [
+        Routing(("all", "q_only", "qv"), (0.5, 0.3, 0.2)),
+        Routing(("qv",), (1.0,)),
+        Routing.base(),
+        Routing(("q_only", "all"), (0.7, 0.3)),
+    ]
+    union = UnionEinsumComposer(tiny_model, pool)
+    try:
+        torch.testing.assert_close(
+            logits(tiny_model, union, routings, tokens),
+            logits(tiny_model, composer, routings, tokens),
+            atol=ATOL,
+            rtol=0,
+        )
+    finally:
+        union.remove_hooks()
