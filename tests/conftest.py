@@ -79,6 +79,43 @@ def make_adapter(tiny_model, tmp_path) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's real tokenizer (no model weights needed), padding on the left."""
+    from transformers import AutoTokenizer
+
+    from loraretriever.base_model import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(smol_tokenizer) -> LlamaForCausalLM:
+    """A tiny random Llama with SmolLM2's vocabulary and a 64-token context, for fast generation tests."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        **{
+            **TINY_CONFIG.to_dict(),
+            "vocab_size": len(smol_tokenizer),
+            "max_position_embeddings": 64,
+            "eos_token_id": smol_tokenizer.eos_token_id,
+            "pad_token_id": smol_tokenizer.pad_token_id,
+        }
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_adapters(tiny_lm, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_lm_adapters")
+    return {
+        "a": save_peft_adapter(tiny_lm, root / "a", r=4, seed=1, targets=["q_proj", "v_proj", "o_proj"]),
+        "b": save_peft_adapter(tiny_lm, root / "b", r=8, seed=2, targets=["gate_proj", "down_proj"]),
+    }
+
+
+@pytest.fixture(scope="session")
 def smollm():
     """The default base model (SmolLM2-135M-Instruct, float32) and tokenizer, loaded once."""
     from loraretriever import load_base_model

@@ -4,47 +4,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from loraretriever import Composer, LoraPool, Routing
-from loraretriever.base_model import default_model_path
 from loraretriever.generation import GenerationConfig, Generator
-from tests.conftest import save_peft_adapter
 
 PROMPTS = ["Translate to French: the cat sleeps.", "Is this review positive? A fine film.", "Name a colour:"]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    tokenizer.padding_side = "left"
-    return tokenizer
+def tokenizer(smol_tokenizer):
+    return smol_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+def model(tiny_lm):
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")
-def generator(model, tokenizer, tmp_path_factory) -> Generator:
-    root = tmp_path_factory.mktemp("gen_adapters")
-    pool = LoraPool(model)
-    pool.add(save_peft_adapter(model, root / "a", r=4, seed=1, targets=["q_proj", "v_proj", "o_proj"]))
-    pool.add(save_peft_adapter(model, root / "b", r=8, seed=2, targets=["gate_proj", "down_proj"]))
-    return Generator(model, tokenizer, Composer(model, pool))
+def generator(tiny_lm, smol_tokenizer, tiny_lm_adapters) -> Generator:
+    pool = LoraPool(tiny_lm)
+    for name, path in tiny_lm_adapters.items():
+        pool.add(path, name=name)
+    composer = Composer(tiny_lm, pool)
+    yield Generator(tiny_lm, smol_tokenizer, composer)
+    composer.remove_hooks()
 
 
 ROUTINGS = [Routing.pinned(["a"]), Routing(("b", "a"), (0.6, 0.4), mode="fusion"), Routing.base()]

@@ -1,0 +1,359 @@
+"""RoutedLM: base model + LoRA pool + router + composer + generation settings, behind one front.
+
+Every call is routed: each prompt gets its own adapters (retrieved, or pinned by the caller) and
+the whole list is ONE batched generation. Concurrent single calls (threads or asyncio) are merged
+into batches by a :class:`~loraretriever.request_queue.BatchingQueue`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from loraretriever.composer import Composer
+from loraretriever.generation import Completion, GenerationConfig, Generator
+from loraretriever.pool import LoraPool
+from loraretriever.request_queue import BatchingQueue, QueuedRequest
+from loraretriever.routing import MODES, Routing
+
+__all__ = ["GENERATION_KEYS", "ROUTE_KEYS", "Result", "RoutedLM", "RoutesPrompts", "Timings"]
+
+GENERATION_KEYS = frozenset(f.name for f in dataclasses.fields(GenerationConfig))
+ROUTE_KEYS = frozenset(
+    {
+        "top_k",
+        "mode",
+        "weighting",
+        "routing_temperature",
+        "min_similarity",
+        "filter",
+        "exclude",
+        "adapters",
+        "adapter_weights",
+    }
+)
+
+
+class RoutesPrompts(Protocol):
+    """What RoutedLM needs of a router (e.g. :class:`loraretriever.router.Router`)."""
+
+    def route(self, prompts: Sequence[str], top_k: int | None = None, **kwargs: Any) -> list[Routing]: ...
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent waiting for a batch, routing, and generating (the whole batch)."""
+
+    queue_s: float = 0.0
+    route_s: float = 0.0
+    generate_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """One prompt's answer: the new text, its routing, why it ended, token counts and timings."""
+
+    text: str
+    routing: Routing
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    stop_sequence: str | None = None
+    truncated_prompt: bool = False
+    timings: Timings = field(default_factory=Timings)
+    batch_size: int = 1  # rows in the generation that served this prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["routing"] = self.routing.to_dict()
+        return data
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompt: str
+    config: GenerationConfig
+    route_options: dict[str, Any]
+    route_key: tuple  # the options frozen, so requests that share them are routed together
+
+
+class RoutedLM:
+    """A causal LM whose every call is routed to its own LoRAs, served in batches.
+
+    Args:
+        model: The base model.
+        tokenizer: Its tokenizer (left padding).
+        pool: The LoRA pool of that model.
+        router: Chooses adapters per prompt; without one, calls must pin ``adapters=`` or get the
+            base model.
+        generation: Default generation settings (overridable per call).
+        route_defaults: Default routing options (``top_k``, ``mode``, ``weighting``, ...).
+        max_batch_size: The most rows in one generation.
+        max_wait_ms: How long a single call waits for others to share its batch.
+
+    Example:
+        >>> lm = RoutedLM.from_pretrained(pool_dir="my_pool")  # doctest: +SKIP
+        >>> results = lm.generate(["Translate to French: cat", "Is 'great film' positive?"])  # doctest: +SKIP
+        >>> print(results[1].routing)  # doctest: +SKIP
+        mixture: sst2 0.33 (sim 0.812), imdb 0.33 (sim 0.790), yelp 0.33 (sim 0.701)
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        pool: LoraPool,
+        router: RoutesPrompts | None = None,
+        *,
+        generation: GenerationConfig | None = None,
+        route_defaults: Mapping[str, Any] | None = None,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 10.0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.router = router
+        self.composer = Composer(model, pool)
+        self.generator = Generator(model, tokenizer, self.composer)
+        self.generation = generation or GenerationConfig()
+        self.route_defaults = self._check_route_options(dict(route_defaults or {}))
+        self.max_batch_size = max_batch_size
+        self._queue = BatchingQueue(self._run_queued, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+        self._engine_lock = threading.Lock()
+        self.generations = 0  # batched generations run so far (one per batch)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str | Path | None = None,
+        *,
+        adapters: Mapping[str, str | Path] | None = None,
+        router: RoutesPrompts | None = None,
+        **kwargs: Any,
+    ) -> RoutedLM:
+        """Loads a base model (hub id, local path, or the packaged default) and registers adapters.
+
+        Args:
+            model_id: See :func:`loraretriever.load_base_model`.
+            adapters: ``{name: directory or hub id}`` to add to the pool.
+            router: A router over the pool's adapters.
+            **kwargs: Passed to :class:`RoutedLM`.
+        """
+        from loraretriever.base_model import load_base_model
+
+        model, tokenizer = load_base_model(model_id)
+        pool = LoraPool(model)
+        for name, source in (adapters or {}).items():
+            pool.add(source, name=name)
+        return cls(model, tokenizer, pool, router, **kwargs)
+
+    # -- routing -----------------------------------------------------------------------------
+    def route(self, prompts: Sequence[str], **options: Any) -> list[Routing]:
+        """The routing of each prompt, with the defaults and ``options`` applied."""
+        options = self._check_route_options({**self.route_defaults, **options})
+        mode = options.pop("mode", "mixture")
+        pinned = options.pop("adapters", None)
+        weights = options.pop("adapter_weights", None)
+        if pinned is not None:
+            self.pool.check_names(list(pinned))
+            return [Routing.pinned(pinned, weights, mode=mode)] * len(prompts)
+        if self.router is None:
+            return [Routing.base("no router: pass adapters= to pin some")] * len(prompts)
+        router_kwargs = {
+            "top_k": options.get("top_k"),
+            "weighting": options.get("weighting"),
+            "temperature": options.get("routing_temperature"),
+            "min_similarity": options.get("min_similarity"),
+            "where": options.get("filter"),
+            "exclude": options.get("exclude"),
+            "mode": mode,
+        }
+        return self.router.route(list(prompts), **{k: v for k, v in router_kwargs.items() if v is not None})
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[Result]:
+        """Routes every prompt and generates them all in one batched pass (chunks of
+        ``max_batch_size``)."""
+        config, route_options = self._split_kwargs(kwargs)
+        prompts = self._check_prompts(prompts)
+        start = time.perf_counter()
+        routings = self.route(prompts, **route_options)
+        routed = time.perf_counter()
+        results: list[Result] = []
+        for offset in range(0, len(prompts), self.max_batch_size):
+            chunk = slice(offset, offset + self.max_batch_size)
+            completions, generate_s = self._generate(prompts[chunk], routings[chunk], config)
+            timings = Timings(route_s=routed - start, generate_s=generate_s)
+            results += [_result(c, timings, len(completions)) for c in completions]
+        return results
+
+    def submit(self, prompt: str, **kwargs: Any) -> QueuedRequest:
+        """Queues one prompt to share a batch with concurrent calls; ``.future.result()`` is its Result."""
+        config, route_options = self._split_kwargs(kwargs)
+        return self._queue.submit(self._request(prompt, config, route_options))
+
+    def complete(self, prompt: str, **kwargs: Any) -> Result:
+        """One prompt, coalesced with concurrent calls from other threads."""
+        return self.submit(prompt, **kwargs).future.result()
+
+    def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
+        """Yields the text of one prompt as it is produced (coalesced with concurrent calls)."""
+        config, route_options = self._split_kwargs(kwargs)
+        request = self._queue.submit(self._request(prompt, config, route_options), stream=True)
+        yield from request.iter_deltas()
+
+    def stream_with_result(self, prompt: str, **kwargs: Any) -> tuple[Iterator[str], QueuedRequest]:
+        """Like :meth:`stream`, also returning the request whose future holds the final Result."""
+        config, route_options = self._split_kwargs(kwargs)
+        request = self._queue.submit(self._request(prompt, config, route_options), stream=True)
+        return request.iter_deltas(), request
+
+    async def acomplete(self, prompt: str, **kwargs: Any) -> Result:
+        """Async :meth:`complete`: never blocks the event loop; concurrent calls share batches."""
+        return await asyncio.wrap_future(self.submit(prompt, **kwargs).future)
+
+    async def agenerate(self, prompts: Sequence[str], **kwargs: Any) -> list[Result]:
+        """Async :meth:`generate`: the batch runs in a worker thread."""
+        if len(prompts) == 1:
+            return [await self.acomplete(prompts[0], **kwargs)]
+        return await asyncio.to_thread(self.generate, prompts, **kwargs)
+
+    async def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[str]:
+        """Async :meth:`stream`."""
+        deltas, _ = self.stream_with_result(prompt, **kwargs)
+        done = object()
+        while (delta := await asyncio.to_thread(next, deltas, done)) is not done:
+            yield delta
+
+    def close(self) -> None:
+        """Stops the batching worker and detaches the composer's hooks."""
+        self._queue.close()
+        self.composer.remove_hooks()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _generate(
+        self, prompts: Sequence[str], routings: Sequence[Routing], config: GenerationConfig | Sequence[GenerationConfig]
+    ) -> tuple[list[Completion], float]:
+        with self._engine_lock:
+            start = time.perf_counter()
+            completions = self.generator.generate(prompts, routings, config)
+            self.generations += 1
+            return completions, time.perf_counter() - start
+
+    def _run_queued(self, requests: Sequence[QueuedRequest]) -> None:
+        """The batch runner: routes each group of requests that share options, then ONE generation."""
+        started = time.perf_counter()
+        routings: dict[int, Routing] = {}
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(request.payload.route_key, []).append(i)
+        for members in groups.values():
+            try:
+                options = requests[members[0]].payload.route_options
+                routed = self.route([requests[i].payload.prompt for i in members], **options)
+            except Exception as error:  # this group's options are bad; the other callers go on
+                for i in members:
+                    requests[i].finish(error=error)
+                continue
+            routings.update(zip(members, routed, strict=True))
+        live = sorted(routings)
+        if not live:
+            return
+        route_s = time.perf_counter() - started
+        with self._engine_lock:
+            start = time.perf_counter()
+            for event in self.generator.stream(
+                [requests[i].payload.prompt for i in live],
+                [routings[i] for i in live],
+                [requests[i].payload.config for i in live],
+            ):
+                request = requests[live[event.row]]
+                request.push(event.delta)
+                if event.completion is not None:
+                    timings = Timings(
+                        queue_s=started - request.enqueued_at, route_s=route_s, generate_s=time.perf_counter() - start
+                    )
+                    request.finish(_result(event.completion, timings, len(live)))
+            self.generations += 1
+
+    def _request(self, prompt: str, config: GenerationConfig, route_options: dict[str, Any]) -> _Request:
+        self._check_prompts([prompt])
+        options = self._check_route_options({**self.route_defaults, **route_options})
+        if options.get("adapters") is not None:
+            self.pool.check_names(list(options["adapters"]))
+        return _Request(prompt, config, route_options, _freeze(options))
+
+    def _split_kwargs(self, kwargs: Mapping[str, Any]) -> tuple[GenerationConfig, dict[str, Any]]:
+        unknown = set(kwargs) - GENERATION_KEYS - ROUTE_KEYS
+        if unknown:
+            raise TypeError(
+                f"unknown argument(s) {sorted(unknown)}; generation takes {sorted(GENERATION_KEYS)} and routing "
+                f"takes {sorted(ROUTE_KEYS)}."
+            )
+        generation = {k: v for k, v in kwargs.items() if k in GENERATION_KEYS}
+        if "stop" in generation and generation["stop"] is None:
+            generation["stop"] = ()
+        config = dataclasses.replace(self.generation, **generation)
+        return config, {k: v for k, v in kwargs.items() if k in ROUTE_KEYS}
+
+    def _check_route_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(options) - ROUTE_KEYS
+        if unknown:
+            raise TypeError(f"unknown routing option(s) {sorted(unknown)}; use {sorted(ROUTE_KEYS)}.")
+        if options.get("mode", "mixture") not in MODES:
+            raise ValueError(f"mode={options['mode']!r} is not one of {MODES}.")
+        if isinstance(options.get("adapters"), str):
+            options["adapters"] = [options["adapters"]]
+        return options
+
+    @staticmethod
+    def _check_prompts(prompts: Sequence[str]) -> list[str]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string; wrap it: [prompt].")
+        prompts = list(prompts)
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompt {i} is empty ({prompt!r}); pass some text to generate from.")
+        return prompts
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this LM's outputs: base model, pool content, defaults (for caches)."""
+        return {
+            "model": getattr(self.model.config, "_name_or_path", type(self.model).__name__),
+            "pool": self.pool.fingerprint(),
+            "generation": dataclasses.asdict(self.generation),
+            "routing": json.loads(json.dumps(self.route_defaults, default=str)),
+        }
+
+
+def _result(completion: Completion, timings: Timings, batch_size: int) -> Result:
+    return Result(
+        text=completion.text,
+        routing=completion.routing,
+        finish_reason=completion.finish_reason,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        stop_sequence=completion.stop_sequence,
+        truncated_prompt=completion.truncated_prompt,
+        timings=timings,
+        batch_size=batch_size,
+    )
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable copy of a routing option (lists and dicts become tuples)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value

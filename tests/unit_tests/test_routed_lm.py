@@ -1,0 +1,141 @@
+"""RoutedLM on a tiny Llama: one generation per batch, coalesced concurrent calls, streaming, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from loraretriever import LoraPool, Routing
+from loraretriever.routed_lm import RoutedLM
+
+PROMPTS = [f"Question {i}: what comes after {i}?" for i in range(16)]
+
+
+class FixedRouter:
+    """A router at the edge of these tests: routes by a keyword, as a retriever would by similarity."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def route(self, prompts, top_k=None, **kwargs):
+        self.calls += 1
+        mode = kwargs.get("mode", "mixture")
+        return [
+            Routing(("a", "b"), (0.7, 0.3), mode=mode) if "1" in p else Routing(("b",), (1.0,), mode=mode)
+            for p in prompts
+        ]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm, smol_tokenizer, tiny_lm_adapters):
+    pool = LoraPool(tiny_lm)
+    for name, path in tiny_lm_adapters.items():
+        pool.add(path, name=name)
+    lm = RoutedLM(tiny_lm, smol_tokenizer, pool, FixedRouter(), max_batch_size=16, max_wait_ms=200)
+    lm.generation = lm.generation.__class__(max_new_tokens=6)
+    yield lm
+    lm.close()
+
+
+def test_generate_is_one_batched_generation_with_routings(lm):
+    before = lm.generations
+    results = lm.generate(PROMPTS[:8])
+    assert lm.generations == before + 1
+    assert all(r.batch_size == 8 and r.completion_tokens == 6 for r in results)
+    assert results[1].routing.adapters == ("a", "b") and results[2].routing.adapters == ("b",)
+    for i in (1, 2):
+        assert lm.generate([PROMPTS[i]])[0].text == results[i].text
+
+
+def test_pinned_adapters_and_modes_per_call(lm):
+    pinned = lm.generate(PROMPTS[:2], adapters=["a"], mode="single")
+    assert all(r.routing.adapters == ("a",) and r.routing.mode == "single" for r in pinned)
+    fused = lm.generate(PROMPTS[1:2], mode="fusion")[0]
+    assert fused.routing.mode == "fusion"
+    assert fused.text != lm.generate(PROMPTS[1:2], mode="mixture")[0].text or fused.routing != pinned[0].routing
+
+
+def test_concurrent_thread_calls_are_coalesced_and_each_gets_its_own_answer(lm):
+    expected = {p: r.text for p, r in zip(PROMPTS, lm.generate(PROMPTS), strict=True)}
+    before = lm.generations
+    answers: dict[str, str] = {}
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def call(prompt: str) -> None:
+        barrier.wait()
+        answers[prompt] = lm.complete(prompt).text
+
+    threads = [threading.Thread(target=call, args=(p,)) for p in PROMPTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == expected
+    assert lm.generations - before < len(PROMPTS)
+
+
+def test_concurrent_async_calls_are_coalesced_without_blocking_the_loop(lm):
+    expected = [r.text for r in lm.generate(PROMPTS)]
+    before = lm.generations
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        results = await asyncio.gather(*(lm.acomplete(p) for p in PROMPTS))
+        task.cancel()
+        return results, ticks
+
+    results, ticks = asyncio.run(main())
+    assert [r.text for r in results] == expected
+    assert lm.generations - before < len(PROMPTS)
+    assert ticks > 0, "the event loop kept running while the batch generated"
+
+
+def test_streaming_callers_share_batches(lm):
+    expected = [r.text for r in lm.generate(PROMPTS[:4])]
+    chunks: dict[int, list[str]] = {}
+
+    def call(i: int) -> None:
+        chunks[i] = list(lm.stream(PROMPTS[i]))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert ["".join(chunks[i]) for i in range(4)] == expected
+    assert any(len(c) > 1 for c in chunks.values())
+
+    async def astream():
+        return [d async for d in lm.astream(PROMPTS[0])]
+
+    assert "".join(asyncio.run(astream())) == expected[0]
+
+
+def test_a_bad_request_fails_alone(lm):
+    good = lm.submit(PROMPTS[1])
+    with pytest.raises(KeyError, match="no adapter named 'ghost'"):
+        lm.submit(PROMPTS[2], adapters=["ghost"])
+    assert good.future.result().text == lm.generate(PROMPTS[1:2])[0].text
+
+
+def test_bad_input_is_a_clear_error(lm):
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        lm.complete("  ")
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        lm.generate(["fine", ""])
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['temprature'\]"):
+        lm.generate(["fine"], temprature=0.5)
+    with pytest.raises(ValueError, match="mode='blend'"):
+        lm.generate(["fine"], mode="blend")
+    with pytest.raises(KeyError, match="no adapter named 'ghost'"):
+        lm.generate(["fine"], adapters=["ghost"])
