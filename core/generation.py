@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,7 +21,12 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from loraretriever.composer import Composer
 from loraretriever.routing import Routing
 
-__all__ = ["Completion", "GenerationConfig", "Generator", "StreamEvent"]
+__all__ = ["ChatMessages", "Completion", "GenerationConfig", "Generator", "Prompt", "StreamEvent", "prompt_text"]
+
+ChatMessages = Sequence[Mapping[str, str]]
+Prompt = str | ChatMessages
+"""A plain text prompt, or chat messages ``[{"role": "user", "content": ...}, ...]`` that are always
+formatted with the model's chat template."""
 
 FinishReason = Literal["stop", "length"]
 
@@ -133,7 +138,7 @@ class Generator:
 
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         routings: Sequence[Routing] | None = None,
         config: GenerationConfig | Sequence[GenerationConfig] | None = None,
     ) -> list[Completion]:
@@ -146,7 +151,7 @@ class Generator:
 
     def stream(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         routings: Sequence[Routing] | None = None,
         config: GenerationConfig | Sequence[GenerationConfig] | None = None,
     ) -> Iterator[StreamEvent]:
@@ -178,8 +183,7 @@ class Generator:
         if len(routings) != n or len(configs) != n:
             raise ValueError(f"got {n} prompts, {len(routings)} routings and {len(configs)} configs; they must match.")
         for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"prompt {i} is empty ({prompt!r}); pass some text to generate from.")
+            prompt_text(prompt, i)  # raises for an empty prompt
         rows = []
         for i, (prompt, routing, cfg) in enumerate(zip(prompts, routings, configs, strict=True)):
             ids = self._encode(prompt, cfg)
@@ -206,13 +210,15 @@ class Generator:
             rows.append(_Row(i, cfg, routing, ids, truncated, generator))
         return rows
 
-    def _encode(self, prompt: str, config: GenerationConfig) -> list[int]:
-        if not config.chat_template:
+    def _encode(self, prompt: Prompt, config: GenerationConfig) -> list[int]:
+        if isinstance(prompt, str) and not config.chat_template:
             return self.tokenizer(prompt)["input_ids"]
         if self.tokenizer.chat_template is None:
-            raise ValueError("chat_template=True but the tokenizer has no chat template.")
-        messages = [{"role": "user", "content": prompt}]
-        if config.system_prompt:
+            raise ValueError(
+                "chat messages or chat_template=True need a tokenizer with a chat template; this one has none."
+            )
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        if config.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": config.system_prompt})
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -304,6 +310,27 @@ class Generator:
             row.emitted = shown
             return StreamEvent(row.index, delta)
         return None
+
+
+def prompt_text(prompt: Prompt, index: int = 0) -> str:
+    """The text a prompt is about: itself, or the last user message of a chat (what routing embeds).
+
+    Raises:
+        ValueError: for an empty prompt, empty chat, or malformed messages, naming the row.
+    """
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"prompt {index} is empty ({prompt!r}); pass some text to generate from.")
+        return prompt
+    if not isinstance(prompt, Sequence) or not prompt:
+        raise ValueError(f"prompt {index} is empty ({prompt!r}); pass text or a non-empty list of chat messages.")
+    for message in prompt:
+        if not isinstance(message, Mapping) or not {"role", "content"} <= message.keys():
+            raise ValueError(f"prompt {index}: chat message {message!r} needs 'role' and 'content'.")
+    users = [m["content"] for m in prompt if m["role"] == "user" and str(m["content"]).strip()]
+    if not users:
+        raise ValueError(f"prompt {index} has no non-empty user message; the last user message is what gets routed.")
+    return str(users[-1])
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

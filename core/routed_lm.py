@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraretriever.composer import Composer
-from loraretriever.generation import Completion, GenerationConfig, Generator
+from loraretriever.generation import Completion, GenerationConfig, Generator, Prompt, prompt_text
 from loraretriever.pool import LoraPool
 from loraretriever.request_queue import BatchingQueue, QueuedRequest
 from loraretriever.routing import MODES, Routing
@@ -80,7 +80,7 @@ class Result:
 
 @dataclass(frozen=True)
 class _Request:
-    prompt: str
+    prompt: Prompt
     config: GenerationConfig
     route_options: dict[str, Any]
     route_key: tuple  # the options frozen, so requests that share them are routed together
@@ -158,8 +158,9 @@ class RoutedLM:
         return cls(model, tokenizer, pool, router, **kwargs)
 
     # -- routing -----------------------------------------------------------------------------
-    def route(self, prompts: Sequence[str], **options: Any) -> list[Routing]:
-        """The routing of each prompt, with the defaults and ``options`` applied."""
+    def route(self, prompts: Sequence[Prompt], **options: Any) -> list[Routing]:
+        """The routing of each prompt (a chat is routed by its last user message), with the defaults
+        and ``options`` applied."""
         options = self._check_route_options({**self.route_defaults, **options})
         mode = options.pop("mode", "mixture")
         pinned = options.pop("adapters", None)
@@ -178,10 +179,11 @@ class RoutedLM:
             "exclude": options.get("exclude"),
             "mode": mode,
         }
-        return self.router.route(list(prompts), **{k: v for k, v in router_kwargs.items() if v is not None})
+        texts = [prompt_text(p, i) for i, p in enumerate(prompts)]
+        return self.router.route(texts, **{k: v for k, v in router_kwargs.items() if v is not None})
 
     # -- generation --------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[Result]:
+    def generate(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[Result]:
         """Routes every prompt and generates them all in one batched pass (chunks of
         ``max_batch_size``)."""
         config, route_options = self._split_kwargs(kwargs)
@@ -197,38 +199,38 @@ class RoutedLM:
             results += [_result(c, timings, len(completions)) for c in completions]
         return results
 
-    def submit(self, prompt: str, **kwargs: Any) -> QueuedRequest:
+    def submit(self, prompt: Prompt, **kwargs: Any) -> QueuedRequest:
         """Queues one prompt to share a batch with concurrent calls; ``.future.result()`` is its Result."""
         config, route_options = self._split_kwargs(kwargs)
         return self._queue.submit(self._request(prompt, config, route_options))
 
-    def complete(self, prompt: str, **kwargs: Any) -> Result:
+    def complete(self, prompt: Prompt, **kwargs: Any) -> Result:
         """One prompt, coalesced with concurrent calls from other threads."""
         return self.submit(prompt, **kwargs).future.result()
 
-    def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
+    def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
         """Yields the text of one prompt as it is produced (coalesced with concurrent calls)."""
         config, route_options = self._split_kwargs(kwargs)
         request = self._queue.submit(self._request(prompt, config, route_options), stream=True)
         yield from request.iter_deltas()
 
-    def stream_with_result(self, prompt: str, **kwargs: Any) -> tuple[Iterator[str], QueuedRequest]:
+    def stream_with_result(self, prompt: Prompt, **kwargs: Any) -> tuple[Iterator[str], QueuedRequest]:
         """Like :meth:`stream`, also returning the request whose future holds the final Result."""
         config, route_options = self._split_kwargs(kwargs)
         request = self._queue.submit(self._request(prompt, config, route_options), stream=True)
         return request.iter_deltas(), request
 
-    async def acomplete(self, prompt: str, **kwargs: Any) -> Result:
+    async def acomplete(self, prompt: Prompt, **kwargs: Any) -> Result:
         """Async :meth:`complete`: never blocks the event loop; concurrent calls share batches."""
         return await asyncio.wrap_future(self.submit(prompt, **kwargs).future)
 
-    async def agenerate(self, prompts: Sequence[str], **kwargs: Any) -> list[Result]:
+    async def agenerate(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[Result]:
         """Async :meth:`generate`: the batch runs in a worker thread."""
         if len(prompts) == 1:
             return [await self.acomplete(prompts[0], **kwargs)]
         return await asyncio.to_thread(self.generate, prompts, **kwargs)
 
-    async def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[str]:
+    async def astream(self, prompt: Prompt, **kwargs: Any) -> AsyncIterator[str]:
         """Async :meth:`stream`."""
         deltas, _ = self.stream_with_result(prompt, **kwargs)
         done = object()
@@ -286,7 +288,7 @@ class RoutedLM:
                     request.finish(_result(event.completion, timings, len(live)))
             self.generations += 1
 
-    def _request(self, prompt: str, config: GenerationConfig, route_options: dict[str, Any]) -> _Request:
+    def _request(self, prompt: Prompt, config: GenerationConfig, route_options: dict[str, Any]) -> _Request:
         self._check_prompts([prompt])
         options = self._check_route_options({**self.route_defaults, **route_options})
         if options.get("adapters") is not None:
@@ -317,13 +319,12 @@ class RoutedLM:
         return options
 
     @staticmethod
-    def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    def _check_prompts(prompts: Sequence[Prompt]) -> list[Prompt]:
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not one string; wrap it: [prompt].")
         prompts = list(prompts)
         for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"prompt {i} is empty ({prompt!r}); pass some text to generate from.")
+            prompt_text(prompt, i)
         return prompts
 
     def fingerprint(self) -> dict[str, Any]:

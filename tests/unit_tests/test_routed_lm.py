@@ -139,3 +139,20 @@ def test_bad_input_is_a_clear_error(lm):
         lm.generate(["fine"], mode="blend")
     with pytest.raises(KeyError, match="no adapter named 'ghost'"):
         lm.generate(["fine"], adapters=["ghost"])
+
+
+def test_chat_messages_use_the_template_and_route_on_the_last_user_message(lm):
+    chat = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": PROMPTS[1]},
+    ]
+    result = lm.generate([chat])[0]
+    assert result.routing.adapters == ("a", "b")  # routed on PROMPTS[1], which holds a "1"
+    single_turn = lm.generate([[{"role": "user", "content": PROMPTS[2]}]])[0]
+    assert single_turn.text == lm.generate([PROMPTS[2]], chat_template=True)[0].text
+    assert single_turn.prompt_tokens > lm.generate([PROMPTS[2]])[0].prompt_tokens
+    with pytest.raises(ValueError, match="prompt 0 has no non-empty user message"):
+        lm.generate([[{"role": "system", "content": "be brief"}]])
+    with pytest.raises(ValueError, match="needs 'role' and 'content'"):
+        lm.generate([[{"text": "hi"}]])
