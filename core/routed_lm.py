@@ -185,9 +185,12 @@ class RoutedLM:
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[Result]:
         """Routes every prompt and generates them all in one batched pass (chunks of
-        ``max_batch_size``)."""
-        config, route_options = self._split_kwargs(kwargs)
+        ``max_batch_size``). A single prompt goes through the batching queue instead, so that
+        concurrent single calls share generations."""
         prompts = self._check_prompts(prompts)
+        if len(prompts) == 1:  # a lone call may share a batch with concurrent ones
+            return [self.complete(prompts[0], **kwargs)]
+        config, route_options = self._split_kwargs(kwargs)
         start = time.perf_counter()
         routings = self.route(prompts, **route_options)
         routed = time.perf_counter()
