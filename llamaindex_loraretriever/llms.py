@@ -1,0 +1,212 @@
+"""LoraRetrieverLLM for LlamaIndex: a CustomLLM whose every call is routed to its own LoRAs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+from pydantic import Field, PrivateAttr
+
+from loraretriever.routed_lm import Result, RoutedLM, RoutesPrompts
+
+__all__ = ["LoraRetrieverLLM"]
+
+
+class LoraRetrieverLLM(CustomLLM):
+    """Input-aware LoRA routing as a LlamaIndex LLM.
+
+    ``complete`` / ``chat`` route the prompt (a chat by its last user message), use the base
+    model's chat template, and put the routing in ``additional_kwargs["routing"]``. ``acomplete``
+    and ``achat`` never block the event loop, and concurrent calls (a query engine firing many
+    ``apredict``) are merged into batched generations.
+
+    Example:
+        .. code-block:: python
+
+            from llama_index.core import Settings
+            from llamaindex_loraretriever import LoraRetrieverLLM
+
+            Settings.llm = LoraRetrieverLLM.from_model_id(adapters={"squad": "loras/squad"})
+            print(Settings.llm.complete("Who wrote Hamlet?").additional_kwargs["routing"])
+    """
+
+    max_new_tokens: int = Field(default=128, description="The most tokens to generate.")
+    temperature: float = Field(default=0.0, description="0 for greedy decoding; above 0 samples.")
+    top_p: float = Field(default=1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(default=None, description="Sampling seed.")
+    top_k: int | None = Field(default=None, description="LoRAs retrieved per prompt (None: the router's default).")
+    mode: Literal["mixture", "fusion", "single"] | None = Field(default=None, description="LoRA composition mode.")
+    adapters: list[str] | None = Field(default=None, description="Pin these adapters instead of retrieving.")
+    filter: dict[str, Any] | None = Field(default=None, description="Metadata filter on candidate adapters.")
+    chat_template: bool = Field(default=True, description="Wrap completion prompts in the model's chat template.")
+    is_chat_model: bool = Field(default=True, description="Let LlamaIndex send chat messages (templated by us).")
+
+    _lm: RoutedLM = PrivateAttr()
+
+    def __init__(self, lm: RoutedLM, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._lm = lm
+
+    @classmethod
+    def from_model_id(
+        cls,
+        model_id: str | Path | None = None,
+        *,
+        adapters: Mapping[str, str | Path] | None = None,
+        router: RoutesPrompts | None = None,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 10.0,
+        **kwargs: Any,
+    ) -> LoraRetrieverLLM:
+        """Loads the base model (hub id, local path, or the packaged default) and the adapters."""
+        lm = RoutedLM.from_pretrained(
+            model_id, adapters=adapters, router=router, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms
+        )
+        return cls(lm, **kwargs)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LoraRetrieverLLM"
+
+    @property
+    def lm(self) -> RoutedLM:
+        return self._lm
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self._lm.generator.context_window,
+            num_output=self.max_new_tokens,
+            is_chat_model=self.is_chat_model,
+            model_name=str(self._lm.fingerprint()["model"]),
+        )
+
+    # -- completion --------------------------------------------------------------------------
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return _completion(self._lm.complete(prompt, **self._kwargs(kwargs)))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        deltas, request = self._lm.stream_with_result(prompt, **self._kwargs(kwargs))
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            for delta in deltas:
+                text += delta
+                yield CompletionResponse(text=text, delta=delta)
+            yield _completion(request.future.result(), delta="")
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return _completion(await self._lm.acomplete(prompt, **self._kwargs(kwargs)))
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        deltas, request = self._lm.stream_with_result(prompt, **self._kwargs(kwargs))
+
+        async def gen() -> CompletionResponseAsyncGen:
+            text, done = "", object()
+            while (delta := await asyncio.to_thread(next, deltas, done)) is not done:
+                text += delta
+                yield CompletionResponse(text=text, delta=delta)
+            yield _completion(await asyncio.wrap_future(request.future), delta="")
+
+        return gen()
+
+    # -- chat (the base model's chat template) -----------------------------------------------
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return _chat(self._lm.complete(_messages(messages), **self._kwargs(kwargs)))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        deltas, request = self._lm.stream_with_result(_messages(messages), **self._kwargs(kwargs))
+
+        def gen() -> ChatResponseGen:
+            text = ""
+            for delta in deltas:
+                text += delta
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+            yield _chat(request.future.result(), delta="")
+
+        return gen()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return _chat(await self._lm.acomplete(_messages(messages), **self._kwargs(kwargs)))
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        deltas, request = self._lm.stream_with_result(_messages(messages), **self._kwargs(kwargs))
+
+        async def gen() -> ChatResponseAsyncGen:
+            text, done = "", object()
+            while (delta := await asyncio.to_thread(next, deltas, done)) is not done:
+                text += delta
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+            yield _chat(await asyncio.wrap_future(request.future), delta="")
+
+        return gen()
+
+    def _kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        defaults = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "top_k": self.top_k,
+            "mode": self.mode,
+            "adapters": self.adapters,
+            "filter": self.filter,
+            "chat_template": self.chat_template,
+        }
+        return {**{k: v for k, v in defaults.items() if v is not None}, **kwargs}
+
+
+def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    chat = []
+    for message in messages:
+        role = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(
+                f"a {role!r} message is not supported: LoraRetrieverLLM reads system, user and assistant messages."
+            )
+        chat.append({"role": role, "content": message.content or ""})
+    return chat
+
+
+def _info(result: Result) -> dict[str, Any]:
+    return {
+        "routing": result.routing.to_dict(),
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "batch_size": result.batch_size,
+    }
+
+
+def _completion(result: Result, delta: str | None = None) -> CompletionResponse:
+    return CompletionResponse(text=result.text, delta=delta, additional_kwargs=_info(result), raw=result.to_dict())
+
+
+def _chat(result: Result, delta: str | None = None) -> ChatResponse:
+    message = ChatMessage(role=MessageRole.ASSISTANT, content=result.text, additional_kwargs=_info(result))
+    return ChatResponse(message=message, delta=delta, additional_kwargs=_info(result), raw=result.to_dict())
