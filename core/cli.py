@@ -12,6 +12,7 @@ __all__ = ["main"]
 _COMMAND_MODULES = [
     "loraretriever.setup_command",
     "loraretriever.bench",
+    "loraretriever.retrieval_cli",
 ]
 
 
