@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +206,7 @@ class CardStore:
     def __init__(self, directory: str | Path | None, *, create: bool = True) -> None:
         self.directory = None if directory is None else Path(directory).expanduser()
         self._memory: dict[str, AdapterCard] | None = {} if directory is None else None
+        self._listing: tuple[int, list[str]] | None = None  # (directory mtime, names): saves a listing per route
         if self.directory is None:
             return
         if self.directory.exists() and not self.directory.is_dir():
@@ -234,7 +236,12 @@ class CardStore:
         if self._memory is not None:
             return sorted(self._memory)
         assert self.directory is not None
-        return sorted(p.stem for p in self.directory.glob("*.json") if not p.name.startswith("."))
+        mtime = self.directory.stat().st_mtime_ns
+        # Trust the cached listing only for a directory unchanged for a second (timestamp granularity).
+        if self._listing is None or self._listing[0] != mtime or time.time_ns() - mtime < 1_000_000_000:
+            names = sorted(p.stem for p in self.directory.glob("*.json") if not p.name.startswith("."))
+            self._listing = (mtime, names)
+        return list(self._listing[1])
 
     def __contains__(self, name: object) -> bool:
         if self._memory is not None:
@@ -279,6 +286,7 @@ class CardStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+            self._listing = None
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -299,3 +307,4 @@ class CardStore:
         if not path.is_file():
             raise KeyError(f"no card named {name!r} in {str(self.directory)!r}.")
         path.unlink()
+        self._listing = None

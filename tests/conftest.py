@@ -124,3 +124,118 @@ def smollm():
 
 
 # ---- retrieval fixtures (below this line) ------------------------------------------------------
+
+RETRIEVAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "loraretriever-flan48"
+
+TOY_CARDS = {
+    "sentiment": (
+        "sentiment",
+        [
+            "Is the sentiment of this review positive or negative? The film was a joy from start to finish.",
+            "How would you rate the mood of this tweet: 'worst customer service ever, never again'",
+            "Review: the plot drags and the acting is wooden. Is this review positive or negative?",
+        ],
+    ),
+    "translate_de": (
+        "translation",
+        [
+            "Translate to German: The weather is nice today.",
+            "Translate the following sentence into German: Where is the train station?",
+            "How do you say 'I would like a cup of coffee' in German?",
+        ],
+    ),
+    "nli": (
+        "nli",
+        [
+            "Premise: A dog runs through the snow. Hypothesis: An animal is outside. Does the premise entail the hypothesis?",
+            "Sentence 1: Two men are playing chess. Sentence 2: Nobody is playing. Entailment, neutral or contradiction?",
+            "If 'the shop closes at nine', can we conclude that 'the shop is open at noon'? OPTIONS: yes, no, maybe",
+        ],
+    ),
+    "closed_qa": (
+        "closed_book QA",
+        [
+            "Answer the question: who wrote the novel Pride and Prejudice?",
+            "What is the tallest mountain in Africa?",
+            "Question: in which year did the Berlin Wall fall? Answer:",
+        ],
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The packaged all-MiniLM-L6-v2 as a loraretriever Embedder, loaded once."""
+    from loraretriever.embedder import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture
+def toy_cards():
+    """Four real-text adapter cards of different tasks; sentiment and nli are tagged customer=a."""
+    from loraretriever.cards import AdapterCard
+
+    customer = {"sentiment": "a", "nli": "a", "translate_de": "b", "closed_qa": "b"}
+    return [
+        AdapterCard(name, samples, domain=domain, tags={"customer": customer[name]})
+        for name, (domain, samples) in TOY_CARDS.items()
+    ]
+
+
+@pytest.fixture
+def flan48() -> Path:
+    """The paper's 48-task files under ../shared (the tests that need them skip when absent)."""
+    if not (RETRIEVAL_DATA / "lora_samples.json").is_file():
+        pytest.skip(f"the LoraRetriever data is not at {RETRIEVAL_DATA}")
+    return RETRIEVAL_DATA
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def chroma_server(tmp_path_factory):
+    """A real `chroma run` server on 127.0.0.1 (own data dir), waited for by heartbeat, killed at the end."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    chroma = shutil.which("chroma", path=str(Path(sys.executable).parent)) or shutil.which("chroma")
+    if chroma is None:
+        pytest.skip("the `chroma` command (installed with chromadb) is not on PATH")
+    port = _free_port()
+    data = tmp_path_factory.mktemp("chroma_server")
+    log = open(data.parent / f"chroma-{port}.log", "wb")  # noqa: SIM115 (closed at teardown)
+    process = subprocess.Popen(
+        [chroma, "run", "--path", str(data / "db"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/heartbeat", timeout=1):
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                log.close()
+                pytest.fail(
+                    f"`chroma run` did not start on port {port}: {(data.parent / f'chroma-{port}.log').read_text()}"
+                )
+            time.sleep(0.2)
+    yield {"host": "127.0.0.1", "port": port, "process": process}
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()

@@ -1,0 +1,101 @@
+"""Adapter cards and their on-disk store: validation, formats, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraretriever.cards import AdapterCard, CardStore, RetrievalError, load_paper_cards, load_queries
+
+
+def test_card_checks_name_samples_and_tags():
+    with pytest.raises(RetrievalError, match="no samples"):
+        AdapterCard("sst2", [])
+    with pytest.raises(RetrievalError, match="not one string"):
+        AdapterCard("sst2", "a single string")
+    with pytest.raises(RetrievalError, match="sample 1"):
+        AdapterCard("sst2", ["ok", "  "])
+    with pytest.raises(RetrievalError, match="card name"):
+        AdapterCard("../escape", ["x"])
+    with pytest.raises(RetrievalError, match="tag key 'bad key'"):
+        AdapterCard("sst2", ["x"], tags={"bad key": "v"})
+    with pytest.raises(RetrievalError, match="tag key 'domain'"):
+        AdapterCard("sst2", ["x"], tags={"domain": "v"})
+    with pytest.raises(RetrievalError, match="must be a string"):
+        AdapterCard("sst2", ["x"], tags={"customer": 3})
+
+
+def test_card_formats_and_digest():
+    card = AdapterCard("sst2", ["a", "b"], description="movie reviews", domain="sentiment", tags={"customer": "a"})
+    assert AdapterCard.from_dict(card.to_dict()) == card
+    paper = AdapterCard.from_dict({"model_name": "sst2", "sample": [{"inputs": "a", "targets": "x"}, {"inputs": "b"}]})
+    assert paper.samples == ("a", "b") and paper.name == "sst2"
+    assert card.metadata() == {"name": "sst2", "domain": "sentiment", "tag.customer": "a", "card_digest": card.digest}
+    assert AdapterCard("sst2", ["a", "c"]).digest != AdapterCard("sst2", ["a", "b"]).digest
+    assert AdapterCard("sst2", ["a"], tags={"t": "1"}).digest != AdapterCard("sst2", ["a"]).digest
+    with pytest.raises(RetrievalError, match="unknown fields"):
+        AdapterCard.from_dict({"name": "x", "samples": ["a"], "colour": "red"})
+    with pytest.raises(RetrievalError, match="has no 'inputs'"):
+        AdapterCard.from_dict({"model_name": "x", "sample": [{"text": "a"}]})
+
+
+def test_card_store_persists_atomically(tmp_path):
+    store = CardStore(tmp_path / "pool" / "cards")
+    card = AdapterCard("sst2", ["a"], tags={"customer": "a"})
+    store.put(card)
+    store.put(AdapterCard("imdb", ["b"]))
+    reopened = CardStore(tmp_path / "pool" / "cards", create=False)
+    assert reopened.names == ["imdb", "sst2"] and reopened.get("sst2") == card and "sst2" in reopened
+    assert not list((tmp_path / "pool" / "cards").glob(".*"))  # no temp files left behind
+    reopened.remove("imdb")
+    assert store.names == ["sst2"]
+    with pytest.raises(KeyError, match="no card named 'imdb'"):
+        store.get("imdb")
+
+
+def test_card_store_errors(tmp_path):
+    with pytest.raises(RetrievalError, match="does not exist"):
+        CardStore(tmp_path / "missing", create=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RetrievalError, match="is a file"):
+        CardStore(tmp_path / "file")
+    store = CardStore(tmp_path / "cards")
+    (tmp_path / "cards" / "broken.json").write_text("{not json")
+    with pytest.raises(RetrievalError, match="not valid JSON"):
+        store.get("broken")
+
+
+def test_memory_store():
+    store = CardStore(None)
+    store.put(AdapterCard("a", ["x"]))
+    assert store.names == ["a"] and len(store) == 1
+    store.remove("a")
+    assert store.names == []
+
+
+def test_paper_files(tmp_path):
+    path = tmp_path / "cards.json"
+    path.write_text(json.dumps([{"model_name": "a", "sample": [{"inputs": "x"}]}, {"name": "b", "samples": ["y"]}]))
+    assert [card.name for card in load_paper_cards(path)] == ["a", "b"]
+    path.write_text(json.dumps([{"model_name": "a", "sample": [{"inputs": "x"}]}] * 2))
+    with pytest.raises(RetrievalError, match="two cards named 'a'"):
+        load_paper_cards(path)
+    path.write_text(json.dumps([{"model_name": "a", "sample": []}]))
+    with pytest.raises(RetrievalError, match="no samples"):
+        load_paper_cards(path)
+    path.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(RetrievalError, match="JSON list"):
+        load_paper_cards(path)
+    with pytest.raises(RetrievalError, match="does not exist"):
+        load_queries(tmp_path / "nope.json")
+    path.write_text(json.dumps([{"inputs": "x"}]))
+    with pytest.raises(RetrievalError, match="needs 'inputs' and 'task'"):
+        load_queries(path)
+
+
+def test_real_paper_files(flan48):
+    cards = load_paper_cards(flan48 / "lora_samples.json")
+    queries = load_queries(flan48 / "test_dev.json")
+    assert len(cards) == 48 and all(len(card.samples) == 20 for card in cards)
+    assert {q["task"] for q in queries} == {card.name for card in cards}
