@@ -199,43 +199,69 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ChromaServer:
+    """A real `chroma run` process on 127.0.0.1 with its own data directory."""
+
+    def __init__(self, data: Path) -> None:
+        import shutil
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        chroma = shutil.which("chroma", path=str(Path(sys.executable).parent)) or shutil.which("chroma")
+        if chroma is None:
+            pytest.skip("the `chroma` command (installed with chromadb) is not on PATH")
+        self.host, self.port = "127.0.0.1", _free_port()
+        data.mkdir(parents=True, exist_ok=True)
+        self.log_path = data / f"chroma-{self.port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(
+            [chroma, "run", "--path", str(data / "db"), "--host", self.host, "--port", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{self.host}:{self.port}/api/v2/heartbeat", timeout=1):
+                    return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"`chroma run` did not start on port {self.port}: {self.log_path.read_text()}")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
 @pytest.fixture(scope="session")
 def chroma_server(tmp_path_factory):
-    """A real `chroma run` server on 127.0.0.1 (own data dir), waited for by heartbeat, killed at the end."""
-    import shutil
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    """One `chroma run` server for the session, waited for by heartbeat, stopped at the end."""
+    server = ChromaServer(tmp_path_factory.mktemp("chroma_server"))
+    yield server
+    server.stop()
 
-    chroma = shutil.which("chroma", path=str(Path(sys.executable).parent)) or shutil.which("chroma")
-    if chroma is None:
-        pytest.skip("the `chroma` command (installed with chromadb) is not on PATH")
-    port = _free_port()
-    data = tmp_path_factory.mktemp("chroma_server")
-    log = open(data.parent / f"chroma-{port}.log", "wb")  # noqa: SIM115 (closed at teardown)
-    process = subprocess.Popen(
-        [chroma, "run", "--path", str(data / "db"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/heartbeat", timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                log.close()
-                pytest.fail(
-                    f"`chroma run` did not start on port {port}: {(data.parent / f'chroma-{port}.log').read_text()}"
-                )
-            time.sleep(0.2)
-    yield {"host": "127.0.0.1", "port": port, "process": process}
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+
+@pytest.fixture
+def start_chroma_server(tmp_path):
+    """Starts extra servers (e.g. to stop one mid-test); all are stopped at teardown."""
+    servers: list[ChromaServer] = []
+
+    def start() -> ChromaServer:
+        servers.append(ChromaServer(tmp_path / f"server{len(servers)}"))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,124 @@
+"""A router on disk and on a live pool: persistence, reconciliation after crashes, embedder changes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from loraretriever.cards import AdapterCard, CardStore, RetrievalError
+from loraretriever.embedder import Embedder
+from loraretriever.pool import LoraPool
+from loraretriever.router import CARDS_DIR, Router
+
+SENTIMENT = "Is this review positive or negative? An absolutely wonderful, moving film."
+GERMAN = "Translate to German: my brother lives in a small house by the sea."
+
+
+def test_router_persists_and_reconciles_after_crashes(tmp_path, minilm, toy_cards):
+    pool_dir = tmp_path / "pool"
+    router = Router.open(pool_dir, embedder=minilm)
+    for card in toy_cards[1:]:
+        router.register(card)
+    assert router.route(GERMAN, top_k=1)[0].adapters == ("translate_de",)
+    assert sorted(CardStore(pool_dir / CARDS_DIR).names) == sorted(card.name for card in toy_cards[1:])
+
+    # Crash after the card was written but before the index was: routable again on open.
+    store = CardStore(pool_dir / CARDS_DIR)
+    store.put(toy_cards[0])
+    # Crash after the card was removed but before the index entry was: never routed, dropped on open.
+    (pool_dir / CARDS_DIR / "closed_qa.json").unlink()
+    assert all("closed_qa" not in r.adapters for r in router.route([SENTIMENT, "Who wrote Hamlet?"], top_k=4))
+    # A card edited behind the router's back is re-embedded on open.
+    store.put(AdapterCard("nli", ["Translate to German: good night", "Translate to German: thank you"]))
+
+    reopened = Router.open(pool_dir, embedder=minilm)
+    assert router.reconcile() == {"added": [], "updated": [], "removed": []}  # done by the reopen already
+    assert reopened.index.names() == {"sentiment", "translate_de", "nli"}
+    assert reopened.route(SENTIMENT, top_k=1)[0].adapters == ("sentiment",)
+    assert set(reopened.route(GERMAN, top_k=2)[0].adapters) == {"translate_de", "nli"}
+
+    reopened.unregister("nli")
+    assert "nli" not in reopened.store and "nli" not in reopened.index.names()
+    with pytest.raises(KeyError, match="no card named 'nli'"):
+        reopened.unregister("nli")
+
+
+def test_reconcile_reports_changes(tmp_path, minilm, toy_cards):
+    router = Router.open(tmp_path / "pool", embedder=minilm)
+    router.store.put_all(toy_cards[:2])
+    router.index.delete(["nothing-here"])
+    assert router.reconcile() == {"added": ["sentiment", "translate_de"], "updated": [], "removed": []}
+    router.store.put(AdapterCard("sentiment", ["new sample"], tags={"customer": "c"}))
+    router.store.remove("translate_de")
+    assert router.reconcile() == {"added": [], "updated": ["sentiment"], "removed": ["translate_de"]}
+    assert router.route(SENTIMENT, where={"customer": "c"})[0].adapters == ("sentiment",)
+
+
+def test_other_embedder_is_an_error_until_reindexed(tmp_path, minilm, toy_cards):
+    Router.open(tmp_path / "pool", embedder=minilm).register(toy_cards[0])
+    other = Embedder(minilm.model, instruction="Represent this for retrieval: ")
+    with pytest.raises(RetrievalError, match=r"built with embedder .*reindex"):
+        Router.open(tmp_path / "pool", embedder=other)
+    rebuilt = Router.open(tmp_path / "pool", embedder=other, reindex=True)
+    assert rebuilt.index.names() == {"sentiment"} and rebuilt.route(SENTIMENT)[0].adapters == ("sentiment",)
+    assert rebuilt.reindex() == 1
+
+
+def test_pool_directory_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RetrievalError, match="is a file"):
+        Router.open(tmp_path / "file")
+
+
+def test_live_pool_updates_the_index_at_once(tmp_path, minilm, toy_cards, tiny_model, tiny_adapters, caplog):
+    cards = {card.name: card for card in toy_cards}
+    pool = LoraPool(tiny_model)
+    router = Router.open(tmp_path / "pool", embedder=minilm, pool=pool)
+    with pytest.raises(RetrievalError, match="card for unknown adapter 'sentiment'.*pool.add"):
+        router.register(cards["sentiment"])
+    assert "sentiment" not in router.store
+
+    pool.add(tiny_adapters["qv"], name="sentiment")
+    router.register(cards["sentiment"])
+    with caplog.at_level(logging.WARNING, logger="loraretriever.router"):
+        pool.add(tiny_adapters["all"], name="translate_de")
+    assert "'translate_de' has no card" in caplog.text
+    assert router.route(GERMAN, top_k=3)[0].adapters == ("sentiment",)  # the only routable one
+    router.register(cards["translate_de"])
+    assert router.route(GERMAN, top_k=1)[0].adapters == ("translate_de",)
+
+    pool.remove("translate_de")  # the index forgets it at once; the card stays for a later re-add
+    assert router.index.names() == {"sentiment"}
+    assert router.route(GERMAN, top_k=3)[0].adapters == ("sentiment",)
+    pool.add(tiny_adapters["all"], name="translate_de")
+    assert router.index.names() == {"sentiment", "translate_de"}
+
+    # A fresh process: the pool is rebuilt, the router reconciles its index against it.
+    pool2 = LoraPool(tiny_model)
+    pool2.add(tiny_adapters["qv"], name="sentiment")
+    router2 = Router.open(tmp_path / "pool", embedder=minilm, pool=pool2)
+    assert router2.index.names() == {"sentiment"} and router2.routable() == {"sentiment"}
+
+
+def test_failed_index_write_never_loses_a_registration(tmp_path, minilm, toy_cards, tiny_model, tiny_adapters):
+    pool = LoraPool(tiny_model)
+    pool.add(tiny_adapters["qv"], name="sentiment")
+    router = Router.open(tmp_path / "pool", embedder=minilm, pool=pool)
+    router.register(toy_cards[0])
+
+    def broken(*args, **kwargs):
+        raise RetrievalError("could not write adapters in the index (server down)")
+
+    real_upsert, real_delete = router.index.upsert, router.index.delete
+    router.index.upsert = router.index.delete = broken
+    pool.add(tiny_adapters["all"], name="translate_de")  # the pool change happens despite the index
+    assert "translate_de" in pool
+    with pytest.raises(RetrievalError, match="card is saved"):
+        router.register(toy_cards[1])
+    assert "translate_de" in router.store
+    pool.remove("sentiment")
+    router.index.upsert, router.index.delete = real_upsert, real_delete
+    # The next routing reconciles first: the registered adapter is routable, the removed one gone.
+    assert router.route(GERMAN, top_k=3)[0].adapters == ("translate_de",)
+    assert router.index.names() == {"translate_de"}
