@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from loraretriever.composer import Composer
 from loraretriever.generation import Completion, GenerationConfig, Generator, Prompt, prompt_text
 from loraretriever.pool import LoraPool
+from loraretriever.pool_dir import adapter_dirs, delete_adapter, load_adapters, store_adapter
 from loraretriever.request_queue import BatchingQueue, QueuedRequest
 from loraretriever.routing import MODES, Routing
 
@@ -130,6 +131,7 @@ class RoutedLM:
         self.max_batch_size = max_batch_size
         self._queue = BatchingQueue(self._run_queued, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
         self._engine_lock = threading.Lock()
+        self.pool_dir: Path | None = None  # set by from_pretrained(pool_dir=...)
         self.generations = 0  # batched generations run so far (one per batch)
 
     @classmethod
@@ -137,25 +139,94 @@ class RoutedLM:
         cls,
         model_id: str | Path | None = None,
         *,
+        pool_dir: str | Path | None = None,
         adapters: Mapping[str, str | Path] | None = None,
         router: RoutesPrompts | None = None,
+        embedder: Any = None,
+        chroma_host: str | None = None,
+        chroma_port: int = 8000,
         **kwargs: Any,
     ) -> RoutedLM:
-        """Loads a base model (hub id, local path, or the packaged default) and registers adapters.
+        """Loads a base model (hub id, local path, or the packaged default), its adapters and router.
 
         Args:
             model_id: See :func:`loraretriever.load_base_model`.
-            adapters: ``{name: directory or hub id}`` to add to the pool.
-            router: A router over the pool's adapters.
+            pool_dir: A pool directory (``adapters/``, ``cards/``, ``index/``): its adapters are
+                loaded and a :class:`~loraretriever.router.Router` over its cards follows the pool.
+            adapters: More ``{name: directory or hub id}`` to add (not stored in ``pool_dir``).
+            router: A router to use instead of the pool directory's.
+            embedder: The router's embedder (an Embedder, model id or directory; default MiniLM).
+            chroma_host: Share the index on a ``chroma run`` server at ``chroma_host:chroma_port``.
+            chroma_port: The server's port.
             **kwargs: Passed to :class:`RoutedLM`.
+
+        Example:
+            >>> lm = RoutedLM.from_pretrained(pool_dir="~/loras")  # doctest: +SKIP
         """
         from loraretriever.base_model import load_base_model
 
         model, tokenizer = load_base_model(model_id)
         pool = LoraPool(model)
+        if pool_dir is not None:
+            load_adapters(pool, pool_dir)
         for name, source in (adapters or {}).items():
             pool.add(source, name=name)
-        return cls(model, tokenizer, pool, router, **kwargs)
+        if router is None and pool_dir is not None:
+            from loraretriever.router import Router
+
+            router = Router.open(pool_dir, embedder=embedder, host=chroma_host, port=chroma_port, pool=pool)
+        lm = cls(model, tokenizer, pool, router, **kwargs)
+        lm.pool_dir = Path(pool_dir).expanduser() if pool_dir is not None else None
+        return lm
+
+    # -- the pool at run time ----------------------------------------------------------------
+    def add_adapter(self, source: str | Path, card: Any = None, *, name: str | None = None) -> str:
+        """Adds an adapter (and its card, which makes it routable) without reloading anything.
+
+        With a pool directory, the adapter is first stored there. Any failure undoes the steps
+        already taken, so the pool, the directory and the index are left as they were.
+
+        Args:
+            source: A PEFT adapter directory (or hub id when there is no pool directory).
+            card: An :class:`~loraretriever.cards.AdapterCard` or its dict (``samples``, ...).
+            name: The adapter's name; defaults to the card's name or the directory name.
+        """
+        if card is not None and not hasattr(card, "samples"):
+            from loraretriever.cards import AdapterCard
+
+            card = AdapterCard.from_dict({"name": name or Path(str(source)).name, **dict(card)})
+        name = name or (card.name if card is not None else Path(str(source).rstrip("/")).name)
+        if card is not None and card.name != name:
+            raise ValueError(f"the card is named {card.name!r} but the adapter {name!r}; they must match.")
+        if card is not None and self.router is None:
+            raise ValueError("a card needs a router; open the RoutedLM with pool_dir= or router=.")
+        stored = store_adapter(self.pool_dir, source, name) if self.pool_dir is not None else None
+        try:
+            self.pool.add(stored or source, name=name)
+        except BaseException:
+            if stored is not None:
+                delete_adapter(self.pool_dir, name)
+            raise
+        if card is not None:
+            try:
+                self.router.register(card)
+            except BaseException:
+                self.pool.remove(name)
+                if stored is not None:
+                    delete_adapter(self.pool_dir, name)
+                raise
+        return name
+
+    def remove_adapter(self, name: str) -> None:
+        """Removes an adapter: its card and index entry first (so it is never routed while missing),
+        then the pool entry and the stored files."""
+        self.pool.check_names([name])
+        store = getattr(self.router, "store", None)
+        if store is not None and name in store:
+            self.router.unregister(name)
+        self.pool.remove(name)
+        if self.pool_dir is not None and name in adapter_dirs(self.pool_dir):
+            delete_adapter(self.pool_dir, name)
 
     # -- routing -----------------------------------------------------------------------------
     def route(self, prompts: Sequence[Prompt], **options: Any) -> list[Routing]:
