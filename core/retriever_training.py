@@ -266,6 +266,7 @@ def train_retriever(
         (staging / EMBEDDER_INFO_FILE).write_text(json.dumps(summary, indent=1))
         if out.exists():
             out.rmdir()  # empty, checked above
+        staging.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
         shutil.move(str(staging), str(out))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
