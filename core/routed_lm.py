@@ -166,6 +166,33 @@ class RoutedLM:
         from loraretriever.base_model import load_base_model
 
         model, tokenizer = load_base_model(model_id)
+        return cls.from_model(
+            model,
+            tokenizer,
+            pool_dir=pool_dir,
+            adapters=adapters,
+            router=router,
+            embedder=embedder,
+            chroma_host=chroma_host,
+            chroma_port=chroma_port,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_model(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        pool_dir: str | Path | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
+        router: RoutesPrompts | None = None,
+        embedder: Any = None,
+        chroma_host: str | None = None,
+        chroma_port: int = 8000,
+        **kwargs: Any,
+    ) -> RoutedLM:
+        """Like :meth:`from_pretrained`, for a model and tokenizer already loaded."""
         pool = LoraPool(model)
         if pool_dir is not None:
             load_adapters(pool, pool_dir)

@@ -32,6 +32,8 @@ class RoutedLMParams(BaseModel):
     """Nucleus sampling mass."""
     seed: int | None = None
     """Sampling seed, for reproducible sampled text."""
+    chat_template: bool = False
+    """Wrap each prompt in the base model's chat template (instruction-tuned models answer better)."""
     top_k: int | None = None
     """LoRAs retrieved per prompt (None: the router's default, 3)."""
     mode: Literal["mixture", "fusion", "single"] | None = None
@@ -75,6 +77,7 @@ class RoutedLMParams(BaseModel):
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
+            "chat_template": self.chat_template or None,
             "top_k": self.top_k,
             "mode": self.mode,
             "adapters": self.adapters,
