@@ -30,11 +30,11 @@ def adapter_dirs(smollm, tmp_path_factory):
             for module in peft_model.modules():
                 if hasattr(module, "lora_B") and name in module.lora_B:
                     module.lora_B[name].weight.mul_(0.05)
-        dirs[name] = tmp_path_factory.mktemp(name)
-        peft_model.save_pretrained(dirs[name])
+        peft_model.save_pretrained(root)  # PEFT saves a named (non-default) adapter under root/<name>
         peft_model.unload()  # restores the plain Linear layers of the shared base model
+        dirs[name] = root / name
     assert not any("lora" in n for n, _ in model.named_modules())
-    return {name: dirs[name] / name if (dirs[name] / name).is_dir() else dirs[name] for name in dirs}
+    return dirs
 
 
 @pytest.fixture(scope="module")
