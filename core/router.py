@@ -201,7 +201,7 @@ class Router:
             if event == "added" and name in self.store:
                 self._index_cards([self.store.get(name)])
             elif event == "added":
-                logger.warning("adapter %r has no card, so it is not routable; Router.register(card) adds one", name)
+                logger.info("adapter %r has no card yet, so it is not routable until Router.register(card)", name)
             elif event == "removed":
                 self.index.delete([name])
         except Exception as err:
