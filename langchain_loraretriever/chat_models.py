@@ -95,7 +95,7 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
         result = self._take_prefetched(chat, call)
         if result is None:
             result = self.lm.submit(chat, **call).future.result(timeout=self.timeout)
-        return _chat_result(result)
+        return _chat_result(result, self.model_name)
 
     async def _agenerate(
         self,
@@ -110,7 +110,7 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
         if result is None:
             future = asyncio.wrap_future(self.lm.submit(chat, **call).future)
             result = await asyncio.wait_for(future, self.timeout)
-        return _chat_result(result)
+        return _chat_result(result, self.model_name)
 
     def _stream(
         self,
@@ -125,7 +125,7 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
             if run_manager:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        yield _last_chunk(request.future.result(timeout=self.timeout))
+        yield _last_chunk(request.future.result(timeout=self.timeout), self.model_name)
 
     async def _astream(
         self,
@@ -141,7 +141,7 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        yield _last_chunk(await asyncio.wrap_future(request.future))
+        yield _last_chunk(await asyncio.wrap_future(request.future), self.model_name)
 
     # -- one generation per batch ------------------------------------------------------------
     def batch(
@@ -272,13 +272,13 @@ def _usage(result: Result) -> dict[str, int]:
     }
 
 
-def _chat_result(result: Result) -> ChatResult:
-    info = generation_info(result)
+def _chat_result(result: Result, model_name: str) -> ChatResult:
+    info = {**generation_info(result), "model_name": model_name}
     message = AIMessage(content=result.text, response_metadata=info, usage_metadata=_usage(result))
     return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)])
 
 
-def _last_chunk(result: Result) -> ChatGenerationChunk:
-    info = generation_info(result)
+def _last_chunk(result: Result, model_name: str) -> ChatGenerationChunk:
+    info = {**generation_info(result), "model_name": model_name}
     message = AIMessageChunk(content="", response_metadata=info, usage_metadata=_usage(result), chunk_position="last")
     return ChatGenerationChunk(message=message, generation_info=info)

@@ -1,0 +1,40 @@
+"""LangChain's standard chat-model unit tests (langchain-tests), on a tiny Llama."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from langchain_loraretriever import ChatLoraRetriever
+from loraretriever import LoraPool
+from loraretriever.routed_lm import RoutedLM
+
+
+@cache
+def tiny_routed_lm() -> RoutedLM:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from loraretriever.base_model import default_model_path
+    from tests.conftest import TINY_CONFIG
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG.to_dict(), "vocab_size": len(tokenizer)})).eval()
+    return RoutedLM(model, tokenizer, LoraPool(model))
+
+
+class TestChatLoraRetrieverUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatLoraRetriever]:
+        return ChatLoraRetriever
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"lm": tiny_routed_lm()}
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # one local base model per object; routing, not `model=`, picks the LoRAs
