@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -258,18 +259,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--pool-sizes", type=int, nargs="*", default=[10, 100, 1000])
     serve.add_argument("--json", action="store_true", help="Print only the JSON result (progress goes to stderr).")
     serve.set_defaults(handler=_run_serve)
+    integrations = benches.add_parser(
+        "integrations", help="LangChain .batch() vs an invoke loop; LlamaIndex concurrent acomplete vs sequential."
+    )
+    integrations.add_argument("--batch-size", type=int, default=32)
+    integrations.add_argument("--concurrent", type=int, default=16)
+    integrations.add_argument("--new-tokens", type=int, default=16)
+    integrations.add_argument("--json", action="store_true", help="Print only the JSON result.")
+    integrations.set_defaults(handler=_run_integrations)
+
+
+def _logger(quiet: bool) -> Callable[[str], None]:
+    return (lambda message: print(message, file=sys.stderr)) if quiet else print
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import sys
-
-    log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     result = run_serve_benchmark(
         batch_size=args.batch_size,
         new_tokens=args.new_tokens,
         pool_size=args.pool_size,
         pool_sizes=args.pool_sizes,
-        log=log,
+        log=_logger(args.json),
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def _run_integrations(args: argparse.Namespace) -> int:
+    from loraretriever.bench_integrations import run_integrations_benchmark
+
+    result = run_integrations_benchmark(
+        batch_size=args.batch_size, concurrent=args.concurrent, new_tokens=args.new_tokens, log=_logger(args.json)
     )
     print(json.dumps(result))
     return 0
