@@ -8,6 +8,7 @@ demo pool (BIG-bench task LoRAs) supersedes this one.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -20,7 +21,15 @@ from loraretriever.cards import AdapterCard, CardStore
 from loraretriever.lora_training import LoraTrainingConfig, train_lora
 from loraretriever.pool_dir import adapter_dirs, store_adapter
 
-__all__ = ["DEMO_TASKS", "FLAN48_ENV", "build_demo_pool", "find_flan48", "load_flan48_queries", "open_demo_lm"]
+__all__ = [
+    "DEMO_TASKS",
+    "FLAN48_ENV",
+    "build_demo_pool",
+    "demo_parser",
+    "find_flan48",
+    "load_flan48_queries",
+    "open_demo_lm",
+]
 
 FLAN48_ENV = "LORARETRIEVER_FLAN48"
 # Short inputs and short, checkable answers of different kinds.
@@ -116,3 +125,11 @@ def open_demo_lm(
     config = LoraTrainingConfig(steps=train_steps, batch_size=4)
     build_demo_pool(pool_dir, model, tokenizer, flan_dir or find_flan48(), tasks, config)
     return RoutedLM.from_model(model, tokenizer, pool_dir=pool_dir, **lm_kwargs)
+
+
+def demo_parser(description: str | None) -> argparse.ArgumentParser:
+    """The command line the examples share: where the demo pool lives and how long to train it."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--pool-dir", default=None, help="Demo pool directory (default under $LORARETRIEVER_HOME).")
+    parser.add_argument("--train-steps", type=int, default=16, help="Steps per LoRA, if one must be trained.")
+    return parser

@@ -26,7 +26,16 @@ from loraretriever.pool_dir import adapter_dirs, delete_adapter, load_adapters, 
 from loraretriever.request_queue import BatchingQueue, QueuedRequest
 from loraretriever.routing import MODES, Routing
 
-__all__ = ["GENERATION_KEYS", "ROUTE_KEYS", "Result", "RoutedLM", "RoutesPrompts", "Timings"]
+__all__ = [
+    "CALL_DEFAULT_FIELDS",
+    "GENERATION_KEYS",
+    "ROUTE_KEYS",
+    "Result",
+    "RoutedLM",
+    "RoutesPrompts",
+    "Timings",
+    "call_options",
+]
 
 GENERATION_KEYS = frozenset(f.name for f in dataclasses.fields(GenerationConfig))
 ROUTE_KEYS = frozenset(
@@ -42,6 +51,36 @@ ROUTE_KEYS = frozenset(
         "adapter_weights",
     }
 )
+
+# The per-call options that the LangChain and LlamaIndex fronts expose as fields (their defaults).
+CALL_DEFAULT_FIELDS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "chat_template",
+    "top_k",
+    "mode",
+    "adapters",
+    "filter",
+)
+
+
+def call_options(owner: object, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of one call: ``owner``'s fields named in :data:`CALL_DEFAULT_FIELDS` (those not
+    None) overridden by the call's kwargs.
+
+    Raises:
+        TypeError: a kwarg that is neither a generation nor a routing option, naming both lists.
+    """
+    unknown = set(overrides) - GENERATION_KEYS - ROUTE_KEYS
+    if unknown:
+        raise TypeError(
+            f"{type(owner).__name__} got unknown argument(s) {sorted(unknown)}; it takes generation options "
+            f"{sorted(GENERATION_KEYS)} and routing options {sorted(ROUTE_KEYS)}."
+        )
+    defaults = {name: getattr(owner, name, None) for name in CALL_DEFAULT_FIELDS}
+    return {**{k: v for k, v in defaults.items() if v is not None}, **overrides}
 
 
 class RoutesPrompts(Protocol):

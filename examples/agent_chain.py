@@ -5,22 +5,18 @@ translate (German -> English) -> classify the sentiment -> check that a paraphra
 
 from __future__ import annotations
 
-import argparse
-
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
 from langchain_loraretriever import LoraRetrieverLLM
-from loraretriever.demo_pool import open_demo_lm
+from loraretriever.demo_pool import demo_parser, open_demo_lm
 
 REVIEW_DE = "Der Film war wunderbar, die Schauspieler waren großartig."
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pool-dir", default=None)
-    parser.add_argument("--train-steps", type=int, default=16)
+    parser = demo_parser(__doc__)
     args = parser.parse_args()
 
     lm = open_demo_lm(args.pool_dir, train_steps=args.train_steps)

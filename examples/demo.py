@@ -7,13 +7,12 @@ use, then cached under $LORARETRIEVER_HOME/demo_pool) with a Chroma index of the
 
 from __future__ import annotations
 
-import argparse
 import re
 import string
 import time
 
 from langchain_loraretriever import LoraRetrieverLLM
-from loraretriever.demo_pool import DEMO_TASKS, find_flan48, load_flan48_queries, open_demo_lm
+from loraretriever.demo_pool import DEMO_TASKS, demo_parser, find_flan48, load_flan48_queries, open_demo_lm
 
 
 def normalise(text: str) -> str:
@@ -31,9 +30,7 @@ def mixed_prompts(per_task: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pool-dir", default=None, help="Demo pool directory (default under $LORARETRIEVER_HOME).")
-    parser.add_argument("--train-steps", type=int, default=16, help="Steps per LoRA, if one must be trained.")
+    parser = demo_parser(__doc__)
     parser.add_argument("--per-task", type=int, default=4, help="Prompts per task (4 tasks).")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-
 from langchain_loraretriever import LoraRetrieverLLM
-from loraretriever.demo_pool import open_demo_lm
+from loraretriever.demo_pool import demo_parser, open_demo_lm
 
 PROMPTS = [
     "Translate to English: Der Zug kommt heute später an.",
@@ -16,9 +14,7 @@ PROMPTS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pool-dir", default=None)
-    parser.add_argument("--train-steps", type=int, default=16)
+    parser = demo_parser(__doc__)
     args = parser.parse_args()
 
     lm = open_demo_lm(args.pool_dir, train_steps=args.train_steps)

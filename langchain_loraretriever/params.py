@@ -8,7 +8,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraretriever.routed_lm import GENERATION_KEYS, ROUTE_KEYS, Result, RoutedLM, RoutesPrompts
+from loraretriever.routed_lm import Result, RoutedLM, RoutesPrompts, call_options
 
 __all__ = ["RoutedLMParams", "generation_info", "token_usage"]
 
@@ -66,25 +66,7 @@ class RoutedLMParams(BaseModel):
 
     def _call_kwargs(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The defaults of this object, overridden by the call's kwargs; unknown keys are refused."""
-        unknown = set(kwargs) - GENERATION_KEYS - ROUTE_KEYS
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__} got unknown argument(s) {sorted(unknown)}; it takes generation options "
-                f"{sorted(GENERATION_KEYS)} and routing options {sorted(ROUTE_KEYS)}."
-            )
-        defaults = {
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "chat_template": self.chat_template or None,
-            "top_k": self.top_k,
-            "mode": self.mode,
-            "adapters": self.adapters,
-            "filter": self.filter,
-        }
-        call = {k: v for k, v in defaults.items() if v is not None}
-        call.update(kwargs)
+        call = call_options(self, kwargs)
         if stop:
             call["stop"] = tuple(stop)
         return call

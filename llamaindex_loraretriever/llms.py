@@ -22,7 +22,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import Field, PrivateAttr
 
-from loraretriever.routed_lm import Result, RoutedLM, RoutesPrompts
+from loraretriever.routed_lm import Result, RoutedLM, RoutesPrompts, call_options
 
 __all__ = ["LoraRetrieverLLM"]
 
@@ -167,18 +167,7 @@ class LoraRetrieverLLM(CustomLLM):
         return gen()
 
     def _kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        defaults = {
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "top_k": self.top_k,
-            "mode": self.mode,
-            "adapters": self.adapters,
-            "filter": self.filter,
-            "chat_template": self.chat_template,
-        }
-        return {**{k: v for k, v in defaults.items() if v is not None}, **kwargs}
+        return call_options(self, kwargs)
 
 
 def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
