@@ -387,9 +387,9 @@ class RoutedLM:
         self, prompts: Sequence[str], routings: Sequence[Routing], config: GenerationConfig | Sequence[GenerationConfig]
     ) -> tuple[list[Completion], float]:
         with self._engine_lock:
+            self.generations += 1
             start = time.perf_counter()
             completions = self.generator.generate(prompts, routings, config)
-            self.generations += 1
             return completions, time.perf_counter() - start
 
     def _run_queued(self, requests: Sequence[QueuedRequest]) -> None:
@@ -413,6 +413,7 @@ class RoutedLM:
             return
         route_s = time.perf_counter() - started
         with self._engine_lock:
+            self.generations += 1  # counted before any caller is answered
             start = time.perf_counter()
             for event in self.generator.stream(
                 [requests[i].payload.prompt for i in live],
@@ -426,7 +427,6 @@ class RoutedLM:
                         queue_s=started - request.enqueued_at, route_s=route_s, generate_s=time.perf_counter() - start
                     )
                     request.finish(_result(event.completion, timings, len(live)))
-            self.generations += 1
 
     def _request(self, prompt: Prompt, config: GenerationConfig, route_options: dict[str, Any]) -> _Request:
         self._check_prompts([prompt])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
@@ -13,7 +14,7 @@ from langchain_loraretriever import ChatLoraRetriever, LoraRetrieverLLM
 from loraretriever import LoraPool, Routing
 from loraretriever.routed_lm import RoutedLM
 
-PROMPTS = [f"Task {i}: rewrite the number {i} in words." for i in range(8)]
+PROMPTS = [f"Task {i}: rewrite the number {i} in words." for i in range(16)]
 
 
 class KeywordRouter:
@@ -140,10 +141,28 @@ def test_concurrent_invokes_and_ainvokes_are_coalesced(llm, lm):
     assert lm.generations - before < len(PROMPTS)
 
 
-def test_identifying_params_track_the_pool_and_settings(llm, lm, make_adapter):
+def test_identifying_params_track_the_pool_so_the_cache_never_mixes_pools(llm, lm, tiny_lm):
+    from langchain_core.caches import InMemoryCache
+
+    from tests.conftest import save_peft_adapter
+
     params = llm._identifying_params
     assert params["pool"] == lm.pool.fingerprint() and params["max_new_tokens"] == 5
     assert "lm" not in params
+    cached = LoraRetrieverLLM(lm=lm, max_new_tokens=5, cache=InMemoryCache())
+    first = cached.invoke(PROMPTS[0])
+    before = lm.generations
+    assert cached.invoke(PROMPTS[0]) == first and lm.generations == before, "served from the cache"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        lm.pool.add(save_peft_adapter(tiny_lm, Path(scratch) / "late", r=2, seed=5))
+    try:
+        assert cached._identifying_params["pool"] != params["pool"]
+        cached.invoke(PROMPTS[0])
+        assert lm.generations == before + 1, "a changed pool is a cache miss"
+    finally:
+        lm.pool.remove("late")
 
 
 def test_token_ids_come_from_the_base_tokenizer(llm, smol_tokenizer):
