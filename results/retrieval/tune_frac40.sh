@@ -12,7 +12,6 @@ mkdir -p $OUT
 HELD=results/retrieval/frac40_heldout_tasks.txt
 $LR eval-retrieval --cards $DATA/lora_samples.json --queries $DATA/test_dev.json --split even --tasks-file $HELD \
   --threads 2 --json | tail -n 1 > $OUT/frozen_frac40_unseen_even.json
-cp results/retrieval/finetuned_frac40_unseen_odd.json /dev/null
 $LR eval-retrieval --cards $DATA/lora_samples.json --queries $DATA/test_dev.json --split even --tasks-file $HELD \
   --embedder "$MODELS/frac40" --threads 2 --json | tail -n 1 > $OUT/frac40_e1_unseen_even.json
 for variant in "e2:--epochs 2" "e2lr1e-4:--epochs 2 --lr 1e-4"; do
