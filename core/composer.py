@@ -10,7 +10,9 @@ one low-rank factor pair per row:
 then pad the rows to the batch's largest rank and stack them, so the layer's update is two batched
 matmuls ``(x @ A_t) @ B_t``. The cost grows with the ranks each row uses, never with the pool size
 or with the union of adapters in the batch. Routing is fixed for a whole generation, so the factors
-are built once per batch and reused at every decoding step.
+are built once per batch and reused at every decoding step. In the common case (every row has the
+same number of adapters of one rank at a layer, one mode) they are built with a few whole-batch
+tensor operations per layer rather than per row.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loraretriever.adapter import LoraWeights
 from loraretriever.pool import LoraPool
 from loraretriever.routing import Routing
 
@@ -31,10 +34,14 @@ __all__ = ["Composer", "LayerPlan"]
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """The stacked per-row factors of one layer: ``delta = (x @ A_t) @ B_t``."""
+    """The stacked per-row factors of one layer, row by row: ``delta = (x @ A_t) @ B_t``.
+
+    Stored transposed and contiguous (``A_t = A^T``, ``B_t = B^T``): the decoding-step matmuls
+    then read the factors in memory order, measurably faster than transposed views.
+    """
 
     A_t: torch.Tensor  # (batch, in_features, rank)
-    B_t: torch.Tensor  # (batch, rank, out_features)
+    B_t: torch.Tensor  # (batch, rank, out_features), weights and scaling folded in
 
 
 class Composer:
@@ -72,13 +79,22 @@ class Composer:
             rows.append(routing.effective())
         adapters = {name: self.pool.get(name) for row in rows for name, _ in row}
         modules = sorted({m for adapter in adapters.values() for m in adapter.modules})
+        modes = {routing.mode for routing in routings}
+        shared_mode = next(iter(modes)) if len(modes) == 1 else None
         plan: dict[str, LayerPlan] = {}
         for module in modules:
-            factors = []
-            for routing, row in zip(routings, rows, strict=True):
-                parts = [(adapters[n].modules[module], w) for n, w in row if module in adapters[n].modules]
-                factors.append(_fuse(parts) if routing.mode == "fusion" else _concatenate(parts))
-            plan[module] = _stack(factors, self._linear[module])
+            parts = [
+                [(adapters[n].modules[module], w) for n, w in row if module in adapters[n].modules] for row in rows
+            ]
+            layer = self._linear[module]
+            layer_plan = _uniform(parts, shared_mode, layer) if shared_mode is not None else None
+            if layer_plan is None:
+                factors = [
+                    _fuse(p) if routing.mode == "fusion" else _concatenate(p)
+                    for routing, p in zip(routings, parts, strict=True)
+                ]
+                layer_plan = _stack(factors, layer)
+            plan[module] = layer_plan
         return plan
 
     @contextmanager
@@ -131,8 +147,9 @@ class Composer:
                     f"{self._batch_size}; run the whole routed batch in one forward pass."
                 )
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(flat, layer_plan.A_t), layer_plan.B_t)
-            return output + delta.view(output.shape)
+            hidden = torch.bmm(flat, layer_plan.A_t)
+            result = torch.baddbmm(output.reshape(x.shape[0], -1, output.shape[-1]), hidden, layer_plan.B_t)
+            return result.view(output.shape)
 
         return hook
 
@@ -158,6 +175,29 @@ def _fuse(parts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
         A[: weights.rank] += w * weights.A
         B[:, : weights.rank] += (w * weights.scaling) * weights.B
     return A, B
+
+
+def _uniform(parts: list[list[tuple[LoraWeights, float]]], mode: str, layer: nn.Linear) -> LayerPlan | None:
+    """The whole-batch build, when every row has the same number of adapters of one rank here.
+
+    Returns None otherwise (the per-row build handles any mix of ranks, counts and modes).
+    """
+    k = len(parts[0])
+    if k == 0 or any(len(p) != k for p in parts) or len({w.rank for p in parts for w, _ in p}) != 1:
+        return None
+    rows, rank = len(parts), parts[0][0][0].rank
+    A = torch.stack([w.A for p in parts for w, _ in p]).view(rows, k, rank, layer.in_features)
+    B = torch.stack([w.B for p in parts for w, _ in p]).view(rows, k, layer.out_features, rank)
+    weights = torch.tensor([[weight for _, weight in p] for p in parts], dtype=A.dtype, device=A.device)
+    scaled = weights * torch.tensor([[w.scaling for w, _ in p] for p in parts], dtype=A.dtype, device=A.device)
+    if mode == "fusion":
+        A_fused = (A * weights.view(rows, k, 1, 1)).sum(1)
+        B_fused = (B * scaled.view(rows, k, 1, 1)).sum(1)
+        return LayerPlan(A_fused.transpose(1, 2).contiguous(), B_fused.transpose(1, 2).contiguous())
+    # mixture / single: the k LoRAs side by side along the rank axis
+    A_t = A.permute(0, 3, 1, 2).reshape(rows, layer.in_features, k * rank)
+    B_t = (B * scaled.view(rows, k, 1, 1)).permute(0, 1, 3, 2).reshape(rows, k * rank, layer.out_features)
+    return LayerPlan(A_t, B_t)
 
 
 def _stack(factors: list, layer: nn.Linear) -> LayerPlan:

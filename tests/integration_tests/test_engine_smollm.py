@@ -92,7 +92,8 @@ def test_mixed_batch_logits_equal_rows_alone(smollm, engine):
     """Each row of a mixed batch against the same row run alone.
 
     Different batch shapes take different float32 kernel paths, so the two differ by rounding only:
-    both are within ~1e-4 of a float64 run on these logits (|logit| up to ~30), so 1e-4 is the bound.
+    both are within ~1e-4 of a float64 run on these logits (|logit| up to ~30), so 3e-4 (1e-5 relative)
+    bounds their difference.
     """
     model, tokenizer = smollm
     routings = [
@@ -109,7 +110,7 @@ def test_mixed_batch_logits_equal_rows_alone(smollm, engine):
         with torch.no_grad(), engine.composer.apply([routing]):
             alone = model(**alone_inputs).logits[0]
         mask = batch["attention_mask"][row].bool()
-        torch.testing.assert_close(mixed[row][mask], alone, atol=1e-4, rtol=0)
+        torch.testing.assert_close(mixed[row][mask], alone, atol=3e-4, rtol=0)
 
 
 def test_mixed_batch_generation_equals_rows_alone(engine):

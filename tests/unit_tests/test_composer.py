@@ -188,3 +188,32 @@ def test_paper_union_einsum_baseline_computes_the_same_mixture(tiny_model, pool,
         )
     finally:
         union.remove_hooks()
+
+
+@pytest.mark.parametrize("mode", ["mixture", "fusion", "single"])
+def test_whole_batch_build_equals_the_per_row_build(tiny_model, pool, composer, make_adapter, tokens, mode):
+    """Same-rank adapters and one mode take the whole-batch build; a base row forces the per-row one."""
+    for name, seed in (("same_x", 11), ("same_y", 12)):
+        pool.add(make_adapter(name, r=4, targets=["q_proj", "v_proj", "down_proj"], seed=seed))
+    try:
+        routings = [
+            Routing(("same_x", "same_y"), (0.3, 0.7), mode=mode),
+            Routing(("same_y", "same_x"), (0.5, 0.5), mode=mode),
+            Routing(("same_x", "same_y"), (1.0, 0.0), mode=mode),
+            Routing(("same_y", "same_x"), (0.9, 0.2), mode=mode),
+        ]
+        fast = composer.build_plan(routings)
+        slow = composer.build_plan([*routings, Routing.base()])
+        for module, layer_plan in fast.items():
+            assert slow[module].A_t.shape[2] == layer_plan.A_t.shape[2]
+            torch.testing.assert_close(layer_plan.A_t, slow[module].A_t[:4], atol=1e-6, rtol=0)
+            torch.testing.assert_close(layer_plan.B_t, slow[module].B_t[:4], atol=1e-6, rtol=0)
+        batch = logits(tiny_model, composer, routings, tokens)
+        with_base_row = logits(tiny_model, composer, [*routings, Routing.base()], torch.cat([tokens, tokens[:1]]))
+        torch.testing.assert_close(batch, with_base_row[:4], atol=ATOL, rtol=0)
+        if mode != "single":  # single keeps only the top-1, so the two orders differ there
+            peft_like = logits(tiny_model, composer, [Routing(("same_x",), (1.0,), mode=mode)] * 4, tokens)
+            torch.testing.assert_close(batch[2], peft_like[2], atol=ATOL, rtol=0)
+    finally:
+        pool.remove("same_x")
+        pool.remove("same_y")
