@@ -267,6 +267,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     integrations.add_argument("--new-tokens", type=int, default=16)
     integrations.add_argument("--json", action="store_true", help="Print only the JSON result.")
     integrations.set_defaults(handler=_run_integrations)
+    from loraretriever.bench_retrieval import add_arguments as add_retrieval_arguments
+
+    add_retrieval_arguments(
+        benches.add_parser("retrieval", help="Embedding + Chroma query latency for a batch over many LoRAs.")
+    )
 
 
 def _logger(quiet: bool) -> Callable[[str], None]:
