@@ -30,7 +30,7 @@ class MiniLMEmbedding(BaseEmbedding):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(model_name="all-MiniLM-L6-v2", **kwargs)
-        self._model = SentenceTransformer(get_model_path(), device="cpu")
+        self._model = SentenceTransformer(str(get_model_path()), device="cpu")
 
     def _get_query_embedding(self, query: str) -> list[float]:
         return self._model.encode(query, normalize_embeddings=True).tolist()
