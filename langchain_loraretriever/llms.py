@@ -102,14 +102,10 @@ class LoraRetrieverLLM(RoutedLMParams, BaseLLM):
         """One batched generation; with ``return_exceptions=True`` a bad input fails alone."""
         if not return_exceptions:
             return super().batch(inputs, config, **kwargs)
-        configs = get_config_list(config, len(inputs))
-        valid, outputs = self._split_bad_inputs(inputs)
+        valid, configs, outputs = self._split_bad_inputs(inputs, config)
         if valid:
-            answers = super().batch(
-                [inputs[i] for i in valid], [configs[i] for i in valid], return_exceptions=True, **kwargs
-            )
-            for i, answer in zip(valid, answers, strict=True):
-                outputs[i] = answer
+            answers = super().batch([inputs[i] for i in valid], configs, return_exceptions=True, **kwargs)
+            _place(outputs, valid, answers)
         return outputs
 
     async def abatch(
@@ -123,18 +119,18 @@ class LoraRetrieverLLM(RoutedLMParams, BaseLLM):
         """Async :meth:`batch`."""
         if not return_exceptions:
             return await super().abatch(inputs, config, **kwargs)
-        configs = get_config_list(config, len(inputs))
-        valid, outputs = self._split_bad_inputs(inputs)
+        valid, configs, outputs = self._split_bad_inputs(inputs, config)
         if valid:
-            answers = await super().abatch(
-                [inputs[i] for i in valid], [configs[i] for i in valid], return_exceptions=True, **kwargs
-            )
-            for i, answer in zip(valid, answers, strict=True):
-                outputs[i] = answer
+            answers = await super().abatch([inputs[i] for i in valid], configs, return_exceptions=True, **kwargs)
+            _place(outputs, valid, answers)
         return outputs
 
-    def _split_bad_inputs(self, inputs: list[LanguageModelInput]) -> tuple[list[int], list[Any]]:
-        """Indices of inputs that can be generated, and a result list holding the others' errors."""
+    def _split_bad_inputs(
+        self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None
+    ) -> tuple[list[int], list[RunnableConfig], list[Any]]:
+        """The indices of inputs that can be generated and their configs, and a result list that
+        already holds the other inputs' errors."""
+        configs = get_config_list(config, len(inputs))
         valid: list[int] = []
         outputs: list[Any] = [None] * len(inputs)
         for i, item in enumerate(inputs):
@@ -143,7 +139,12 @@ class LoraRetrieverLLM(RoutedLMParams, BaseLLM):
                 valid.append(i)
             except Exception as error:
                 outputs[i] = error
-        return valid, outputs
+        return valid, [configs[i] for i in valid], outputs
+
+
+def _place(outputs: list[Any], indices: list[int], answers: list[Any]) -> None:
+    for i, answer in zip(indices, answers, strict=True):
+        outputs[i] = answer
 
 
 def _llm_result(results) -> LLMResult:

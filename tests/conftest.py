@@ -123,6 +123,26 @@ def smollm():
     return load_base_model()
 
 
+async def gather_while_ticking(awaitables) -> tuple[list, int]:
+    """Awaits ``awaitables`` together while a 5 ms ticker runs; returns the results and the ticks
+    (ticks > 0 proves the calls did not block the event loop)."""
+    import asyncio
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        return list(await asyncio.gather(*awaitables)), ticks
+    finally:
+        task.cancel()
+
+
 # ---- retrieval fixtures (below this line) ------------------------------------------------------
 
 RETRIEVAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "loraretriever-flan48"

@@ -11,6 +11,7 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llamaindex_loraretriever import LoraRetrieverLLM
 from loraretriever import LoraPool, Routing
 from loraretriever.routed_lm import RoutedLM
+from tests.conftest import gather_while_ticking
 
 PROMPTS = [f"Item {i}: describe the colour number {i}." for i in range(16)]
 
@@ -76,21 +77,7 @@ def test_concurrent_acomplete_calls_are_batched_and_do_not_block(llm):
     expected = [r.text for r in llm.lm.generate(PROMPTS, max_new_tokens=5, chat_template=True)]
     before = llm.lm.generations
 
-    async def main():
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.005)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
-        responses = await asyncio.gather(*(llm.acomplete(p) for p in PROMPTS))
-        task.cancel()
-        return responses, ticks
-
-    responses, ticks = asyncio.run(main())
+    responses, ticks = asyncio.run(gather_while_ticking([llm.acomplete(p) for p in PROMPTS]))
     assert [r.text for r in responses] == expected
     assert llm.lm.generations - before < len(PROMPTS)
     assert ticks > 0

@@ -9,6 +9,7 @@ import pytest
 
 from loraretriever import LoraPool, Routing
 from loraretriever.routed_lm import RoutedLM
+from tests.conftest import gather_while_ticking
 
 PROMPTS = [f"Question {i}: what comes after {i}?" for i in range(16)]
 
@@ -80,21 +81,7 @@ def test_concurrent_async_calls_are_coalesced_without_blocking_the_loop(lm):
     expected = [r.text for r in lm.generate(PROMPTS)]
     before = lm.generations
 
-    async def main():
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.005)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
-        results = await asyncio.gather(*(lm.acomplete(p) for p in PROMPTS))
-        task.cancel()
-        return results, ticks
-
-    results, ticks = asyncio.run(main())
+    results, ticks = asyncio.run(gather_while_ticking([lm.acomplete(p) for p in PROMPTS]))
     assert [r.text for r in results] == expected
     assert lm.generations - before < len(PROMPTS)
     assert ticks > 0, "the event loop kept running while the batch generated"
