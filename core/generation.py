@@ -107,6 +107,8 @@ class _Row:
     text: str = ""
     emitted: str = ""
     done: Completion | None = None
+    prefix_offset: int = 0  # incremental detokenisation window: ids[prefix_offset:read_offset] is
+    read_offset: int = 0  # context already turned into text
 
 
 class Generator:
@@ -283,7 +285,7 @@ class Generator:
         else:
             row.ids.append(token)
             previous = len(row.text)
-            row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            row.text += _new_text(self.tokenizer, row)
             hit = _find_stop(row.text, cfg.stop, previous)
             if hit is not None:
                 position, stop_sequence = hit
@@ -291,6 +293,8 @@ class Generator:
                 finish = "stop"
             elif len(row.ids) >= cfg.max_new_tokens:
                 finish = "length"
+        if finish is not None and stop_sequence is None:
+            row.text += _new_text(self.tokenizer, row, flush=True)  # bytes of a character cut off at the end
         if finish is not None:
             row.done = Completion(
                 text=row.text,
@@ -331,6 +335,18 @@ def prompt_text(prompt: Prompt, index: int = 0) -> str:
     if not users:
         raise ValueError(f"prompt {index} has no non-empty user message; the last user message is what gets routed.")
     return str(users[-1])
+
+
+def _new_text(tokenizer: PreTrainedTokenizerBase, row: _Row, flush: bool = False) -> str:
+    """The text the newest tokens complete. Only a short window of ids is decoded (incremental
+    detokenisation, as in TGI and vLLM), so a step costs the same at token 5 and token 500; a partial
+    UTF-8 character waits for its remaining bytes unless ``flush``."""
+    prefix = tokenizer.decode(row.ids[row.prefix_offset : row.read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(row.ids[row.prefix_offset :], skip_special_tokens=True)
+    if len(full) > len(prefix) and (flush or not full.endswith("\ufffd")):
+        row.prefix_offset, row.read_offset = row.read_offset, len(row.ids)
+        return full[len(prefix) :]
+    return ""
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -47,10 +49,11 @@ def test_batch_rows_equal_each_row_alone(generator):
 
 
 def test_base_rows_match_transformers_generate(generator, model, tokenizer):
-    ours = generator.generate(PROMPTS, config=GenerationConfig(max_new_tokens=10))
+    """40 tokens: the incremental detokenisation must match decoding all ids at once."""
+    ours = generator.generate(PROMPTS, config=GenerationConfig(max_new_tokens=40))
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
-        reference = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        reference = model.generate(**inputs, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     for i, completion in enumerate(ours):
         expected = tokenizer.decode(reference[i, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         assert completion.text == expected
@@ -142,3 +145,21 @@ def test_bad_settings_are_clear_errors(generator):
         generator.generate("a single string")
     with pytest.raises(ValueError, match="2 prompts, 1 routings"):
         generator.generate(["a", "b"], [Routing.base()])
+
+
+def test_incremental_detokenisation_waits_for_whole_characters(tokenizer):
+    from loraretriever.generation import _new_text, _Row
+
+    text = "naïve café 世界 🙂 done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert any("\ufffd" in piece for piece in pieces), "the sample must split a character across tokens"
+    row = _Row(0, GenerationConfig(), Routing.base(), [1], False, None)
+    shown = []
+    for token in ids:
+        row.ids.append(token)
+        row.text += _new_text(tokenizer, row)
+        shown.append(row.text)
+    assert row.text == text
+    assert not any("\ufffd" in partial for partial in shown)
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(shown))
