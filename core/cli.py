@@ -13,6 +13,7 @@ _COMMAND_MODULES = [
     "loraretriever.setup_command",
     "loraretriever.bench",
     "loraretriever.retrieval_cli",
+    "loraretriever.task_eval",
 ]
 
 

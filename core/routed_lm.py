@@ -330,12 +330,34 @@ class RoutedLM:
         config, route_options = self._split_kwargs(kwargs)
         start = time.perf_counter()
         routings = self.route(prompts, **route_options)
-        routed = time.perf_counter()
+        return self._generate_chunks(prompts, routings, config, route_s=time.perf_counter() - start)
+
+    def generate_routed(self, prompts: Sequence[Prompt], routings: Sequence[Routing], **kwargs: Any) -> list[Result]:
+        """Generates with routings the caller chose (one per prompt), e.g. an evaluation's oracle.
+
+        Args:
+            prompts: The prompts.
+            routings: One :class:`Routing` per prompt (adapters must be in the pool).
+            **kwargs: Generation options only (``max_new_tokens``, ``temperature``, ...).
+        """
+        prompts = self._check_prompts(prompts)
+        config, route_options = self._split_kwargs(kwargs)
+        if route_options:
+            raise TypeError(f"routing options {sorted(route_options)} do not apply: the routings are given.")
+        if len(routings) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(routings)} routings; pass one per prompt.")
+        for routing in routings:
+            self.pool.check_names(list(routing.adapters))
+        return self._generate_chunks(prompts, list(routings), config, route_s=0.0)
+
+    def _generate_chunks(
+        self, prompts: list[Prompt], routings: list[Routing], config: GenerationConfig, route_s: float
+    ) -> list[Result]:
         results: list[Result] = []
         for offset in range(0, len(prompts), self.max_batch_size):
             chunk = slice(offset, offset + self.max_batch_size)
             completions, generate_s = self._generate(prompts[chunk], routings[chunk], config)
-            timings = Timings(route_s=routed - start, generate_s=generate_s)
+            timings = Timings(route_s=route_s, generate_s=generate_s)
             results += [_result(c, timings, len(completions)) for c in completions]
         return results
 

@@ -1,0 +1,107 @@
+"""eval-tasks on a tiny Llama with real PEFT adapters, the real MiniLM router and Chroma."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraretriever.cli import main
+from loraretriever.routed_lm import RoutedLM
+from loraretriever.task_eval import METHODS, evaluate_tasks, score, write_report
+from tests.conftest import TOY_CARDS, save_peft_adapter
+
+QUERIES = [
+    {"inputs": "Is this review positive or negative? A wonderful, warm film.", "targets": "positive", "metric": "em"},
+    {"inputs": "Translate to German: The house is small.", "targets": "Das Haus ist klein.", "metric": "bleu"},
+    {"inputs": "Answer the question: who painted the Mona Lisa?", "targets": "Leonardo da Vinci", "metric": "rouge"},
+    {"inputs": "Premise: A man sleeps. Hypothesis: A man is awake. Entailment?", "targets": "no", "metric": "em"},
+]
+TASKS = ["sentiment", "translate_de", "closed_qa", "nli"]
+
+
+@pytest.fixture
+def queries():
+    return [{**q, "task": t, "domain": TOY_CARDS[t][0]} for q, t in zip(QUERIES, TASKS, strict=True)]
+
+
+@pytest.fixture
+def pool_dir(tiny_lm, smol_tokenizer, minilm, toy_cards, tmp_path):
+    pool_dir = tmp_path / "pool"
+    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=minilm)
+    for seed, card in enumerate(toy_cards):
+        lm.add_adapter(save_peft_adapter(tiny_lm, tmp_path / "src" / card.name, r=4, seed=seed), card)
+    lm.close()
+    return pool_dir
+
+
+def test_scores_use_the_querys_metric():
+    assert score("em", " Positive. ", "positive") == 1.0
+    assert score("em", "negative", "positive") == 0.0
+    assert score("bleu", "Das Haus ist klein.", "Das Haus ist klein.") == pytest.approx(1.0)
+    assert 0.0 < score("rouge", "Leonardo", "Leonardo da Vinci") < 1.0
+    with pytest.raises(ValueError, match="metric 'f1' is not one of"):
+        score("f1", "a", "b")
+
+
+def test_every_method_in_domain_and_out_of_domain(tiny_lm, smol_tokenizer, minilm, pool_dir, queries, tmp_path):
+    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=minilm)
+    try:
+        report = evaluate_tasks(lm, queries, METHODS, max_new_tokens=4, log=lambda _: None)
+        ood = evaluate_tasks(lm, queries, METHODS, ood=True, max_new_tokens=4, log=lambda _: None)
+    finally:
+        lm.close()
+    assert list(report["methods"]) == list(METHODS)
+    assert "oracle" not in ood["methods"], "OOD removes the own LoRA, so there is no oracle"
+    for row in report["methods"].values():
+        assert 0.0 <= row["average"] <= 1.0
+        assert set(row["by_domain"]) == {TOY_CARDS[t][0] for t in TASKS}
+    assert [r["adapters"] for r in report["routings"]["oracle"]] == [[t] for t in TASKS]
+    assert [r["adapters"][0] for r in report["routings"]["retriever_mixture_k3"]] == TASKS
+    assert all(r["mode"] == "fusion" and len(r["adapters"]) == 4 for r in report["routings"]["adaptersoup"])
+    for method in ("retriever_single", "retriever_mixture_k3", "retriever_fusion_k3", "adaptersoup"):
+        for task, routing in zip(TASKS, ood["routings"][method], strict=True):
+            assert task not in routing["adapters"], (method, routing)
+    write_report(report, queries, tmp_path / "report")
+    write_report(ood, queries, tmp_path / "report")
+    names = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert names == [
+        "results.md",
+        "results_ood.md",
+        "routing_heatmap.png",
+        "routing_heatmap_ood.png",
+        "scores.png",
+        "scores_ood.png",
+    ]
+    assert "| retriever_mixture_k3 |" in (tmp_path / "report" / "results.md").read_text()
+
+
+def test_cli_prints_one_json_line(tiny_lm, smol_tokenizer, pool_dir, queries, tmp_path, capsys, monkeypatch):
+    model_dir = tmp_path / "tiny_model"
+    tiny_lm.save_pretrained(model_dir)
+    smol_tokenizer.save_pretrained(model_dir)
+    queries_file = tmp_path / "queries.json"
+    queries_file.write_text(json.dumps([*queries, {**queries[0], "task": "unknown_task"}]))
+    code = main(
+        [
+            "eval-tasks",
+            "--pool",
+            str(pool_dir),
+            "--queries",
+            str(queries_file),
+            "--model",
+            str(model_dir),
+            "--methods",
+            "base",
+            "oracle",
+            "--only-pool-tasks",
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 4 and set(result["methods"]) == {"base", "oracle"}
