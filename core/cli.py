@@ -14,6 +14,7 @@ _COMMAND_MODULES = [
     "loraretriever.bench",
     "loraretriever.retrieval_cli",
     "loraretriever.task_eval",
+    "loraretriever.bigbench_splits",
 ]
 
 
