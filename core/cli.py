@@ -15,6 +15,7 @@ _COMMAND_MODULES = [
     "loraretriever.retrieval_cli",
     "loraretriever.task_eval",
     "loraretriever.bigbench_splits",
+    "loraretriever.train_pool",
 ]
 
 
