@@ -7,18 +7,11 @@ use, then cached under $LORARETRIEVER_HOME/demo_pool) with a Chroma index of the
 
 from __future__ import annotations
 
-import re
-import string
 import time
 
 from langchain_loraretriever import LoraRetrieverLLM
 from loraretriever.demo_pool import DEMO_TASKS, demo_parser, find_flan48, load_flan48_queries, open_demo_lm
-
-
-def normalise(text: str) -> str:
-    text = text.lower().strip()
-    text = "".join(ch for ch in text if ch not in string.punctuation)
-    return re.sub(r"\s+", " ", text)
+from loraretriever.task_eval import score
 
 
 def mixed_prompts(per_task: int) -> list[dict]:
@@ -58,8 +51,8 @@ def main() -> None:
         routing = ", ".join(f"{a} {w:.2f}" for a, w in zip(adapters, info["routing"]["weights"], strict=True))
         if query["metric"] == "em":
             scored += 1
-            hits["routed"] += normalise(text) == normalise(query["targets"])
-            hits["base"] += normalise(base_text) == normalise(query["targets"])
+            hits["routed"] += int(score("em", text, query["targets"]))
+            hits["base"] += int(score("em", base_text, query["targets"]))
         print(
             f"{i:>2}  {query['task']:<22} {routing:<48.48} {text.strip()!r:<28.28} {base_text.strip()!r:<22.22} "
             f"{query['targets']!r:.30}"
