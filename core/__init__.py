@@ -14,6 +14,15 @@ from loraretriever.base_model import DEFAULT_MODEL, load_base_model
 from loraretriever.cards import AdapterCard, CardStore, RetrievalError
 from loraretriever.composer import Composer
 from loraretriever.embedder import DEFAULT_EMBEDDER, DEFAULT_INSTRUCTION, Embedder, EmbedderError
+from loraretriever.gates import (
+    FlowGate,
+    FlowGateConfig,
+    GateError,
+    MeteoraGate,
+    MeteoraGateConfig,
+    load_gate,
+    save_gate,
+)
 from loraretriever.index import LoraIndex, open_chroma_client
 from loraretriever.pool import LoraPool
 from loraretriever.retrieval_eval import evaluate_retrieval
@@ -31,10 +40,15 @@ __all__ = [
     "Composer",
     "Embedder",
     "EmbedderError",
+    "FlowGate",
+    "FlowGateConfig",
+    "GateError",
     "LoraAdapter",
     "LoraIndex",
     "LoraPool",
     "LoraWeights",
+    "MeteoraGate",
+    "MeteoraGateConfig",
     "Mode",
     "RetrievalError",
     "RouteOptions",
@@ -42,5 +56,7 @@ __all__ = [
     "Routing",
     "evaluate_retrieval",
     "load_base_model",
+    "load_gate",
     "open_chroma_client",
+    "save_gate",
 ]

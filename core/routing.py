@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["MODES", "Mode", "Routing"]
+__all__ = ["GATED_MODES", "MODES", "Mode", "Routing"]
 
-Mode = Literal["mixture", "fusion", "single"]
-MODES: tuple[str, ...] = ("mixture", "fusion", "single")
+Mode = Literal["mixture", "fusion", "single", "flow", "meteora"]
+MODES: tuple[str, ...] = ("mixture", "fusion", "single", "flow", "meteora")
+GATED_MODES: tuple[str, ...] = ("flow", "meteora")
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,12 @@ class Routing:
     * ``fusion``: ``y = W0 x + (sum_j w_j s_j B_j)(sum_j w_j A_j) x`` (one LoRA from averaged
       matrices; ranks differ -> smaller ones are zero-padded to the largest).
     * ``single``: the first adapter alone, at weight 1.
+    * ``flow``: the adapters are the slots of the LoRA-Flow ``gate``, which gives every token its
+      own weights over them (``weights`` keep the retrieval weights, for the record).
+    * ``meteora``: no adapters listed: the MeteoRA ``gate`` picks the top-2 of its pool per token.
 
-    No adapters means the base model. ``fallback`` says why a router left a prompt without any.
+    No adapters (and no meteora gate) means the base model. ``fallback`` says why the routing is
+    not what was asked for: why a prompt got no adapter, or why a gate was replaced by retrieval.
 
     Example:
         >>> print(Routing(("sst2", "imdb"), (0.5, 0.5), similarities=(0.81, 0.77)))
@@ -35,7 +40,8 @@ class Routing:
         default=None, metadata={"help": "Retrieval similarity per adapter, when a router chose them."}
     )
     mode: Mode = field(default="mixture", metadata={"help": "mixture, fusion or single."})
-    fallback: str | None = field(default=None, metadata={"help": "Why the prompt got no adapter, if so."})
+    fallback: str | None = field(default=None, metadata={"help": "Why the routing differs from the request."})
+    gate: str | None = field(default=None, metadata={"help": "The gate of a flow or meteora routing."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapters", tuple(self.adapters))
@@ -50,6 +56,15 @@ class Routing:
             )
         if self.similarities is not None and len(self.similarities) != len(self.adapters):
             raise ValueError(f"Routing has {len(self.adapters)} adapters but {len(self.similarities)} similarities.")
+        if (self.mode in GATED_MODES) != (self.gate is not None):
+            raise ValueError(
+                f"mode={self.mode!r} with gate={self.gate!r}: the modes {GATED_MODES} need a gate name, "
+                "the others take none."
+            )
+        if self.mode == "meteora" and self.adapters:
+            raise ValueError(
+                f"a meteora routing lists no adapters (its gate picks them per token); got {self.adapters}."
+            )
         if len(set(self.adapters)) != len(self.adapters):
             raise ValueError(f"Routing names an adapter twice: {self.adapters}.")
         for name, weight in zip(self.adapters, self.weights, strict=True):
@@ -69,14 +84,22 @@ class Routing:
             weights = tuple(1.0 / len(adapters) for _ in adapters) if adapters else ()
         return cls(adapters, tuple(weights), mode=mode)
 
+    @classmethod
+    def meteora(cls, gate: str) -> Routing:
+        """The MeteoRA gate ``gate`` picks adapters per token."""
+        return cls(mode="meteora", gate=gate)
+
     @property
     def is_base(self) -> bool:
-        return not self.adapters
+        return not self.adapters and self.mode != "meteora"
 
     def effective(self) -> list[tuple[str, float]]:
-        """The (adapter, weight) pairs the composer applies: the top-1 at weight 1 for ``single``."""
+        """The (adapter, weight) pairs the composer applies: the top-1 at weight 1 for ``single``, every
+        slot at weight 1 for ``flow`` (its gate weighs them per token), none for ``meteora``."""
         if self.mode == "single":
             return [(self.adapters[0], 1.0)] if self.adapters else []
+        if self.mode == "flow":
+            return [(name, 1.0) for name in self.adapters]
         return list(zip(self.adapters, self.weights, strict=True))
 
     def to_dict(self) -> dict:
@@ -86,14 +109,19 @@ class Routing:
             "similarities": None if self.similarities is None else list(self.similarities),
             "mode": self.mode,
             "fallback": self.fallback,
+            "gate": self.gate,
         }
 
     def __str__(self) -> str:
         if self.is_base:
             return "base model" + (f" ({self.fallback})" if self.fallback else "")
+        if self.mode == "meteora":
+            return f"meteora[{self.gate}]: top-k adapters per token"
         sims = self.similarities or (None,) * len(self.adapters)
         parts = [
             f"{name} {weight:.2f}" + (f" (sim {sim:.3f})" if sim is not None else "")
             for name, weight, sim in zip(self.adapters, self.weights, sims, strict=True)
         ]
-        return f"{self.mode}: " + ", ".join(parts)
+        mode = f"flow[{self.gate}]" if self.mode == "flow" else self.mode
+        text = f"{mode}: " + ", ".join(parts)
+        return text + (f" ({self.fallback})" if self.fallback else "")
