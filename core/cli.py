@@ -16,6 +16,7 @@ _COMMAND_MODULES = [
     "loraretriever.task_eval",
     "loraretriever.bigbench_splits",
     "loraretriever.train_pool",
+    "loraretriever.gate_training",
 ]
 
 

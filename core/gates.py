@@ -110,8 +110,15 @@ class FlowGate(nn.Module):
         return self.weight.numel() + self.bias.numel()
 
     def forward(self, layer: int, hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Per-token weights ``(rows, tokens, k)`` over each row's filled ``slots`` (``(rows, k)`` bools)."""
-        logits = torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight[layer], self.bias[layer])
+        """Per-token weights ``(rows, tokens, k)`` over each row's filled ``slots`` (``(rows, k)`` bools).
+
+        The gate reads the hidden state RMS-normalised (without a learned scale), as the layer's own
+        input norm does: the residual stream's scale grows with depth, and a raw input would make one
+        learning rate too large for late layers or too small for early ones.
+        """
+        hidden = hidden.to(self.weight.dtype)
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+        logits = torch.nn.functional.linear(hidden, self.weight[layer], self.bias[layer])
         logits = logits / self.config.temperature
         logits = logits.masked_fill(~slots[:, None, :], float("-inf"))
         return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no slot gets zeros

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["LoraTrainingConfig", "format_prompt", "train_lora"]
+__all__ = ["LoraTrainingConfig", "collate", "encode_example", "format_prompt", "train_lora"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def train_lora(
         raise ValueError("train_lora needs at least one (input, target) example.")
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
-    encoded = [_encode(tokenizer, x, y, config) for x, y in examples]
+    encoded = [encode_example(tokenizer, x, y, config.max_length, config.chat_template) for x, y in examples]
     lora = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(config.targets), lora_dropout=0.0)
     was_training = model.training
     peft_model = get_peft_model(model, lora)
@@ -82,7 +82,7 @@ def train_lora(
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.learning_rate)
         progress = tqdm(range(config.steps), desc=description, leave=False)
         for _ in progress:
-            batch, labels = _collate([rng.choice(encoded) for _ in range(config.batch_size)], tokenizer.pad_token_id)
+            batch, labels = collate([rng.choice(encoded) for _ in range(config.batch_size)], tokenizer.pad_token_id)
             # Targets sit at the end of every (left-padded) row, so the vocabulary projection is only
             # needed for the last positions: most of a step's cost on a small model.
             keep = int((labels != -100).sum(-1).max()) + 1
@@ -101,15 +101,21 @@ def train_lora(
     return Path(out_dir)
 
 
-def _encode(tokenizer, text: str, target: str, config: LoraTrainingConfig) -> tuple[list[int], list[int]]:
-    prompt_ids = tokenizer(format_prompt(tokenizer, text, config.chat_template), add_special_tokens=False)["input_ids"]
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, text: str, target: str, max_length: int, chat_template: bool = True
+) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + target + end of turn, and labels that are -100 on the prompt.
+
+    The target keeps at most half of ``max_length``; the prompt loses its start if it is too long.
+    """
+    prompt_ids = tokenizer(format_prompt(tokenizer, text, chat_template), add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    target_ids = target_ids[: config.max_length // 2]
-    prompt_ids = prompt_ids[-(config.max_length - len(target_ids)) :]
+    target_ids = target_ids[: max_length // 2]
+    prompt_ids = prompt_ids[-(max_length - len(target_ids)) :]
     return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
 
 
-def _collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Left-padded inputs (with position ids) and labels aligned so that labels[t] is token t."""
     length = max(len(ids) for ids, _ in items)
     input_ids = torch.full((len(items), length), pad_id)

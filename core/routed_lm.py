@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -20,11 +21,14 @@ from typing import Any, Protocol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraretriever.composer import Composer
+from loraretriever.gates import FlowGate, Gate, GateError, MeteoraGate, gate_dirs, load_gate
 from loraretriever.generation import Completion, GenerationConfig, Generator, Prompt, prompt_text
 from loraretriever.pool import LoraPool
 from loraretriever.pool_dir import adapter_dirs, delete_adapter, load_adapters, store_adapter
 from loraretriever.request_queue import BatchingQueue, QueuedRequest
-from loraretriever.routing import MODES, Routing
+from loraretriever.routing import GATED_MODES, MODES, Routing
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CALL_DEFAULT_FIELDS",
@@ -49,6 +53,7 @@ ROUTE_KEYS = frozenset(
         "exclude",
         "adapters",
         "adapter_weights",
+        "gate",
     }
 )
 
@@ -190,8 +195,9 @@ class RoutedLM:
 
         Args:
             model_id: See :func:`loraretriever.load_base_model`.
-            pool_dir: A pool directory (``adapters/``, ``cards/``, ``index/``): its adapters are
-                loaded and a :class:`~loraretriever.router.Router` over its cards follows the pool.
+            pool_dir: A pool directory (``adapters/``, ``cards/``, ``index/``, ``gates/``): its adapters
+                and gates are loaded and a :class:`~loraretriever.router.Router` over its cards
+                follows the pool.
             adapters: More ``{name: directory or hub id}`` to add (not stored in ``pool_dir``).
             router: A router to use instead of the pool directory's.
             embedder: The router's embedder (an Embedder, model id or directory; default MiniLM).
@@ -243,7 +249,23 @@ class RoutedLM:
             router = Router.open(pool_dir, embedder=embedder, host=chroma_host, port=chroma_port, pool=pool)
         lm = cls(model, tokenizer, pool, router, **kwargs)
         lm.pool_dir = Path(pool_dir).expanduser() if pool_dir is not None else None
+        if pool_dir is not None:
+            for name, directory in gate_dirs(pool_dir).items():
+                lm.register_gate(name, load_gate(directory))
         return lm
+
+    # -- gates -------------------------------------------------------------------------------
+    @property
+    def gates(self) -> dict[str, Gate]:
+        """The registered LoRA-Flow and MeteoRA gates by name (``mode="flow"`` / ``"meteora"``)."""
+        return dict(self.composer.gates)
+
+    def register_gate(self, name: str, gate: Gate) -> None:
+        """Makes a gate usable as ``mode="flow"`` / ``"meteora"`` with ``gate=name``. A meteora gate
+        that does not match the pool is kept: calls fall back to the retrieval mixture, saying why."""
+        self.composer.register_gate(name, gate)
+        if isinstance(gate, MeteoraGate) and gate.mismatch(self.pool):
+            logger.warning("meteora gate %r: %s; its calls fall back to retrieval.", name, gate.mismatch(self.pool))
 
     # -- the pool at run time ----------------------------------------------------------------
     def add_adapter(self, source: str | Path, card: Any = None, *, name: str | None = None) -> str:
@@ -300,6 +322,11 @@ class RoutedLM:
         and ``options`` applied."""
         options = self._check_route_options({**self.route_defaults, **options})
         mode = options.pop("mode", "mixture")
+        gate_name = options.pop("gate", None)
+        if mode in GATED_MODES:
+            return self._route_gated(prompts, mode, gate_name, options)
+        if gate_name is not None:
+            raise ValueError(f"gate={gate_name!r} needs mode='flow' or 'meteora' (mode is {mode!r}).")
         pinned = options.pop("adapters", None)
         weights = options.pop("adapter_weights", None)
         if pinned is not None:
@@ -318,6 +345,46 @@ class RoutedLM:
         }
         texts = [prompt_text(p, i) for i, p in enumerate(prompts)]
         return self.router.route(texts, **{k: v for k, v in router_kwargs.items() if v is not None})
+
+    def _route_gated(self, prompts: Sequence[Prompt], mode: str, name: str | None, options: dict) -> list[Routing]:
+        """Flow: the retrieved (or pinned) top-k become the gate's slots. MeteoRA: the gate picks per
+        token; a gate that no longer matches the pool falls back to the retrieval mixture."""
+        gate = self._gate_for(mode, name)
+        name = name or next(n for n, g in self.composer.gates.items() if g is gate)
+        if isinstance(gate, MeteoraGate):
+            if options.get("adapters") is not None:
+                raise ValueError("mode='meteora' picks adapters per token; it takes no adapters=.")
+            reason = gate.mismatch(self.pool)
+            if reason is None:
+                return [Routing.meteora(name)] * len(prompts)
+            fallback = f"meteora gate {name!r}: {reason}; retrieval mixture used"
+            return [
+                dataclasses.replace(r, fallback=r.fallback or fallback)
+                for r in self.route(prompts, **{**options, "mode": "mixture"})
+            ]
+        k = gate.config.k
+        top_k = options.get("top_k") or k
+        if top_k > k:
+            raise GateError(f"top_k={top_k} is more than flow gate {name!r}'s {k} slots. Fix: top_k <= {k}.")
+        routings = self.route(prompts, **{**options, "mode": "mixture", "top_k": top_k})
+        return [r if r.is_base else dataclasses.replace(r, mode="flow", gate=name) for r in routings]
+
+    def _gate_for(self, mode: str, name: str | None) -> Gate:
+        kind = FlowGate if mode == "flow" else MeteoraGate
+        if name is not None:
+            gate = self.composer.gates.get(name)
+            if gate is None:
+                raise GateError(f"no gate named {name!r} (known: {sorted(self.composer.gates)}).")
+            if not isinstance(gate, kind):
+                raise GateError(f"gate {name!r} is a {gate.kind} gate, not a {mode} gate.")
+            return gate
+        matching = [g for g in self.composer.gates.values() if isinstance(g, kind)]
+        if len(matching) != 1:
+            raise GateError(
+                f"mode={mode!r} needs gate=<name>: {len(matching)} {mode} gates are registered "
+                f"({sorted(self.composer.gates)}). Train one with `loraretriever train-gate --kind {mode} --pool DIR`."
+            )
+        return matching[0]
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[Result]:

@@ -20,7 +20,7 @@ import numpy as np
 from loraretriever.cards import AdapterCard, CardStore, RetrievalError
 from loraretriever.embedder import Embedder
 from loraretriever.index import DEFAULT_COLLECTION, LoraIndex, open_chroma_client, throwaway_collection_name
-from loraretriever.routing import MODES, Mode, Routing
+from loraretriever.routing import GATED_MODES, MODES, Mode, Routing
 
 if TYPE_CHECKING:
     from loraretriever.pool import LoraPool
@@ -61,6 +61,11 @@ class RouteOptions:
             raise RetrievalError(f"min_similarity={self.min_similarity!r} must lie in [-1, 1] (cosine similarity).")
         if self.mode not in MODES:
             raise RetrievalError(f"mode={self.mode!r} is not one of {MODES}.")
+        if self.mode in GATED_MODES:
+            raise RetrievalError(
+                f"mode={self.mode!r} needs a gate, which a Router does not hold: route with RoutedLM.route(mode="
+                f"{self.mode!r}), or Router mode='mixture' and set the gate on the routings."
+            )
 
 
 class Router:

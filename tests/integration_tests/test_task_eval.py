@@ -8,7 +8,7 @@ import pytest
 
 from loraretriever.cli import main
 from loraretriever.routed_lm import RoutedLM
-from loraretriever.task_eval import METHODS, evaluate_tasks, score, write_report
+from loraretriever.task_eval import available_methods, evaluate_tasks, score, write_report
 from tests.conftest import TOY_CARDS, save_peft_adapter
 
 QUERIES = [
@@ -47,11 +47,25 @@ def test_scores_use_the_querys_metric():
 def test_every_method_in_domain_and_out_of_domain(tiny_lm, smol_tokenizer, minilm, pool_dir, queries, tmp_path):
     lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=minilm)
     try:
-        report = evaluate_tasks(lm, queries, METHODS, max_new_tokens=4, log=lambda _: None)
-        ood = evaluate_tasks(lm, queries, METHODS, ood=True, max_new_tokens=4, log=lambda _: None)
+        methods = available_methods(lm)  # no gates in this pool: no flow_k3 / meteora_top2
+        report = evaluate_tasks(lm, queries, methods, max_new_tokens=4, log=lambda _: None)
+        ood = evaluate_tasks(lm, queries, methods, ood=True, max_new_tokens=4, log=lambda _: None)
+        with pytest.raises(ValueError, match=r"'flow_k3' needs a flow gate in the pool; train one with"):
+            evaluate_tasks(lm, queries, ["flow_k3"], log=lambda _: None)
     finally:
         lm.close()
-    assert list(report["methods"]) == list(METHODS)
+    assert (
+        list(report["methods"])
+        == methods
+        == [
+            "base",
+            "oracle",
+            "retriever_single",
+            "retriever_mixture_k3",
+            "retriever_fusion_k3",
+            "adaptersoup",
+        ]
+    )
     assert "oracle" not in ood["methods"], "OOD removes the own LoRA, so there is no oracle"
     for row in report["methods"].values():
         assert 0.0 <= row["average"] <= 1.0

@@ -76,7 +76,8 @@ def reference(model, pool, gate, routing: Routing, ids: torch.Tensor) -> torch.T
     def layer_hook(index):
         def hook(_module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            logits = hidden[0] @ gate.weight[index].T + gate.bias[index]
+            normed = hidden[0] / hidden[0].pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+            logits = normed @ gate.weight[index].T + gate.bias[index]
             logits[:, len(routing.adapters) :] = float("-inf")
             weights_by_layer[index] = torch.softmax(logits / gate.config.temperature, -1)
 
