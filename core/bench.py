@@ -267,6 +267,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     integrations.add_argument("--new-tokens", type=int, default=16)
     integrations.add_argument("--json", action="store_true", help="Print only the JSON result.")
     integrations.set_defaults(handler=_run_integrations)
+    gates = benches.add_parser("gates", help="LoRA-Flow and MeteoRA gates vs the retrieval mixture.")
+    gates.add_argument("--batch-size", type=int, default=32)
+    gates.add_argument("--new-tokens", type=int, default=32)
+    gates.add_argument("--pool-sizes", type=int, nargs="*", default=[8, 64])
+    gates.add_argument("--json", action="store_true", help="Print only the JSON result.")
+    gates.set_defaults(handler=_run_gates)
     from loraretriever.bench_retrieval import add_arguments as add_retrieval_arguments
 
     add_retrieval_arguments(
@@ -285,6 +291,16 @@ def _run_serve(args: argparse.Namespace) -> int:
         pool_size=args.pool_size,
         pool_sizes=args.pool_sizes,
         log=_logger(args.json),
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def _run_gates(args: argparse.Namespace) -> int:
+    from loraretriever.bench_gates import run_gates_benchmark
+
+    result = run_gates_benchmark(
+        batch_size=args.batch_size, new_tokens=args.new_tokens, pool_sizes=args.pool_sizes, log=_logger(args.json)
     )
     print(json.dumps(result))
     return 0

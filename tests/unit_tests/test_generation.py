@@ -48,6 +48,37 @@ def test_batch_rows_equal_each_row_alone(generator):
     assert len({c.text for c in batch}) == 3
 
 
+def test_gated_rows_generate_alongside_others_and_leave_the_batch_early(generator, model):
+    from loraretriever.gates import FlowGate, FlowGateConfig, MeteoraGate, MeteoraGateConfig
+
+    composer, pool = generator.composer, generator.composer.pool
+    flow = FlowGate(
+        FlowGateConfig(k=2, hidden_size=model.config.hidden_size, num_layers=model.config.num_hidden_layers)
+    )
+    modules = {m: model.get_submodule(m).in_features for n in pool.names for m in pool.get(n).modules}
+    moe = MeteoraGate(
+        MeteoraGateConfig(tuple(pool.names), {n: pool.get(n).digest for n in pool.names}, modules, top_k=1)
+    )
+    with torch.no_grad():
+        torch.nn.init.normal_(flow.weight, generator=torch.Generator().manual_seed(1))
+        for weight in moe.weights.values():
+            torch.nn.init.normal_(weight, generator=torch.Generator().manual_seed(2))
+    composer.register_gate("flow", flow)
+    composer.register_gate("moe", moe)
+    try:
+        routings = [Routing(("b", "a"), (0.5, 0.5), mode="flow", gate="flow"), Routing.meteora("moe"), Routing.base()]
+        configs = [GenerationConfig(max_new_tokens=n) for n in (4, 12, 8)]  # rows finish at different steps
+        batch = generator.generate(PROMPTS, routings, configs)
+        for i, prompt in enumerate(PROMPTS):
+            alone = generator.generate([prompt], [routings[i]], configs[i])[0]
+            assert batch[i].text == alone.text, routings[i]
+        mixture = generator.generate(PROMPTS[:1], [Routing.pinned(["b", "a"])], configs[0])[0]
+        assert batch[0].text != mixture.text or batch[1].text != batch[2].text, "the gates change the output"
+    finally:
+        composer.unregister_gate("flow")
+        composer.unregister_gate("moe")
+
+
 def test_base_rows_match_transformers_generate(generator, model, tokenizer):
     """40 tokens: the incremental detokenisation must match decoding all ids at once."""
     ours = generator.generate(PROMPTS, config=GenerationConfig(max_new_tokens=40))
