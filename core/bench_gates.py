@@ -70,13 +70,12 @@ def run_gates_benchmark(
         }
         kinds = list(by_method)
         by_method["mixed"] = [by_method[kinds[i % len(kinds)]][i] for i in range(batch_size)]
-        ]
         engine = Generator(model, tokenizer, composer)
         for method, routings in by_method.items():
             key = f"{method}_pool_{size}"
             with torch.inference_mode():
                 results[key] = _timed(
-                    lambda r=routings: sum(c.completion_tokens for c in engine.generate(prompts, r, config))
+                    lambda r=routings, e=engine: sum(c.completion_tokens for c in e.generate(prompts, r, config))
                 )
             log(f"{key}: {results[key]:.1f} tokens/s")
         composer.remove_hooks()

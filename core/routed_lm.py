@@ -68,6 +68,7 @@ CALL_DEFAULT_FIELDS = (
     "mode",
     "adapters",
     "filter",
+    "gate",
 )
 
 

@@ -36,8 +36,10 @@ class RoutedLMParams(BaseModel):
     """Wrap each prompt in the base model's chat template (instruction-tuned models answer better)."""
     top_k: int | None = None
     """LoRAs retrieved per prompt (None: the router's default, 3)."""
-    mode: Literal["mixture", "fusion", "single"] | None = None
-    """How a prompt's LoRAs are composed (None: mixture)."""
+    mode: Literal["mixture", "fusion", "single", "flow", "meteora"] | None = None
+    """How a prompt's LoRAs are composed (None: mixture); ``flow`` / ``meteora`` use the pool's gate."""
+    gate: str | None = None
+    """The LoRA-Flow or MeteoRA gate for ``mode="flow"`` / ``"meteora"`` (None: the pool's only one)."""
     adapters: list[str] | None = None
     """Pin these adapters instead of retrieving (e.g. ``.bind(adapters=["sst2"])``)."""
     filter: dict[str, Any] | None = None
@@ -48,19 +50,26 @@ class RoutedLMParams(BaseModel):
         cls,
         model_id: str | Path | None = None,
         *,
+        pool_dir: str | Path | None = None,
         adapters: Mapping[str, str | Path] | None = None,
         router: RoutesPrompts | None = None,
         max_batch_size: int = 32,
         max_wait_ms: float = 10.0,
         **kwargs: Any,
     ) -> Self:
-        """Loads the base model (hub id, local path, or the packaged default) and the adapters.
+        """Loads the base model (hub id, local path, or the packaged default), a pool directory
+        (adapters, cards, gates) and more adapters.
 
         Example:
-            >>> llm = LoraRetrieverLLM.from_model_id(adapters={"sst2": "loras/sst2"})  # doctest: +SKIP
+            >>> llm = LoraRetrieverLLM.from_model_id(pool_dir="pools/bigbench")  # doctest: +SKIP
         """
         lm = RoutedLM.from_pretrained(
-            model_id, adapters=adapters, router=router, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms
+            model_id,
+            pool_dir=pool_dir,
+            adapters=adapters,
+            router=router,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
         )
         return cls(lm=lm, **kwargs)
 

@@ -50,7 +50,10 @@ class LoraRetrieverLLM(CustomLLM):
     top_p: float = Field(default=1.0, description="Nucleus sampling mass.")
     seed: int | None = Field(default=None, description="Sampling seed.")
     top_k: int | None = Field(default=None, description="LoRAs retrieved per prompt (None: the router's default).")
-    mode: Literal["mixture", "fusion", "single"] | None = Field(default=None, description="LoRA composition mode.")
+    mode: Literal["mixture", "fusion", "single", "flow", "meteora"] | None = Field(
+        default=None, description="LoRA composition mode; flow / meteora use the pool's gate."
+    )
+    gate: str | None = Field(default=None, description="The gate of mode flow / meteora (None: the pool's only one).")
     adapters: list[str] | None = Field(default=None, description="Pin these adapters instead of retrieving.")
     filter: dict[str, Any] | None = Field(default=None, description="Metadata filter on candidate adapters.")
     chat_template: bool = Field(default=True, description="Wrap completion prompts in the model's chat template.")
@@ -67,15 +70,22 @@ class LoraRetrieverLLM(CustomLLM):
         cls,
         model_id: str | Path | None = None,
         *,
+        pool_dir: str | Path | None = None,
         adapters: Mapping[str, str | Path] | None = None,
         router: RoutesPrompts | None = None,
         max_batch_size: int = 32,
         max_wait_ms: float = 10.0,
         **kwargs: Any,
     ) -> LoraRetrieverLLM:
-        """Loads the base model (hub id, local path, or the packaged default) and the adapters."""
+        """Loads the base model (hub id, local path, or the packaged default), a pool directory
+        (adapters, cards, gates) and more adapters."""
         lm = RoutedLM.from_pretrained(
-            model_id, adapters=adapters, router=router, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms
+            model_id,
+            pool_dir=pool_dir,
+            adapters=adapters,
+            router=router,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
         )
         return cls(lm, **kwargs)
 
