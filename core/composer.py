@@ -17,7 +17,8 @@ tensor operations per layer rather than per row.
 Learned gates (:mod:`loraretriever.gates`) ride on the same pass:
 
 * ``flow`` rows are built like a mixture at weight 1; a pre-hook on each decoder layer computes the
-  row's per-token slot weights from the layer's input, and the layer's hooks scale each rank column
+  row's per-token slot weights from the layer's input and the row's retrieval weights (the gate's
+  prior), and the layer's hooks scale each rank column
   of ``x @ A_t`` by its slot's weight before ``@ B_t``;
 * ``meteora`` rows have no static factors: at each gated layer their tokens pick the top-2 adapters
   of the gate's pool and only those two LoRAs are applied (gathered per token while decoding,
@@ -62,7 +63,7 @@ class _GatedRows:
     """Which rows of the active batch a flow or meteora gate serves."""
 
     flow: dict[str, torch.Tensor] = field(default_factory=dict)  # gate name -> row indices
-    flow_slots: torch.Tensor | None = None  # (batch, k_max) bool: the slots a flow row filled
+    flow_prior: torch.Tensor | None = None  # (batch, k_max): log retrieval weights, -inf for empty slots
     k_max: int = 0
     meteora: dict[str, torch.Tensor] = field(default_factory=dict)  # gate name -> row indices
 
@@ -164,12 +165,15 @@ class Composer:
         if not flow and not meteora:
             return _GatedRows()
         k_max = max((self.gates[name].config.k for name in flow), default=0)
-        slots = torch.zeros(len(routings), k_max, dtype=torch.bool)
+        prior = torch.full((len(routings), k_max), float("-inf"))
         for rows in flow.values():
             for row in rows:
-                slots[row, : len(routings[row].adapters)] = True
+                weights = torch.tensor(routings[row].weights, dtype=torch.float32).clamp(min=0)
+                if weights.sum() <= 0:
+                    weights = torch.ones_like(weights)
+                prior[row, : len(weights)] = (weights / weights.sum()).log()
         as_index = lambda groups: {n: torch.tensor(r, dtype=torch.long) for n, r in groups.items()}  # noqa: E731
-        return _GatedRows(as_index(flow), slots, k_max, as_index(meteora))
+        return _GatedRows(as_index(flow), prior, k_max, as_index(meteora))
 
     def build_plan(self, routings: Sequence[Routing]) -> dict[str, LayerPlan]:
         """The per-layer factors for a batch of routings (one per row)."""
@@ -275,7 +279,7 @@ class Composer:
             for name, index_rows in gated.flow.items():
                 gate = self.gates[name]
                 k = gate.config.k
-                slot_weights = gate(index, hidden.index_select(0, index_rows), gated.flow_slots[index_rows, :k])
+                slot_weights = gate(index, hidden.index_select(0, index_rows), gated.flow_prior[index_rows, :k])
                 filler = weights.new_ones(len(index_rows), tokens, gated.k_max + 1 - k)
                 weights = weights.index_copy(0, index_rows, torch.cat([slot_weights.to(weights.dtype), filler], -1))
             self._token_weights[index] = weights

@@ -1,9 +1,11 @@
 """Learned per-token gates over LoRAs: LoRA-Flow fusion gates and MeteoRA MoE gates.
 
 * :class:`FlowGate` (LoRA-Flow, arXiv 2402.11455): per decoder layer ``l`` a linear map from the
-  layer's input hidden state to ``k`` logits, ``w_t = softmax((W_l h_t + b_l) / T)``, weighting the
-  ``k`` LoRAs retrieved for the prompt (slot 1 = best retrieved) at every adapted projection of the
-  layer. Its slots are retrieval ranks, not adapter names, so it fits any pool of its base model.
+  layer's input hidden state to ``k`` logits, ``w_t = softmax((W_l h_t + b_l) / T + log r)``,
+  weighting the ``k`` LoRAs retrieved for the prompt (slot 1 = best retrieved) at every adapted
+  projection of the layer. ``r`` are the retrieval weights of the prompt: an untrained gate is
+  exactly the retrieval mixture, and training learns per-token corrections to it. Its slots are
+  retrieval ranks, not adapter names, so it fits any pool of its base model.
 * :class:`MeteoraGate` (MeteoRA, arXiv 2405.13053): per adapted Linear layer a linear map from the
   layer's input to one logit per pool adapter; each token takes its top-2 adapters with weights
   ``softmax(top logits / T)``. It names the adapters it was trained on (with their weight digests),
@@ -86,13 +88,14 @@ class FlowGateConfig:
 class FlowGate(nn.Module):
     """Per-layer fusion gates of LoRA-Flow: ``k`` weights per token over the prompt's LoRA slots.
 
-    Starts as the uniform mixture (zero weights and bias), so an untrained gate is exactly
-    ``retriever_mixture`` with weights ``1/k``.
+    Starts at zero weights and bias, so an untrained gate is exactly the retrieval mixture it is
+    given as ``prior``.
 
     Example:
         >>> gate = FlowGate(FlowGateConfig(k=3, hidden_size=16, num_layers=2))
-        >>> gate(0, torch.zeros(1, 4, 16), torch.tensor([[True, True, False]]))[0, 0]
-        tensor([0.5000, 0.5000, 0.0000], grad_fn=<SelectBackward0>)
+        >>> prior = torch.tensor([[0.75, 0.25, 0.0]]).log()
+        >>> gate(0, torch.ones(1, 4, 16), prior)[0, 0]
+        tensor([0.7500, 0.2500, 0.0000], grad_fn=<SelectBackward0>)
     """
 
     def __init__(self, config: FlowGateConfig) -> None:
@@ -109,8 +112,9 @@ class FlowGate(nn.Module):
     def num_parameters(self) -> int:
         return self.weight.numel() + self.bias.numel()
 
-    def forward(self, layer: int, hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Per-token weights ``(rows, tokens, k)`` over each row's filled ``slots`` (``(rows, k)`` bools).
+    def forward(self, layer: int, hidden: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """Per-token weights ``(rows, tokens, k)`` given each row's log retrieval weights ``prior``
+        ``(rows, k)`` (``-inf`` for an empty slot).
 
         The gate reads the hidden state RMS-normalised (without a learned scale), as the layer's own
         input norm does: the residual stream's scale grows with depth, and a raw input would make one
@@ -119,8 +123,7 @@ class FlowGate(nn.Module):
         hidden = hidden.to(self.weight.dtype)
         hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
         logits = torch.nn.functional.linear(hidden, self.weight[layer], self.bias[layer])
-        logits = logits / self.config.temperature
-        logits = logits.masked_fill(~slots[:, None, :], float("-inf"))
+        logits = logits / self.config.temperature + prior[:, None, :].to(logits.dtype)
         return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no slot gets zeros
 
     def check_model(self, model: nn.Module) -> None:

@@ -23,7 +23,7 @@ class Routing:
       matrices; ranks differ -> smaller ones are zero-padded to the largest).
     * ``single``: the first adapter alone, at weight 1.
     * ``flow``: the adapters are the slots of the LoRA-Flow ``gate``, which gives every token its
-      own weights over them (``weights`` keep the retrieval weights, for the record).
+      own weights over them, starting from ``weights`` (the gate's prior).
     * ``meteora``: no adapters listed: the MeteoRA ``gate`` picks the top-2 of its pool per token.
 
     No adapters (and no meteora gate) means the base model. ``fallback`` says why the routing is

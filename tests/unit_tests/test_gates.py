@@ -77,9 +77,10 @@ def reference(model, pool, gate, routing: Routing, ids: torch.Tensor) -> torch.T
         def hook(_module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             normed = hidden[0] / hidden[0].pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-            logits = normed @ gate.weight[index].T + gate.bias[index]
-            logits[:, len(routing.adapters) :] = float("-inf")
-            weights_by_layer[index] = torch.softmax(logits / gate.config.temperature, -1)
+            logits = (normed @ gate.weight[index].T + gate.bias[index]) / gate.config.temperature
+            prior = torch.full((gate.config.k,), float("-inf"))
+            prior[: len(routing.weights)] = torch.tensor(routing.weights).log()
+            weights_by_layer[index] = torch.softmax(logits + prior, -1)
 
         return hook
 
@@ -123,13 +124,13 @@ def reference(model, pool, gate, routing: Routing, ids: torch.Tensor) -> torch.T
             handle.remove()
 
 
-def test_untrained_flow_gate_is_the_uniform_mixture_and_a_biased_one_is_top1(tiny_model, composer):
+def test_untrained_flow_gate_is_the_retrieval_mixture_and_a_biased_one_is_top1(tiny_model, composer):
     ids = tokens(3, 7)
     composer.register_gate("flow", flow_gate())
     flow = Routing(("qv", "all", "q_only"), (0.5, 0.3, 0.2), mode="flow", gate="flow")
     mixed = run(tiny_model, composer, [flow, Routing.pinned(["qv"]), Routing.base()], ids)
-    uniform = run(tiny_model, composer, [Routing.pinned(["qv", "all", "q_only"])] * 3, ids)
-    torch.testing.assert_close(mixed[0], uniform[0], atol=ATOL, rtol=0)
+    mixture = run(tiny_model, composer, [Routing(("qv", "all", "q_only"), (0.5, 0.3, 0.2))] * 3, ids)
+    torch.testing.assert_close(mixed[0], mixture[0], atol=ATOL, rtol=0)
     biased = flow_gate()
     with torch.no_grad():
         biased.bias[:, 0] = 50.0
@@ -146,7 +147,7 @@ def test_flow_rows_follow_the_per_token_reference_in_a_mixed_batch(tiny_model, p
     other = flow_gate(seed=2, k=2)
     composer.register_gate("other", other)
     ids = tokens(4, 8, seed=3)
-    flow = Routing(slots, (1 / len(slots),) * len(slots), mode="flow", gate="g")
+    flow = Routing(slots, (0.6, 0.3, 0.1)[: len(slots)], mode="flow", gate="g")  # the prior, not normalised
     routings = [
         flow,
         Routing(("q_only", "qv"), (0.5, 0.5), mode="flow", gate="other"),
@@ -159,7 +160,7 @@ def test_flow_rows_follow_the_per_token_reference_in_a_mixed_batch(tiny_model, p
     alone = run(tiny_model, composer, [routings[2]], ids[2:3])
     torch.testing.assert_close(ours[2], alone[0], atol=ATOL, rtol=0)
     uniform = run(tiny_model, composer, [Routing.pinned(slots)], ids[:1])
-    assert (ours[0] - uniform[0]).abs().max() > 1e-3, "a trained-looking gate must not be the uniform mixture"
+    assert (ours[0] - uniform[0]).abs().max() > 1e-3, "a trained-looking gate must not be the retrieval mixture"
 
 
 @pytest.mark.parametrize("length", [5, 80])  # 80 tokens x 4 rows x top-2 > 512: the grouped path
