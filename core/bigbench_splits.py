@@ -6,8 +6,9 @@ from PyPI's simple index and checked against the sha256 the index gives. Each ch
 deterministic, non-overlapping ``train`` / ``cards`` / ``test`` splits of ``{"inputs", "targets"}``:
 
 * ``target`` examples keep their (first) target;
-* ``target_scores`` (multiple choice) examples list the options after the input, and the target is
-  the best-scoring option's text.
+* ``target_scores`` (multiple choice) examples list the options after the input, in an order
+  shuffled deterministically per input (BIG-bench often lists the right option first, which a LoRA
+  would learn instead of the task), and the target is the best-scoring option's text.
 """
 
 from __future__ import annotations
@@ -49,19 +50,20 @@ DEMO_BIGBENCH_TASKS: dict[str, str] = {
     "disambiguation_qa": "multiple choice",
     "movie_recommendation": "multiple choice",
     "ruin_names": "multiple choice",
-    "discourse_marker_prediction": "multiple choice",
     "social_iqa": "multiple choice",
     "date_understanding": "multiple choice",
     "geometric_shapes": "multiple choice",
     "logical_fallacy_detection": "multiple choice",
     "language_identification": "multiple choice",
     "temporal_sequences": "multiple choice",
+    "reasoning_about_colored_objects": "multiple choice",
     "qa_wikidata": "short QA",
     "object_counting": "short QA",
     "operators": "short QA",
     "auto_categorization": "short QA",
     "word_unscrambling": "transformation",
     "word_sorting": "transformation",
+    "tense": "transformation",
 }
 
 
@@ -136,6 +138,7 @@ def to_examples(task_json: Mapping[str, Any]) -> list[dict[str, str]]:
             if not options:
                 continue
             best = max(options, key=lambda o: example["target_scores"][o])
+            random.Random(hashlib.sha256(text.encode()).hexdigest()).shuffle(options)
             text = text + "\nOptions:\n" + "\n".join(f"- {o}" for o in options)
             target = best
         else:

@@ -1,9 +1,9 @@
-"""A small demo pool the demo builds itself: task LoRAs trained on the paper's FLAN task samples.
+"""Where the demo pool and the task data are, and the default model opened with the demo pool.
 
-Each LoRA is trained for a few steps on its task's 20 ``lora_samples.json`` examples (the same
-inputs are its card), so it learns the task's answer format; ``test_dev.json`` supplies unseen
-prompts. Training takes about a minute per task on 2 CPU cores and resumes task by task. The real
-demo pool (BIG-bench task LoRAs) supersedes this one.
+The demo pool is committed: ``pools/bigbench`` holds 28 BIG-bench task LoRAs of the default base
+model (trained by ``loraretriever train-pool`` on the splits in ``data/bigbench``) with their cards,
+so nothing is trained on a user's machine. Its Chroma index is built from the cards on first open
+(``POOL_DIR/index``, a few seconds) and reused after.
 """
 
 from __future__ import annotations
@@ -11,34 +11,48 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from loraretriever.cards import AdapterCard, CardStore
-from loraretriever.lora_training import LoraTrainingConfig, train_lora
-from loraretriever.pool_dir import adapter_dirs, store_adapter
-
 __all__ = [
-    "DEMO_TASKS",
+    "DEMO_POOL_ENV",
     "FLAN48_ENV",
-    "build_demo_pool",
     "demo_parser",
+    "find_bigbench_splits",
+    "find_demo_pool",
     "find_flan48",
-    "load_flan48_queries",
+    "load_split_queries",
     "open_demo_lm",
 ]
 
+DEMO_POOL_ENV = "LORARETRIEVER_DEMO_POOL"
+BIGBENCH_SPLITS_ENV = "LORARETRIEVER_BIGBENCH_SPLITS"
 FLAN48_ENV = "LORARETRIEVER_FLAN48"
-# Short inputs and short, checkable answers of different kinds.
-DEMO_TASKS: dict[str, str] = {
-    "sst2": "sentiment",
-    "glue_qqp": "paraphrase",
-    "snli": "nli",
-    "wmt16_translate_deen": "translation",
-}
+# A checkout's root: core/ is the package directory in an editable install.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def _find(env: str, relative: str, marker: str, what: str, start: str | Path | None) -> Path:
+    """``$env``, else ``relative`` under the checkout, the start directory or one of its parents."""
+    if os.environ.get(env):
+        path = Path(os.environ[env]).expanduser()
+    else:
+        here = Path(start or Path.cwd()).resolve()
+        candidates = [p / relative for p in (_CHECKOUT, here, *here.parents)]
+        path = next((c for c in candidates if (c / marker).exists()), candidates[0])
+    if not (path / marker).exists():
+        raise FileNotFoundError(f"{what} is not at {str(path)!r}. Fix: set {env} to the directory holding {marker}.")
+    return path
+
+
+def find_demo_pool(start: str | Path | None = None) -> Path:
+    """The committed demo pool: ``$LORARETRIEVER_DEMO_POOL``, else ``pools/bigbench`` of the checkout."""
+    return _find(DEMO_POOL_ENV, "pools/bigbench", "adapters", "the demo pool", start)
+
+
+def find_bigbench_splits(start: str | Path | None = None) -> Path:
+    """The committed BIG-bench splits: ``$LORARETRIEVER_BIGBENCH_SPLITS``, else ``data/bigbench``."""
+    return _find(BIGBENCH_SPLITS_ENV, "data/bigbench", "README.md", "the BIG-bench task splits", start)
 
 
 def find_flan48(start: str | Path | None = None) -> Path:
@@ -58,78 +72,58 @@ def find_flan48(start: str | Path | None = None) -> Path:
     return path
 
 
-def load_flan48_queries(flan_dir: Path, tasks: Mapping[str, str] | None = None) -> list[dict]:
-    """``test_dev.json`` prompts, optionally only those of ``tasks``."""
-    queries = json.loads((flan_dir / "test_dev.json").read_text())
-    return [q for q in queries if tasks is None or q["task"] in tasks]
+def load_split_queries(splits_dir: str | Path, split: str = "test", tasks: Iterable[str] | None = None) -> list[dict]:
+    """One split of every ``<task>.json`` as queries in the paper's format.
 
+    Each query is ``{"inputs", "targets", "task", "domain", "metric"}`` with the task's kind as its
+    domain, task by task in name order.
 
-def build_demo_pool(
-    pool_dir: str | Path,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    flan_dir: Path,
-    tasks: Mapping[str, str] = DEMO_TASKS,
-    config: LoraTrainingConfig | None = None,
-) -> list[str]:
-    """Trains the missing task LoRAs into ``POOL_DIR/adapters`` and writes their cards.
-
-    Returns:
-        The names of the LoRAs trained now (empty when the pool was complete).
+    Raises:
+        FileNotFoundError: no splits in ``splits_dir``.
+        ValueError: an unknown split or task.
     """
-    config = config or LoraTrainingConfig(steps=16, batch_size=4)
-    samples = {
-        entry["model_name"]: entry["sample"] for entry in json.loads((flan_dir / "lora_samples.json").read_text())
-    }
-    unknown = sorted(set(tasks) - set(samples))
-    if unknown:
-        raise ValueError(f"tasks {unknown} are not in {flan_dir / 'lora_samples.json'}.")
-    cards = CardStore(Path(pool_dir) / "cards")
-    stored = adapter_dirs(pool_dir)
-    trained = []
-    for name, domain in tasks.items():
-        examples = [(s["inputs"], s["targets"]) for s in samples[name]]
-        if name not in stored:
-            with tempfile.TemporaryDirectory() as scratch:
-                train_lora(model, tokenizer, examples, Path(scratch) / name, config, description=f"LoRA {name}")
-                store_adapter(pool_dir, Path(scratch) / name, name)
-            trained.append(name)
-        if name not in cards:
-            cards.put(AdapterCard(name, [x for x, _ in examples], domain=domain, description=f"FLAN task {name}"))
-    return trained
+    files = sorted(Path(splits_dir).glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no <task>.json splits in {str(splits_dir)!r}; run `loraretriever bigbench-splits`.")
+    wanted = None if tasks is None else set(tasks)
+    queries = []
+    for file in files:
+        data = json.loads(file.read_text())
+        if wanted is not None and data["task"] not in wanted:
+            continue
+        if split not in data:
+            raise ValueError(f"{file} has no split {split!r}; it has {[k for k in data if isinstance(data[k], list)]}.")
+        queries += [
+            {**e, "task": data["task"], "domain": data["kind"], "metric": data.get("metric", "em")} for e in data[split]
+        ]
+    if wanted is not None:
+        missing = sorted(wanted - {q["task"] for q in queries})
+        if missing:
+            raise ValueError(f"tasks {missing} have no split in {str(splits_dir)!r}.")
+    return queries
 
 
-def open_demo_lm(
-    pool_dir: str | Path | None = None,
-    *,
-    train_steps: int = 16,
-    tasks: Mapping[str, str] = DEMO_TASKS,
-    flan_dir: Path | None = None,
-    **lm_kwargs,
-):
-    """The default model with the demo pool (trained on first use, then cached) and its router.
+def open_demo_lm(pool_dir: str | Path | None = None, **lm_kwargs):
+    """The default base model with the demo pool and a router over its cards.
 
     Args:
-        pool_dir: Where the pool lives; default ``$LORARETRIEVER_HOME/demo_pool``.
-        train_steps: Optimizer steps per LoRA when one has to be trained.
-        tasks: ``{task: domain}`` of the FLAN tasks to include.
-        flan_dir: The paper's data directory (default: :func:`find_flan48`).
-        **lm_kwargs: Passed to :class:`~loraretriever.routed_lm.RoutedLM`.
+        pool_dir: A pool directory; default :func:`find_demo_pool`.
+        **lm_kwargs: Passed to :meth:`~loraretriever.routed_lm.RoutedLM.from_model`.
+
+    Example:
+        >>> lm = open_demo_lm()  # doctest: +SKIP
+        >>> lm.route(["The word aebtde is a scrambled version of the English word"])[0].adapters[0]  # doctest: +SKIP
+        'word_unscrambling'
     """
     from loraretriever.base_model import load_base_model
-    from loraretriever.home import loraretriever_home
     from loraretriever.routed_lm import RoutedLM
 
-    pool_dir = Path(pool_dir) if pool_dir is not None else loraretriever_home() / "demo_pool"
     model, tokenizer = load_base_model()
-    config = LoraTrainingConfig(steps=train_steps, batch_size=4)
-    build_demo_pool(pool_dir, model, tokenizer, flan_dir or find_flan48(), tasks, config)
-    return RoutedLM.from_model(model, tokenizer, pool_dir=pool_dir, **lm_kwargs)
+    return RoutedLM.from_model(model, tokenizer, pool_dir=Path(pool_dir) if pool_dir else find_demo_pool(), **lm_kwargs)
 
 
 def demo_parser(description: str | None) -> argparse.ArgumentParser:
-    """The command line the examples share: where the demo pool lives and how long to train it."""
+    """The command line the examples share: which pool directory to open."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--pool-dir", default=None, help="Demo pool directory (default under $LORARETRIEVER_HOME).")
-    parser.add_argument("--train-steps", type=int, default=16, help="Steps per LoRA, if one must be trained.")
+    parser.add_argument("--pool-dir", default=None, help="Pool directory (default: the committed pools/bigbench).")
     return parser

@@ -1,6 +1,7 @@
 """An LCEL chain that switches task step by step on ONE LLM object: every step is routed anew.
 
-translate (German -> English) -> classify the sentiment -> check that a paraphrase keeps the meaning.
+unscramble a word -> sort it alphabetically among other words -> recognise the intent of an utterance
+that uses it.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 from langchain_loraretriever import LoraRetrieverLLM
 from loraretriever.demo_pool import demo_parser, open_demo_lm
 
-REVIEW_DE = "Der Film war wunderbar, die Schauspieler waren großartig."
+SCRAMBLED = "lpepa"
 
 
 def main() -> None:
     parser = demo_parser(__doc__)
     args = parser.parse_args()
 
-    lm = open_demo_lm(args.pool_dir, train_steps=args.train_steps)
+    lm = open_demo_lm(args.pool_dir)
     llm = LoraRetrieverLLM(lm=lm, max_new_tokens=32, chat_template=True)
     routes: list[str] = []
 
@@ -33,28 +34,27 @@ def main() -> None:
 
         return RunnableLambda(call)
 
-    translate = PromptTemplate.from_template("Translate to English: {review}") | traced("translate") | StrOutputParser()
-    classify = (
-        PromptTemplate.from_template(
-            "Is the sentiment of this review positive or negative?\n{english}\nOPTIONS:\n- negative\n- positive"
-        )
-        | traced("classify")
+    unscramble = (
+        PromptTemplate.from_template("The word {scrambled} is a scrambled version of the English word")
+        | traced("unscramble")
         | StrOutputParser()
     )
-    paraphrase = (
+    sort = PromptTemplate.from_template("zebra {word} mango kiwi") | traced("sort") | StrOutputParser()
+    intent = (
         PromptTemplate.from_template(
-            'Are these two sentences paraphrases? "{english}" and "The movie was wonderful and the cast was great."'
+            "Utterance: Add the song {word} pie to my road trip playlist.\nOptions:\n- get_weather\n"
+            "- add_to_playlist\n- book_restaurant\n- rate_book"
         )
-        | traced("paraphrase")
+        | traced("intent")
         | StrOutputParser()
     )
     chain = (
-        RunnablePassthrough.assign(english=translate)
-        | RunnablePassthrough.assign(sentiment=classify)
-        | RunnablePassthrough.assign(same_meaning=paraphrase)
+        RunnablePassthrough.assign(word=unscramble)
+        | RunnablePassthrough.assign(sorted_words=sort)
+        | RunnablePassthrough.assign(intent=intent)
     )
-    result = chain.invoke({"review": REVIEW_DE})
-    for key in ("english", "sentiment", "same_meaning"):
+    result = chain.invoke({"scrambled": SCRAMBLED})
+    for key in ("word", "sorted_words", "intent"):
         print(f"{key}: {result[key]!r}")
     print("\n".join(routes))
     lm.close()

@@ -6,10 +6,11 @@ from langchain_loraretriever import LoraRetrieverLLM
 from loraretriever.demo_pool import demo_parser, open_demo_lm
 
 PROMPTS = [
-    "Translate to English: Der Zug kommt heute später an.",
-    "Is the sentiment of this review positive or negative? an utterly charming and funny film",
-    'Premise: "A dog runs on the beach." Hypothesis: "An animal is outside." Does the premise entail the hypothesis?',
-    'Are these questions the same? "How do I learn Python fast?" and "What is the quickest way to learn Python?"',
+    "The word lpepa is a scrambled version of the English word",
+    "I have a piano, two flutes, and a violin. How many musical instruments do I have?",
+    "Utterance: Book a table for two at an Italian restaurant tonight.\nOptions:\n- get_weather\n- book_restaurant"
+    "\n- play_music\n- rate_book",
+    "zebra apple mango kiwi",
 ]
 
 
@@ -17,7 +18,7 @@ def main() -> None:
     parser = demo_parser(__doc__)
     args = parser.parse_args()
 
-    lm = open_demo_lm(args.pool_dir, train_steps=args.train_steps)
+    lm = open_demo_lm(args.pool_dir)
     llm = LoraRetrieverLLM(lm=lm, max_new_tokens=20, chat_template=True)
     before = lm.generations
     result = llm.generate(PROMPTS)

@@ -49,7 +49,7 @@ def main() -> None:
     parser = demo_parser(__doc__)
     args = parser.parse_args()
 
-    lm = open_demo_lm(args.pool_dir, train_steps=args.train_steps)
+    lm = open_demo_lm(args.pool_dir)
     Settings.llm = LoraRetrieverLLM(lm, max_new_tokens=32)
     Settings.embed_model = MiniLMEmbedding()
     index = VectorStoreIndex.from_documents([Document(text=t) for t in DOCUMENTS])

@@ -1,16 +1,16 @@
-"""Every example runs offline, as a user would run it, on a demo pool trained for one step per LoRA."""
+"""Every example runs offline, as a user would run it, on a copy of the committed demo pool."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from loraretriever.demo_pool import build_demo_pool, find_flan48
-from loraretriever.lora_training import LoraTrainingConfig
+from loraretriever.demo_pool import find_demo_pool
 
 pytestmark = pytest.mark.slow
 
@@ -18,27 +18,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def flan_dir() -> Path:
-    try:
-        return find_flan48(ROOT)
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-
-
-@pytest.fixture(scope="module")
-def pool_dir(smollm, flan_dir, tmp_path_factory) -> Path:
-    pool_dir = tmp_path_factory.mktemp("demo_pool")
-    model, tokenizer = smollm
-    trained = build_demo_pool(pool_dir, model, tokenizer, flan_dir, config=LoraTrainingConfig(steps=1))
-    assert len(trained) == 4
-    assert build_demo_pool(pool_dir, model, tokenizer, flan_dir) == [], "a complete pool is not retrained"
+def pool_dir(tmp_path_factory) -> Path:
+    """A copy, so that the index the examples build lands in a temporary directory."""
+    pool_dir = tmp_path_factory.mktemp("demo") / "pool"
+    shutil.copytree(find_demo_pool(ROOT), pool_dir, ignore=shutil.ignore_patterns("index"))
     return pool_dir
 
 
 def run_example(name: str, pool_dir: Path, *args: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / name), "--pool-dir", str(pool_dir), "--train-steps", "1", *args],
+        [sys.executable, str(ROOT / "examples" / name), "--pool-dir", str(pool_dir), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -50,24 +40,27 @@ def run_example(name: str, pool_dir: Path, *args: str) -> str:
 
 
 def test_demo(pool_dir):
-    out = run_example("demo.py", pool_dir, "--per-task", "2", "--max-new-tokens", "8")
+    out = run_example("demo.py", pool_dir, "--prompts", "8", "--max-new-tokens", "8")
     assert "routed to (weight)" in out
     assert "one batched generation: 8 prompts" in out
-    assert "routing: own task's LoRA ranked first for" in out
+    top1 = int(out.split("own task LoRA ranked first for ")[1].split("/")[0])
+    assert top1 >= 6, out  # routing on held-out prompts of the pool's own tasks
 
 
 def test_mixed_batch(pool_dir):
     out = run_example("mixed_batch.py", pool_dir)
-    assert "-> mixture: wmt16_translate_deen" in out  # the translation prompt is routed to the translation LoRA
-    assert "-> mixture: sst2" in out
+    assert "-> mixture: word_unscrambling" in out
+    assert "-> mixture: object_counting" in out
+    assert "-> mixture: intent_recognition" in out
+    assert "-> mixture: word_sorting" in out
     assert "batched generations run: 1" in out
 
 
 def test_agent_chain(pool_dir):
     out = run_example("agent_chain.py", pool_dir)
-    assert "translate: mixture: wmt16_translate_deen" in out
-    assert "classify: mixture: sst2" in out
-    assert "paraphrase: mixture:" in out
+    assert "unscramble: mixture: word_unscrambling" in out
+    assert "sort: mixture: word_sorting" in out
+    assert "intent: mixture: intent_recognition" in out
 
 
 def test_rag_llamaindex(pool_dir):

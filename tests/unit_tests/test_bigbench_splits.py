@@ -42,9 +42,21 @@ def test_examples_from_targets_and_target_scores():
     plain = to_examples({"examples": [{"input": "a", "target": ["x", "y"]}, {"input": "a", "target": "dup"}]})
     assert plain == [{"inputs": "a", "targets": "x"}]
     choice = to_examples(_task(2, multiple_choice=True))
-    assert choice[0] == {"inputs": "Question 0?\nOptions:\n- yes\n- no", "targets": "yes"}
-    assert choice[1]["targets"] == "no"
+    assert choice[0]["inputs"] in ("Question 0?\nOptions:\n- yes\n- no", "Question 0?\nOptions:\n- no\n- yes")
+    assert choice[0]["targets"] == "yes" and choice[1]["targets"] == "no"
+    assert to_examples(_task(2, multiple_choice=True)) == choice  # deterministic
     assert to_examples({"examples": [{"input": "q", "target": ""}, {"input": "", "target": "t"}]}) == []
+
+
+def test_options_are_shuffled_so_the_right_one_is_not_always_first():
+    task = {
+        "examples": [
+            {"input": f"Pick {i}", "target_scores": {"right": 1, "wrong a": 0, "wrong b": 0, "wrong c": 0}}
+            for i in range(40)
+        ]
+    }
+    first_options = [e["inputs"].split("\n- ")[1] for e in to_examples(task)]
+    assert 0 < first_options.count("right") < 20
 
 
 def test_splits_are_deterministic_disjoint_and_sized():

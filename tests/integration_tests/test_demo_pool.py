@@ -1,0 +1,64 @@
+"""The committed demo pool (pools/bigbench) on the real default model: complete, loadable, routed
+to the right task on held-out prompts, and better than the base model on its tasks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from loraretriever.bigbench_splits import DEMO_BIGBENCH_TASKS
+from loraretriever.cards import CardStore
+from loraretriever.demo_pool import find_bigbench_splits, find_demo_pool, load_split_queries
+from loraretriever.routed_lm import RoutedLM
+from loraretriever.routing import Routing
+from loraretriever.task_eval import score
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lm(smollm, minilm, tmp_path_factory):
+    pool_dir = tmp_path_factory.mktemp("demo") / "pool"
+    shutil.copytree(find_demo_pool(), pool_dir, ignore=shutil.ignore_patterns("index"))
+    model, tokenizer = smollm
+    lm = RoutedLM.from_model(model, tokenizer, pool_dir=pool_dir, embedder=minilm)
+    yield lm
+    lm.close()
+
+
+def test_every_task_has_its_adapter_card_and_own_task_score(lm):
+    assert lm.pool.names == sorted(DEMO_BIGBENCH_TASKS)
+    cards = CardStore(find_demo_pool() / "cards")
+    splits = find_bigbench_splits()
+    for task, kind in DEMO_BIGBENCH_TASKS.items():
+        split = json.loads((splits / f"{task}.json").read_text())
+        card = cards.get(task)
+        assert card.samples == [e["inputs"] for e in split["cards"]] and card.domain == kind
+        assert lm.pool.get(task).ranks == {8}
+    table = json.loads((find_demo_pool() / "eval_own_task.json").read_text())["tasks"]
+    assert sorted(table) == sorted(DEMO_BIGBENCH_TASKS)
+    assert [t for t, row in table.items() if row["lora_em"] <= row["base_em"]] == []
+
+
+def test_held_out_prompts_are_routed_to_their_own_task(lm):
+    queries = load_split_queries(find_bigbench_splits())
+    first = {}
+    for query in queries:
+        first.setdefault(query["task"], query)
+    routings = lm.route([q["inputs"] for q in first.values()], top_k=3)
+    top1 = sum(r.adapters[0] == task for task, r in zip(first, routings, strict=True))
+    top3 = sum(task in r.adapters for task, r in zip(first, routings, strict=True))
+    assert top1 >= 0.8 * len(first) and top3 >= 0.9 * len(first), (top1, top3)
+
+
+@pytest.mark.parametrize("task", ["sports_understanding", "intent_recognition", "qa_wikidata"])
+def test_a_tasks_lora_beats_the_base_model_on_its_test_prompts(lm, task):
+    queries = load_split_queries(find_bigbench_splits(), tasks=[task])[:12]
+    prompts = [q["inputs"] for q in queries]
+    em = {}
+    for label, routing in (("base", Routing.base()), ("lora", Routing.pinned([task]))):
+        results = lm.generate_routed(prompts, [routing] * len(prompts), max_new_tokens=12, chat_template=True)
+        em[label] = sum(score("em", r.text, q["targets"]) for r, q in zip(results, queries, strict=True))
+    assert em["lora"] > em["base"] + 2, em
