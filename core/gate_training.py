@@ -99,10 +99,14 @@ def train_gate(
     name: str,
     config: GateTrainingConfig,
     *,
+    route_options: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[Gate, dict[str, Any]]:
     """Trains a gate of ``config.kind`` for ``lm``'s pool, registers it as ``name`` and returns it
     with a record of the run (losses, seconds, parameter count).
+
+    ``route_options`` (e.g. ``{"weighting": "softmax", "routing_temperature": 0.02}``) route the flow
+    examples; serve the gate with the same options, since the retrieval weights are its prior.
 
     Raises:
         ValueError: meteora examples whose task is not an adapter of the pool.
@@ -116,7 +120,9 @@ def train_gate(
         gate: Gate = FlowGate(
             FlowGateConfig(config.k, model.config.hidden_size, model.config.num_hidden_layers, config.temperature)
         )
-        routings = lm.route([e["inputs"] for e in examples], top_k=config.k, mode="mixture")
+        routings = lm.route(
+            [e["inputs"] for e in examples], **{**(route_options or {}), "top_k": config.k, "mode": "mixture"}
+        )
         routings = [
             r if r.is_base else Routing(r.adapters, r.weights, r.similarities, "flow", gate=name) for r in routings
         ]
@@ -194,6 +200,7 @@ def train_gate(
         "examples": len(examples),
         "tasks": len({e["task"] for e in examples}),
         "config": asdict(config),
+        "route_options": dict(route_options or {}),
         "loss_first": mean(losses[:window]),
         "loss_last": mean(losses[-window:]),
         **(
@@ -232,6 +239,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--k", type=int, default=3, help="flow: slots (retrieval top-k).")
     parser.add_argument("--top-k", type=int, default=2, help="meteora: adapters per token.")
     parser.add_argument("--aux-weight", type=float, default=1.0, help="meteora: task cross-entropy weight.")
+    parser.add_argument("--weighting", default=None, choices=("uniform", "softmax"), help="flow: retrieval weights.")
+    parser.add_argument("--routing-temperature", type=float, default=None, help="flow: softmax temperature.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="Base model id or path (default: the packaged SmolLM2).")
     parser.set_defaults(handler=_run)
@@ -254,7 +263,14 @@ def _run(args: argparse.Namespace) -> int:
     name = args.name or args.kind
     lm = RoutedLM.from_pretrained(args.model, pool_dir=args.pool)
     try:
-        gate, record = train_gate(lm, examples, name, config, log=lambda m: print(m, file=sys.stderr))
+        route_options = {
+            key: value
+            for key, value in (("weighting", args.weighting), ("routing_temperature", args.routing_temperature))
+            if value is not None
+        }
+        gate, record = train_gate(
+            lm, examples, name, config, route_options=route_options, log=lambda m: print(m, file=sys.stderr)
+        )
     finally:
         lm.close()
     directory = save_gate(gate, Path(args.pool) / GATES_DIR / name)

@@ -92,8 +92,8 @@ def _routings(lm, method: str, queries: Sequence[dict], ood: bool, route_options
             routings.append(Routing.pinned(names, mode="fusion"))
         return routings
     texts = [q["inputs"] for q in queries]
-    if method == "flow_k3":
-        return lm.route(texts, top_k=3, mode="flow", exclude=own)
+    if method == "flow_k3":  # the retrieval weights are the gate's prior: same options as the mixture
+        return lm.route(texts, **{**route_options, "top_k": 3}, mode="flow", exclude=own)
     if method == "meteora_top2":
         return lm.route(texts, mode="meteora")
     return lm.route(texts, **{"top_k": 3, **route_options}, mode=_RETRIEVER_MODES[method], exclude=own)
@@ -224,7 +224,7 @@ def evaluate_composite(
     fixed: dict[str, Any] = {  # routings, or how to get them (only when the method runs)
         "base": [Routing.base("method: base")] * len(composites),
         "retriever_mixture_k3": lambda: lm.route(joined, **{"top_k": 3, **(route_options or {})}, mode="mixture"),
-        "flow_k3": lambda: lm.route(joined, top_k=3, mode="flow"),
+        "flow_k3": lambda: lm.route(joined, **{**(route_options or {}), "top_k": 3}, mode="flow"),
         "meteora_top2": lambda: lm.route(joined, mode="meteora"),
     }
     results: dict[str, Any] = {}
