@@ -16,6 +16,7 @@ from pathlib import Path
 
 __all__ = [
     "DEMO_POOL_ENV",
+    "DEMO_ROUTING",
     "FLAN48_ENV",
     "demo_parser",
     "find_bigbench_splits",
@@ -25,6 +26,8 @@ __all__ = [
     "open_demo_lm",
 ]
 
+# Retrieval weights for the demo pool, chosen on its train split (see README, mixed-task benchmark).
+DEMO_ROUTING: dict[str, object] = {"weighting": "softmax", "routing_temperature": 0.02}
 DEMO_POOL_ENV = "LORARETRIEVER_DEMO_POOL"
 BIGBENCH_SPLITS_ENV = "LORARETRIEVER_BIGBENCH_SPLITS"
 FLAN48_ENV = "LORARETRIEVER_FLAN48"
@@ -104,7 +107,8 @@ def load_split_queries(splits_dir: str | Path, split: str = "test", tasks: Itera
 
 
 def open_demo_lm(pool_dir: str | Path | None = None, **lm_kwargs):
-    """The default base model with the demo pool and a router over its cards.
+    """The default base model with the demo pool and a router over its cards, routing with
+    :data:`DEMO_ROUTING` unless ``route_defaults`` says otherwise.
 
     Args:
         pool_dir: A pool directory; default :func:`find_demo_pool`.
@@ -119,6 +123,7 @@ def open_demo_lm(pool_dir: str | Path | None = None, **lm_kwargs):
     from loraretriever.routed_lm import RoutedLM
 
     model, tokenizer = load_base_model()
+    lm_kwargs.setdefault("route_defaults", DEMO_ROUTING)
     return RoutedLM.from_model(model, tokenizer, pool_dir=Path(pool_dir) if pool_dir else find_demo_pool(), **lm_kwargs)
 
 
