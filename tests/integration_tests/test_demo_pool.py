@@ -35,7 +35,7 @@ def test_every_task_has_its_adapter_card_and_own_task_score(lm):
     for task, kind in DEMO_BIGBENCH_TASKS.items():
         split = json.loads((splits / f"{task}.json").read_text())
         card = cards.get(task)
-        assert card.samples == [e["inputs"] for e in split["cards"]] and card.domain == kind
+        assert list(card.samples) == [e["inputs"] for e in split["cards"]] and card.domain == kind
         assert lm.pool.get(task).ranks == {8}
     table = json.loads((find_demo_pool() / "eval_own_task.json").read_text())["tasks"]
     assert sorted(table) == sorted(DEMO_BIGBENCH_TASKS)
