@@ -137,3 +137,19 @@ def test_train_gate_command_stores_the_gate_with_the_pool(tiny_lm, smol_tokenize
     assert list(gate_dirs(pool_dir)) == ["flow"]
     assert load_gate(gate_dirs(pool_dir)["flow"]).config.k == 3
     assert json.loads((gate_dirs(pool_dir)["flow"] / "training.json").read_text())["config"]["steps"] == 2
+
+
+def test_langchain_and_llamaindex_calls_take_the_gated_modes(lm):
+    from langchain_loraretriever import LoraRetrieverLLM as LangChainLLM
+    from llamaindex_loraretriever import LoraRetrieverLLM as LlamaIndexLLM
+
+    train_gate(lm, EXAMPLES, "flow", GateTrainingConfig(kind="flow", steps=1, batch_size=2), log=quiet)
+    train_gate(lm, EXAMPLES, "moe", GateTrainingConfig(kind="meteora", steps=1, batch_size=2), log=quiet)
+    llm = LangChainLLM(lm=lm, max_new_tokens=3, mode="flow")
+    result = llm.generate([EXAMPLES[0]["inputs"], EXAMPLES[2]["inputs"]])
+    assert [g[0].generation_info["routing"]["mode"] for g in result.generations] == ["flow", "flow"]
+    assert isinstance(llm.bind(mode="meteora", gate="moe").invoke(EXAMPLES[4]["inputs"]), str)  # per-call override
+    info = llm.generate([EXAMPLES[4]["inputs"]], mode="meteora").generations[0][0].generation_info
+    assert info["routing"] == Routing.meteora("moe").to_dict()
+    completion = LlamaIndexLLM(lm, max_new_tokens=3, mode="meteora").complete(EXAMPLES[6]["inputs"])
+    assert completion.additional_kwargs["routing"]["gate"] == "moe"
