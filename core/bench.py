@@ -49,7 +49,7 @@ class UnionEinsumComposer(Composer):
     """The paper's batched mixture, a baseline: per layer, every row against every adapter in the
     batch's union, ``sum_u M[b, u] * B_u A_u x_b``. Its cost grows with the union, not with k."""
 
-    def build_plan(self, routings: Sequence[Routing]) -> dict[str, LayerPlan]:
+    def _build(self, routings: Sequence[Routing]) -> tuple[dict[str, LayerPlan], object]:
         union = sorted({name for r in routings for name in r.adapters})
         mapping = torch.zeros(len(routings), len(union))
         for row, routing in enumerate(routings):
@@ -70,7 +70,7 @@ class UnionEinsumComposer(Composer):
             # LayerPlan carries (A, B) of the union; the mapping matrix rides along in _mappings.
             plan[module] = LayerPlan(A, B)
         self._mapping = mapping.to(self.model.dtype)
-        return plan
+        return plan, self._gated_rows(routings)  # no gated rows: they are not part of this baseline
 
     def select_rows(self, rows) -> None:
         self._mapping = self._mapping[torch.as_tensor(rows, dtype=torch.long)]

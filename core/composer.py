@@ -177,6 +177,10 @@ class Composer:
 
     def build_plan(self, routings: Sequence[Routing]) -> dict[str, LayerPlan]:
         """The per-layer factors for a batch of routings (one per row)."""
+        return self._build(routings)[0]
+
+    def _build(self, routings: Sequence[Routing]) -> tuple[dict[str, LayerPlan], _GatedRows]:
+        """The per-layer factors and which rows each gate serves."""
         rows: list[list[tuple[str, float]]] = []
         for i, routing in enumerate(routings):
             if not isinstance(routing, Routing):
@@ -209,7 +213,7 @@ class Composer:
                     _slot_index(rows, routings, adapters, module, layer_plan, gated.k_max),
                 )
             plan[module] = layer_plan
-        return plan
+        return plan, gated
 
     @contextmanager
     def apply(self, routings: Sequence[Routing]) -> Iterator[None]:
@@ -218,9 +222,8 @@ class Composer:
         The batch dimension of every input must equal ``len(routings)``. One plan is active at a
         time; concurrent callers wait for each other.
         """
-        plan = self.build_plan(routings)
+        plan, gated = self._build(routings)
         with self._lock:
-            gated = self._gated_rows(routings)
             self._install_hooks(plan, gated)
             self._plan, self._batch_size = plan, len(routings)
             self._routings, self._gated = list(routings), gated

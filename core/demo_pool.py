@@ -17,11 +17,10 @@ from pathlib import Path
 __all__ = [
     "DEMO_POOL_ENV",
     "DEMO_ROUTING",
-    "FLAN48_ENV",
     "demo_parser",
     "find_bigbench_splits",
     "find_demo_pool",
-    "find_flan48",
+    "load_queries",
     "load_split_queries",
     "open_demo_lm",
 ]
@@ -30,7 +29,6 @@ __all__ = [
 DEMO_ROUTING: dict[str, object] = {"weighting": "softmax", "routing_temperature": 0.02}
 DEMO_POOL_ENV = "LORARETRIEVER_DEMO_POOL"
 BIGBENCH_SPLITS_ENV = "LORARETRIEVER_BIGBENCH_SPLITS"
-FLAN48_ENV = "LORARETRIEVER_FLAN48"
 # A checkout's root: core/ is the package directory in an editable install.
 _CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -56,23 +54,6 @@ def find_demo_pool(start: str | Path | None = None) -> Path:
 def find_bigbench_splits(start: str | Path | None = None) -> Path:
     """The committed BIG-bench splits: ``$LORARETRIEVER_BIGBENCH_SPLITS``, else ``data/bigbench``."""
     return _find(BIGBENCH_SPLITS_ENV, "data/bigbench", "README.md", "the BIG-bench task splits", start)
-
-
-def find_flan48(start: str | Path | None = None) -> Path:
-    """The paper's data directory: ``$LORARETRIEVER_FLAN48``, else ``shared/data/loraretriever-flan48``
-    in this directory or one of its parents' siblings (``../shared`` beside a checkout)."""
-    if os.environ.get(FLAN48_ENV):
-        path = Path(os.environ[FLAN48_ENV]).expanduser()
-    else:
-        here = Path(start or Path.cwd()).resolve()
-        candidates = [p / "shared" / "data" / "loraretriever-flan48" for p in (here, *here.parents)]
-        path = next((c for c in candidates if c.is_dir()), candidates[0])
-    if not (path / "lora_samples.json").is_file():
-        raise FileNotFoundError(
-            f"the paper's FLAN data is not at {str(path)!r}. Fix: set {FLAN48_ENV} to the directory holding "
-            "lora_samples.json and test_dev.json."
-        )
-    return path
 
 
 def load_split_queries(splits_dir: str | Path, split: str = "test", tasks: Iterable[str] | None = None) -> list[dict]:
@@ -104,6 +85,15 @@ def load_split_queries(splits_dir: str | Path, split: str = "test", tasks: Itera
         if missing:
             raise ValueError(f"tasks {missing} have no split in {str(splits_dir)!r}.")
     return queries
+
+
+def load_queries(source: str | Path, split: str = "test") -> list[dict]:
+    """Queries in the paper's format from a JSON list, or from a directory of ``<task>.json`` splits
+    (their ``split``, see :func:`load_split_queries`)."""
+    path = Path(source)
+    if path.is_dir():
+        return load_split_queries(path, split)
+    return json.loads(path.read_text())
 
 
 def open_demo_lm(pool_dir: str | Path | None = None, **lm_kwargs):

@@ -68,13 +68,10 @@ def load_examples(data: str | Path, n: int | None = None, split: str = "train", 
     Raises:
         ValueError: an example without inputs, targets or task.
     """
-    path = Path(data)
-    if path.is_dir():
-        from loraretriever.demo_pool import load_split_queries
+    from loraretriever.demo_pool import load_queries
 
-        records = load_split_queries(path, split)
-    else:
-        records = json.loads(path.read_text())
+    path = Path(data)
+    records = load_queries(path, split)
     for i, record in enumerate(records):
         missing = [key for key in ("inputs", "targets", "task") if not str(record.get(key, "")).strip()]
         if missing:
@@ -226,6 +223,8 @@ def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from loraretriever.task_eval import add_route_arguments
+
     parser = subparsers.add_parser("train-gate", help="Train a LoRA-Flow or MeteoRA gate for a pool directory.")
     parser.add_argument("--kind", required=True, choices=("flow", "meteora"))
     parser.add_argument("--pool", required=True, help="The pool directory; the gate is stored in its gates/.")
@@ -239,8 +238,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--k", type=int, default=3, help="flow: slots (retrieval top-k).")
     parser.add_argument("--top-k", type=int, default=2, help="meteora: adapters per token.")
     parser.add_argument("--aux-weight", type=float, default=1.0, help="meteora: task cross-entropy weight.")
-    parser.add_argument("--weighting", default=None, choices=("uniform", "softmax"), help="flow: retrieval weights.")
-    parser.add_argument("--routing-temperature", type=float, default=None, help="flow: softmax temperature.")
+    add_route_arguments(parser)  # flow: the retrieval weights that are the gate's prior
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="Base model id or path (default: the packaged SmolLM2).")
     parser.set_defaults(handler=_run)
@@ -248,6 +246,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from loraretriever.routed_lm import RoutedLM
+    from loraretriever.task_eval import route_options_from
 
     config = GateTrainingConfig(
         kind=args.kind,
@@ -263,13 +262,8 @@ def _run(args: argparse.Namespace) -> int:
     name = args.name or args.kind
     lm = RoutedLM.from_pretrained(args.model, pool_dir=args.pool)
     try:
-        route_options = {
-            key: value
-            for key, value in (("weighting", args.weighting), ("routing_temperature", args.routing_temperature))
-            if value is not None
-        }
         gate, record = train_gate(
-            lm, examples, name, config, route_options=route_options, log=lambda m: print(m, file=sys.stderr)
+            lm, examples, name, config, route_options=route_options_from(args), log=lambda m: print(m, file=sys.stderr)
         )
     finally:
         lm.close()

@@ -318,6 +318,18 @@ def write_composite_report(report: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "composite.md").write_text("\n".join(lines) + "\n")
 
 
+def add_route_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--weighting`` and ``--routing-temperature``: how retrieved LoRAs are weighted."""
+    parser.add_argument("--weighting", default=None, choices=("uniform", "softmax"), help="Retrieval weights.")
+    parser.add_argument("--routing-temperature", type=float, default=None, help="Softmax temperature (cosine).")
+
+
+def route_options_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The routing options :func:`add_route_arguments` parsed (those given)."""
+    given = (("weighting", args.weighting), ("routing_temperature", args.routing_temperature))
+    return {key: value for key, value in given if value is not None}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval-tasks", help="The paper's mixed-task benchmark on a pool (JSON).")
     parser.add_argument("--pool", required=True, help="Pool directory (adapters/, cards/, index/).")
@@ -328,8 +340,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "of <task>.json splits (e.g. data/bigbench), whose --split is used.",
     )
     parser.add_argument("--split", default="test", help="The split to read when --queries is a directory.")
-    parser.add_argument("--weighting", default=None, choices=("uniform", "softmax"), help="Retriever weights.")
-    parser.add_argument("--routing-temperature", type=float, default=None, help="Softmax temperature (cosine).")
+    add_route_arguments(parser)
     parser.add_argument(
         "--methods", nargs="*", default=None, choices=METHODS, help="Default: every method the pool supports."
     )
@@ -355,17 +366,10 @@ def _run(args: argparse.Namespace) -> int:
     from loraretriever.routed_lm import RoutedLM
 
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
-    if Path(args.queries).is_dir():
-        from loraretriever.demo_pool import load_split_queries
+    from loraretriever.demo_pool import load_queries
 
-        queries = load_split_queries(args.queries, args.split)
-    else:
-        queries = json.loads(Path(args.queries).read_text())
-    route_options = {
-        key: value
-        for key, value in (("weighting", args.weighting), ("routing_temperature", args.routing_temperature))
-        if value is not None
-    }
+    queries = load_queries(args.queries, args.split)
+    route_options = route_options_from(args)
     lm = RoutedLM.from_pretrained(args.model, pool_dir=args.pool)
     try:
         if args.only_pool_tasks:

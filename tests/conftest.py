@@ -204,6 +204,19 @@ def toy_cards():
 
 
 @pytest.fixture
+def toy_pool_dir(tiny_lm, smol_tokenizer, minilm, toy_cards, tmp_path) -> Path:
+    """A pool directory on the tiny Llama: one real PEFT adapter per toy card, indexed with MiniLM."""
+    from loraretriever.routed_lm import RoutedLM
+
+    pool_dir = tmp_path / "pool"
+    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=minilm)
+    for seed, card in enumerate(toy_cards):
+        lm.add_adapter(save_peft_adapter(tiny_lm, tmp_path / "src" / card.name, r=4, seed=seed), card)
+    lm.close()
+    return pool_dir
+
+
+@pytest.fixture
 def flan48() -> Path:
     """The paper's 48-task files under ../shared (the tests that need them skip when absent)."""
     if not (RETRIEVAL_DATA / "lora_samples.json").is_file():

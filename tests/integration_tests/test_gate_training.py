@@ -13,7 +13,7 @@ from loraretriever.gates import GateError, gate_dirs, load_gate, save_gate
 from loraretriever.routed_lm import RoutedLM
 from loraretriever.routing import Routing
 from loraretriever.task_eval import available_methods, build_composites, evaluate_composite, evaluate_tasks
-from tests.conftest import TOY_CARDS, save_peft_adapter
+from tests.conftest import TOY_CARDS
 
 EXAMPLES = [
     {
@@ -36,18 +36,8 @@ EXAMPLES = [
 
 
 @pytest.fixture
-def pool_dir(tiny_lm, smol_tokenizer, minilm, toy_cards, tmp_path):
-    pool_dir = tmp_path / "pool"
-    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=minilm)
-    for seed, card in enumerate(toy_cards):
-        lm.add_adapter(save_peft_adapter(tiny_lm, tmp_path / "src" / card.name, r=4, seed=seed), card)
-    lm.close()
-    return pool_dir
-
-
-@pytest.fixture
-def lm(tiny_lm, smol_tokenizer, minilm, pool_dir):
-    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=minilm)
+def lm(tiny_lm, smol_tokenizer, minilm, toy_pool_dir):
+    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=toy_pool_dir, embedder=minilm)
     yield lm
     lm.close()
 
@@ -67,11 +57,11 @@ def test_examples_come_round_robin_over_tasks_and_bad_ones_are_named(tmp_path):
         GateTrainingConfig(kind="moe")
 
 
-def test_flow_gate_trains_and_serves_mixed_batches(lm, pool_dir):
+def test_flow_gate_trains_and_serves_mixed_batches(lm, toy_pool_dir):
     gate, record = train_gate(lm, EXAMPLES, "flow", GateTrainingConfig(kind="flow", steps=3, batch_size=4), log=quiet)
     assert record["parameters"] == gate.num_parameters == 2 * (3 * 32 + 3)  # 2 layers x (k x hidden + k)
     assert gate.weight.abs().sum() > 0, "training moved the gate"
-    save_gate(gate, pool_dir / "gates" / "flow")
+    save_gate(gate, toy_pool_dir / "gates" / "flow")
     prompts = [e["inputs"] for e in EXAMPLES[::2]]
     routings = lm.route(prompts, mode="flow")
     mixture = lm.route(prompts, mode="mixture")
@@ -87,12 +77,12 @@ def test_flow_gate_trains_and_serves_mixed_batches(lm, pool_dir):
         lm.route(prompts, mode="flow", top_k=4)
 
 
-def test_meteora_gate_learns_the_task_labels_and_falls_back_when_the_pool_changes(lm, pool_dir):
+def test_meteora_gate_learns_the_task_labels_and_falls_back_when_the_pool_changes(lm, toy_pool_dir):
     config = GateTrainingConfig(kind="meteora", steps=30, batch_size=8, learning_rate=5e-2, aux_weight=1.0)
     gate, record = train_gate(lm, EXAMPLES, "moe", config, log=quiet)
     assert record["task_ce_last"] < 0.8 * record["task_ce_first"], record  # the gate learns which task a token is
-    save_gate(gate, pool_dir / "gates" / "moe")
-    reopened = RoutedLM.from_model(lm.model, lm.tokenizer, pool_dir=pool_dir, embedder=lm.router.embedder)
+    save_gate(gate, toy_pool_dir / "gates" / "moe")
+    reopened = RoutedLM.from_model(lm.model, lm.tokenizer, pool_dir=toy_pool_dir, embedder=lm.router.embedder)
     try:
         assert sorted(reopened.gates) == ["moe"]
         assert reopened.route(["anything"], mode="meteora") == [Routing.meteora("moe")]
@@ -124,19 +114,19 @@ def test_gated_eval_rows_and_composites(lm):
     assert all(len(row["by_position"]) == 3 and 0 <= row["subtask_score"] <= 1 for row in result.values())
 
 
-def test_train_gate_command_stores_the_gate_with_the_pool(tiny_lm, smol_tokenizer, pool_dir, tmp_path, capsys):
+def test_train_gate_command_stores_the_gate_with_the_pool(tiny_lm, smol_tokenizer, toy_pool_dir, tmp_path, capsys):
     model_dir = tmp_path / "tiny_model"
     tiny_lm.save_pretrained(model_dir)
     smol_tokenizer.save_pretrained(model_dir)
     data = tmp_path / "data.json"
     data.write_text(json.dumps(EXAMPLES))
-    argv = ["train-gate", "--kind", "flow", "--pool", str(pool_dir), "--data", str(data), "--model", str(model_dir)]
+    argv = ["train-gate", "--kind", "flow", "--pool", str(toy_pool_dir), "--data", str(data), "--model", str(model_dir)]
     assert main([*argv, "--examples", "4", "--steps", "2", "--batch-size", "2"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["parameters"] == 198 and printed["examples"] == 4 and printed["tasks"] == 4
-    assert list(gate_dirs(pool_dir)) == ["flow"]
-    assert load_gate(gate_dirs(pool_dir)["flow"]).config.k == 3
-    assert json.loads((gate_dirs(pool_dir)["flow"] / "training.json").read_text())["config"]["steps"] == 2
+    assert list(gate_dirs(toy_pool_dir)) == ["flow"]
+    assert load_gate(gate_dirs(toy_pool_dir)["flow"]).config.k == 3
+    assert json.loads((gate_dirs(toy_pool_dir)["flow"] / "training.json").read_text())["config"]["steps"] == 2
 
 
 def test_langchain_and_llamaindex_calls_take_the_gated_modes(lm):

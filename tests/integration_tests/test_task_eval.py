@@ -9,7 +9,7 @@ import pytest
 from loraretriever.cli import main
 from loraretriever.routed_lm import RoutedLM
 from loraretriever.task_eval import available_methods, evaluate_tasks, score, write_report
-from tests.conftest import TOY_CARDS, save_peft_adapter
+from tests.conftest import TOY_CARDS
 
 QUERIES = [
     {"inputs": "Is this review positive or negative? A wonderful, warm film.", "targets": "positive", "metric": "em"},
@@ -25,16 +25,6 @@ def queries():
     return [{**q, "task": t, "domain": TOY_CARDS[t][0]} for q, t in zip(QUERIES, TASKS, strict=True)]
 
 
-@pytest.fixture
-def pool_dir(tiny_lm, smol_tokenizer, minilm, toy_cards, tmp_path):
-    pool_dir = tmp_path / "pool"
-    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=minilm)
-    for seed, card in enumerate(toy_cards):
-        lm.add_adapter(save_peft_adapter(tiny_lm, tmp_path / "src" / card.name, r=4, seed=seed), card)
-    lm.close()
-    return pool_dir
-
-
 def test_scores_use_the_querys_metric():
     assert score("em", " Positive. ", "positive") == 1.0
     assert score("em", "negative", "positive") == 0.0
@@ -44,8 +34,8 @@ def test_scores_use_the_querys_metric():
         score("f1", "a", "b")
 
 
-def test_every_method_in_domain_and_out_of_domain(tiny_lm, smol_tokenizer, minilm, pool_dir, queries, tmp_path):
-    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=minilm)
+def test_every_method_in_domain_and_out_of_domain(tiny_lm, smol_tokenizer, minilm, toy_pool_dir, queries, tmp_path):
+    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=toy_pool_dir, embedder=minilm)
     try:
         methods = available_methods(lm)  # no gates in this pool: no flow_k3 / meteora_top2
         report = evaluate_tasks(lm, queries, methods, max_new_tokens=4, log=lambda _: None)
@@ -90,7 +80,7 @@ def test_every_method_in_domain_and_out_of_domain(tiny_lm, smol_tokenizer, minil
     assert "| retriever_mixture_k3 |" in (tmp_path / "report" / "results.md").read_text()
 
 
-def test_cli_prints_one_json_line(tiny_lm, smol_tokenizer, pool_dir, queries, tmp_path, capsys, monkeypatch):
+def test_cli_prints_one_json_line(tiny_lm, smol_tokenizer, toy_pool_dir, queries, tmp_path, capsys, monkeypatch):
     model_dir = tmp_path / "tiny_model"
     tiny_lm.save_pretrained(model_dir)
     smol_tokenizer.save_pretrained(model_dir)
@@ -100,7 +90,7 @@ def test_cli_prints_one_json_line(tiny_lm, smol_tokenizer, pool_dir, queries, tm
         [
             "eval-tasks",
             "--pool",
-            str(pool_dir),
+            str(toy_pool_dir),
             "--queries",
             str(queries_file),
             "--model",

@@ -85,6 +85,21 @@ def test_write_splits_reads_only_top_level_tasks(sdist, tmp_path):
         write_splits(sdist, out, {"nested": "short QA"})
 
 
+def test_splits_read_back_as_queries_in_the_papers_format(sdist, tmp_path):
+    from loraretriever.demo_pool import load_queries, load_split_queries
+
+    out = tmp_path / "splits"
+    write_splits(sdist, out, {"reverse": "transformation", "yesno": "classification"})
+    queries = load_queries(out)
+    assert len(queries) == 100 and set(queries[0]) == {"inputs", "targets", "task", "domain", "metric"}
+    assert {(q["task"], q["domain"]) for q in queries} == {("reverse", "transformation"), ("yesno", "classification")}
+    assert len(load_queries(out, "cards")) == 40
+    (tmp_path / "q.json").write_text(json.dumps(queries[:3]))
+    assert load_queries(tmp_path / "q.json") == queries[:3]
+    with pytest.raises(ValueError, match=r"tasks \['nope'\] have no split"):
+        load_split_queries(out, tasks=["reverse", "nope"])
+
+
 def test_committed_splits_are_complete():
     from pathlib import Path
 
