@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from loraretriever.base_model import load_base_model
-from loraretriever.composer import Composer, LayerPlan
+from loraretriever.composer import Composer, LayerPlan, stack_factors
 from loraretriever.generation import GenerationConfig, Generator
 from loraretriever.pool import LoraPool
 from loraretriever.routing import Routing
@@ -58,15 +58,7 @@ class UnionEinsumComposer(Composer):
         adapters = [self.pool.get(n) for n in union]
         plan = {}
         for module in sorted({m for a in adapters for m in a.modules}):
-            present = [a.modules.get(module) for a in adapters]
-            rank = max(w.rank for w in present if w is not None)
-            layer = self._linear[module]
-            A = layer.weight.new_zeros(len(union), rank, layer.in_features)
-            B = layer.weight.new_zeros(len(union), layer.out_features, rank)
-            for u, weights in enumerate(present):
-                if weights is not None:
-                    A[u, : weights.rank] = weights.A
-                    B[u, :, : weights.rank] = weights.B * weights.scaling
+            A, B = stack_factors([a.modules.get(module) for a in adapters], self._linear[module])
             # LayerPlan carries (A, B) of the union; the mapping matrix rides along in _mappings.
             plan[module] = LayerPlan(A, B)
         self._mapping = mapping.to(self.model.dtype)

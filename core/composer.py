@@ -41,7 +41,7 @@ from loraretriever.gates import FlowGate, Gate, GateError, MeteoraGate, layer_in
 from loraretriever.pool import LoraPool
 from loraretriever.routing import Routing
 
-__all__ = ["Composer", "LayerPlan"]
+__all__ = ["Composer", "LayerPlan", "stack_factors"]
 
 
 @dataclass(frozen=True)
@@ -350,17 +350,23 @@ class Composer:
         if cached is not None and cached[0] == self.pool.version:
             return cached[1], cached[2]
         gate: MeteoraGate = self.gates[name]
-        layer = self._linear[module]
         present = [self.pool.get(a).modules.get(module) for a in gate.config.adapters]
-        rank = max((w.rank for w in present if w is not None), default=1)
-        A = layer.weight.new_zeros(len(present), rank, layer.in_features)
-        B = layer.weight.new_zeros(len(present), layer.out_features, rank)
-        for i, weights in enumerate(present):
-            if weights is not None:
-                A[i, : weights.rank] = weights.A
-                B[i, :, : weights.rank] = weights.B * weights.scaling
+        A, B = stack_factors(present, self._linear[module])
         self._meteora_factors[(name, module)] = (self.pool.version, A, B)
         return A, B
+
+
+def stack_factors(present: Sequence[LoraWeights | None], layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adapters' factors at one layer, side by side: ``A (N, r, in)`` and ``B (N, out, r)`` with the
+    scaling folded into B, ranks zero-padded to the largest, zeros where an adapter is ``None``."""
+    rank = max((w.rank for w in present if w is not None), default=1)
+    A = layer.weight.new_zeros(len(present), rank, layer.in_features)
+    B = layer.weight.new_zeros(len(present), layer.out_features, rank)
+    for i, weights in enumerate(present):
+        if weights is not None:
+            A[i, : weights.rank] = weights.A
+            B[i, :, : weights.rank] = weights.B * weights.scaling
+    return A, B
 
 
 def _concatenate(parts: list) -> tuple[torch.Tensor, torch.Tensor] | None:

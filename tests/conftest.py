@@ -68,6 +68,17 @@ def tiny_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="module")
+def tiny_pool(tiny_model, tiny_adapters):
+    """A pool of the three tiny adapters (per test module: tests add and remove adapters in it)."""
+    from loraretriever import LoraPool
+
+    pool = LoraPool(tiny_model)
+    for name, path in tiny_adapters.items():
+        pool.add(path, name=name)
+    return pool
+
+
 @pytest.fixture
 def make_adapter(tiny_model, tmp_path) -> Callable[..., Path]:
     counter = iter(range(10_000))

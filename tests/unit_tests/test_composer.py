@@ -7,23 +7,15 @@ import torch
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
-from loraretriever import Composer, LoraPool, Routing
+from loraretriever import Composer, Routing
 from tests.conftest import TINY_CONFIG
 
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def pool(tiny_model, tiny_adapters) -> LoraPool:
-    pool = LoraPool(tiny_model)
-    for name, path in tiny_adapters.items():
-        pool.add(path, name=name)
-    return pool
-
-
-@pytest.fixture(scope="module")
-def composer(tiny_model, pool) -> Composer:
-    return Composer(tiny_model, pool)
+def composer(tiny_model, tiny_pool) -> Composer:
+    return Composer(tiny_model, tiny_pool)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +74,7 @@ def test_every_row_of_a_mixed_batch_equals_the_row_alone(tiny_model, composer, t
         torch.testing.assert_close(batch[row : row + 1], alone, atol=ATOL, rtol=0)
 
 
-def test_mixture_is_the_weighted_sum_of_adapter_outputs(tiny_model, pool, composer, tokens):
+def test_mixture_is_the_weighted_sum_of_adapter_outputs(tiny_model, tiny_pool, composer, tokens):
     """Per layer, mixture = sum_j w_j s_j B_j A_j x; checked on one Linear layer's output."""
     layer_name = "model.layers.1.self_attn.q_proj"
     layer = dict(tiny_model.named_modules())[layer_name]
@@ -92,26 +84,26 @@ def test_mixture_is_the_weighted_sum_of_adapter_outputs(tiny_model, pool, compos
         ours = layer(x)
     expected = layer(x)
     for name, w in weights.items():
-        lora = pool.get(name).modules[layer_name]
+        lora = tiny_pool.get(name).modules[layer_name]
         expected = expected + w * lora.scaling * (x @ lora.A.T @ lora.B.T)
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
 
-def test_fusion_equals_explicitly_averaged_matrices(tiny_model, pool, composer, tokens):
+def test_fusion_equals_explicitly_averaged_matrices(tiny_model, tiny_pool, composer, tokens):
     """Fusion with different ranks: zero-pad to the largest, average A and B, apply as one LoRA."""
     weights = {"all": 0.25, "qv": 0.75}  # ranks 8 and 4
     modules = dict(tiny_model.named_modules())
     fused_model = LlamaForCausalLM(TINY_CONFIG).eval()
     fused_model.load_state_dict(tiny_model.state_dict())
     fused_modules = dict(fused_model.named_modules())
-    targets = {m for n in weights for m in pool.get(n).modules}
+    targets = {m for n in weights for m in tiny_pool.get(n).modules}
     with torch.no_grad():
         for module in targets:
             layer = modules[module]
             A = torch.zeros(8, layer.in_features)
             B = torch.zeros(layer.out_features, 8)
             for name, w in weights.items():
-                lora = pool.get(name).modules.get(module)
+                lora = tiny_pool.get(name).modules.get(module)
                 if lora is not None:
                     A[: lora.rank] += w * lora.A
                     B[:, : lora.rank] += w * lora.scaling * lora.B
@@ -132,7 +124,7 @@ def test_zero_weights_equal_the_base_model(tiny_model, composer, tokens, mode):
     torch.testing.assert_close(zero, logits(tiny_model, None, None, tokens), atol=ATOL, rtol=0)
 
 
-def test_cost_follows_each_rows_adapters_not_the_pool(tiny_model, pool, composer):
+def test_cost_follows_each_rows_adapters_not_the_pool(tiny_model, tiny_pool, composer):
     """The stacked factors of a layer have the batch's largest per-row rank, whatever the pool holds."""
     plan = composer.build_plan([Routing.pinned(["q_only"]), Routing.pinned(["qv", "q_only"]), Routing.base()])
     q = plan["model.layers.0.self_attn.q_proj"]
@@ -156,19 +148,19 @@ def test_bad_routings_are_clear_errors(tiny_model, composer, tokens):
         logits(tiny_model, composer, [Routing.pinned(["qv"])] * 2, tokens)
 
 
-def test_adapters_added_and_removed_at_run_time(tiny_model, pool, composer, make_adapter, tokens):
+def test_adapters_added_and_removed_at_run_time(tiny_model, tiny_pool, composer, make_adapter, tokens):
     path = make_adapter("late", r=3, targets=["o_proj"], seed=9)
-    pool.add(path)
+    tiny_pool.add(path)
     try:
         with_late = logits(tiny_model, composer, [Routing.pinned(["late"])] * 4, tokens)
         assert (with_late - logits(tiny_model, None, None, tokens)).abs().max() > 1e-3
     finally:
-        pool.remove("late")
+        tiny_pool.remove("late")
     with pytest.raises(KeyError, match="late"):
         composer.build_plan([Routing.pinned(["late"])])
 
 
-def test_paper_union_einsum_baseline_computes_the_same_mixture(tiny_model, pool, composer, tokens):
+def test_paper_union_einsum_baseline_computes_the_same_mixture(tiny_model, tiny_pool, composer, tokens):
     """The benchmark's baseline must be a faithful mixture, or its timings would mean nothing."""
     from loraretriever.bench import UnionEinsumComposer
 
@@ -178,7 +170,7 @@ def test_paper_union_einsum_baseline_computes_the_same_mixture(tiny_model, pool,
         Routing.base(),
         Routing(("q_only", "all"), (0.7, 0.3)),
     ]
-    union = UnionEinsumComposer(tiny_model, pool)
+    union = UnionEinsumComposer(tiny_model, tiny_pool)
     try:
         torch.testing.assert_close(
             logits(tiny_model, union, routings, tokens),
@@ -191,10 +183,10 @@ def test_paper_union_einsum_baseline_computes_the_same_mixture(tiny_model, pool,
 
 
 @pytest.mark.parametrize("mode", ["mixture", "fusion", "single"])
-def test_whole_batch_build_equals_the_per_row_build(tiny_model, pool, composer, make_adapter, tokens, mode):
+def test_whole_batch_build_equals_the_per_row_build(tiny_model, tiny_pool, composer, make_adapter, tokens, mode):
     """Same-rank adapters and one mode take the whole-batch build; a base row forces the per-row one."""
     for name, seed in (("same_x", 11), ("same_y", 12)):
-        pool.add(make_adapter(name, r=4, targets=["q_proj", "v_proj", "down_proj"], seed=seed))
+        tiny_pool.add(make_adapter(name, r=4, targets=["q_proj", "v_proj", "down_proj"], seed=seed))
     try:
         routings = [
             Routing(("same_x", "same_y"), (0.3, 0.7), mode=mode),
@@ -215,5 +207,5 @@ def test_whole_batch_build_equals_the_per_row_build(tiny_model, pool, composer, 
             peft_like = logits(tiny_model, composer, [Routing(("same_x",), (1.0,), mode=mode)] * 4, tokens)
             torch.testing.assert_close(batch[2], peft_like[2], atol=ATOL, rtol=0)
     finally:
-        pool.remove("same_x")
-        pool.remove("same_y")
+        tiny_pool.remove("same_x")
+        tiny_pool.remove("same_y")

@@ -23,17 +23,9 @@ from tests.conftest import TINY_CONFIG
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def pool(tiny_model, tiny_adapters) -> LoraPool:
-    pool = LoraPool(tiny_model)
-    for name, path in tiny_adapters.items():
-        pool.add(path, name=name)
-    return pool
-
-
 @pytest.fixture
-def composer(tiny_model, pool):
-    composer = Composer(tiny_model, pool)
+def composer(tiny_model, tiny_pool):
+    composer = Composer(tiny_model, tiny_pool)
     yield composer
     composer.remove_hooks()
 
@@ -52,9 +44,13 @@ def flow_gate(seed: int | None = None, k: int = 3) -> FlowGate:
     return gate
 
 
-def meteora_gate(pool: LoraPool, seed: int = 0, top_k: int = 2) -> MeteoraGate:
-    modules = {m: pool.model.get_submodule(m).in_features for n in pool.names for m in pool.get(n).modules}
-    config = MeteoraGateConfig(tuple(pool.names), {n: pool.get(n).digest for n in pool.names}, modules, top_k=top_k)
+def meteora_gate(tiny_pool: LoraPool, seed: int = 0, top_k: int = 2) -> MeteoraGate:
+    modules = {
+        m: tiny_pool.model.get_submodule(m).in_features for n in tiny_pool.names for m in tiny_pool.get(n).modules
+    }
+    config = MeteoraGateConfig(
+        tuple(tiny_pool.names), {n: tiny_pool.get(n).digest for n in tiny_pool.names}, modules, top_k=top_k
+    )
     gate = MeteoraGate(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -68,7 +64,7 @@ def run(model, composer, routings, ids) -> torch.Tensor:
         return model(ids).logits
 
 
-def reference(model, pool, gate, routing: Routing, ids: torch.Tensor) -> torch.Tensor:
+def reference(model, tiny_pool, gate, routing: Routing, ids: torch.Tensor) -> torch.Tensor:
     """One row, token by token in plain loops: the gate's weights, then sum_j w_tj s_j B_j A_j x_t."""
     hooks, weights_by_layer = [], {}
     decoder_layers = model.model.layers
@@ -91,7 +87,7 @@ def reference(model, pool, gate, routing: Routing, ids: torch.Tensor) -> torch.T
             for t in range(x.shape[0]):
                 if isinstance(gate, FlowGate):
                     chosen = [
-                        (pool.get(a), w)
+                        (tiny_pool.get(a), w)
                         for a, w in zip(routing.adapters, weights_by_layer[layer_index(name)][t], strict=False)
                     ]
                 else:
@@ -99,7 +95,7 @@ def reference(model, pool, gate, routing: Routing, ids: torch.Tensor) -> torch.T
                     top, index = logits.topk(gate.config.top_k)
                     probs = torch.softmax(top / gate.config.temperature, -1)
                     chosen = [
-                        (pool.get(gate.config.adapters[i]), w) for i, w in zip(index.tolist(), probs, strict=True)
+                        (tiny_pool.get(gate.config.adapters[i]), w) for i, w in zip(index.tolist(), probs, strict=True)
                     ]
                 for adapter, w in chosen:
                     lora = adapter.modules.get(name)
@@ -141,7 +137,7 @@ def test_untrained_flow_gate_is_the_retrieval_mixture_and_a_biased_one_is_top1(t
 
 
 @pytest.mark.parametrize("slots", [("qv", "all", "q_only"), ("all", "q_only")])
-def test_flow_rows_follow_the_per_token_reference_in_a_mixed_batch(tiny_model, pool, composer, slots):
+def test_flow_rows_follow_the_per_token_reference_in_a_mixed_batch(tiny_model, tiny_pool, composer, slots):
     gate = flow_gate(seed=1)
     composer.register_gate("g", gate)
     other = flow_gate(seed=2, k=2)
@@ -155,8 +151,10 @@ def test_flow_rows_follow_the_per_token_reference_in_a_mixed_batch(tiny_model, p
         Routing.base(),
     ]
     ours = run(tiny_model, composer, routings, ids)
-    torch.testing.assert_close(ours[0], reference(tiny_model, pool, gate, flow, ids[:1])[0], atol=ATOL, rtol=0)
-    torch.testing.assert_close(ours[1], reference(tiny_model, pool, other, routings[1], ids[1:2])[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours[0], reference(tiny_model, tiny_pool, gate, flow, ids[:1])[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        ours[1], reference(tiny_model, tiny_pool, other, routings[1], ids[1:2])[0], atol=ATOL, rtol=0
+    )
     alone = run(tiny_model, composer, [routings[2]], ids[2:3])
     torch.testing.assert_close(ours[2], alone[0], atol=ATOL, rtol=0)
     uniform = run(tiny_model, composer, [Routing.pinned(slots)], ids[:1])
@@ -164,22 +162,22 @@ def test_flow_rows_follow_the_per_token_reference_in_a_mixed_batch(tiny_model, p
 
 
 @pytest.mark.parametrize("length", [5, 80])  # 80 tokens x 4 rows x top-2 > 512: the grouped path
-def test_meteora_rows_follow_the_per_token_reference(tiny_model, pool, composer, length):
-    gate = meteora_gate(pool, seed=4)
+def test_meteora_rows_follow_the_per_token_reference(tiny_model, tiny_pool, composer, length):
+    gate = meteora_gate(tiny_pool, seed=4)
     composer.register_gate("moe", gate)
     ids = tokens(4, length, seed=5)
     routings = [Routing.meteora("moe"), Routing.pinned(["qv", "all"]), Routing.meteora("moe"), Routing.base()]
     ours = run(tiny_model, composer, routings, ids)
     for row in (0, 2):
         torch.testing.assert_close(
-            ours[row], reference(tiny_model, pool, gate, routings[0], ids[row : row + 1])[0], atol=ATOL, rtol=0
+            ours[row], reference(tiny_model, tiny_pool, gate, routings[0], ids[row : row + 1])[0], atol=ATOL, rtol=0
         )
     torch.testing.assert_close(ours[1], run(tiny_model, composer, [routings[1]], ids[1:2])[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(ours[3], run(tiny_model, composer, [Routing.base()], ids[3:4])[0], atol=ATOL, rtol=0)
 
 
-def test_meteora_tokens_switch_adapters(tiny_model, pool, composer):
-    gate = meteora_gate(pool, seed=6, top_k=1)
+def test_meteora_tokens_switch_adapters(tiny_model, tiny_pool, composer):
+    gate = meteora_gate(tiny_pool, seed=6, top_k=1)
     composer.register_gate("moe", gate)
     composer.gate_logits = []
     run(tiny_model, composer, [Routing.meteora("moe")], tokens(1, 40, seed=7))
@@ -188,8 +186,8 @@ def test_meteora_tokens_switch_adapters(tiny_model, pool, composer):
     assert len(picked) > 1, "different tokens pick different adapters"
 
 
-def test_gates_train_through_the_composer(tiny_model, pool, composer):
-    flow, moe = flow_gate(), meteora_gate(pool)
+def test_gates_train_through_the_composer(tiny_model, tiny_pool, composer):
+    flow, moe = flow_gate(), meteora_gate(tiny_pool)
     composer.register_gate("flow", flow)
     composer.register_gate("moe", moe)
     routings = [Routing(("qv", "all"), (0.5, 0.5), mode="flow", gate="flow"), Routing.meteora("moe")]
@@ -203,13 +201,13 @@ def test_gates_train_through_the_composer(tiny_model, pool, composer):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.weights.values())
 
 
-def test_a_meteora_gate_over_another_pool_is_refused(tiny_model, tiny_adapters, pool, composer, make_adapter):
-    gate = meteora_gate(pool)
+def test_a_meteora_gate_over_another_pool_is_refused(tiny_model, tiny_adapters, tiny_pool, composer, make_adapter):
+    gate = meteora_gate(tiny_pool)
     grown = LoraPool(tiny_model)
     for name, path in tiny_adapters.items():
         grown.add(path, name=name)
     grown.add(make_adapter("extra"), name="extra")
-    assert gate.mismatch(pool) is None
+    assert gate.mismatch(tiny_pool) is None
     assert gate.mismatch(grown) == "the pool changed since the gate was trained (added ['extra'])"
     grown.remove("qv")
     assert "removed ['qv']" in gate.mismatch(grown)
@@ -239,8 +237,8 @@ def test_bad_gate_routings_name_the_problem(composer):
         composer.register_gate("wide", FlowGate(FlowGateConfig(k=2, hidden_size=64, num_layers=2)))
 
 
-def test_gate_files_round_trip_and_bad_files_are_refused(pool, tmp_path):
-    for gate in (flow_gate(seed=1), meteora_gate(pool, seed=2)):
+def test_gate_files_round_trip_and_bad_files_are_refused(tiny_pool, tmp_path):
+    for gate in (flow_gate(seed=1), meteora_gate(tiny_pool, seed=2)):
         directory = save_gate(gate, tmp_path / "gates" / gate.kind)
         again = load_gate(directory)
         assert type(again) is type(gate) and again.config == gate.config
