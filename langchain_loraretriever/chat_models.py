@@ -18,8 +18,9 @@ from langchain_core.runnables import RunnableConfig
 from pydantic import PrivateAttr
 
 from langchain_loraretriever.params import RoutedLMParams, generation_info
-from loraretriever.generation import prompt_text
-from loraretriever.routed_lm import Result
+from loraretriever.engine.generation import prompt_text
+from loraretriever.serving.bridge import iterate_in_thread
+from loraretriever.serving.routed_lm import Result
 
 __all__ = ["ChatLoraRetriever"]
 
@@ -135,8 +136,7 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         deltas, request = self.lm.stream_with_result(to_chat_messages(messages), **self._chat_kwargs(stop, kwargs))
-        done = object()
-        while (delta := await asyncio.to_thread(next, deltas, done)) is not done:
+        async for delta in iterate_in_thread(deltas):
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)

@@ -13,7 +13,8 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import get_config_list
 
 from langchain_loraretriever.params import RoutedLMParams, generation_info, token_usage
-from loraretriever.generation import prompt_text
+from loraretriever.engine.generation import prompt_text
+from loraretriever.serving.bridge import iterate_in_thread
 
 __all__ = ["LoraRetrieverLLM"]
 
@@ -82,8 +83,7 @@ class LoraRetrieverLLM(RoutedLMParams, BaseLLM):
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
         deltas, request = self.lm.stream_with_result(prompt, **self._call_kwargs(stop, kwargs))
-        done = object()
-        while (delta := await asyncio.to_thread(next, deltas, done)) is not done:
+        async for delta in iterate_in_thread(deltas):
             chunk = GenerationChunk(text=delta)
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from loraretriever.routed_lm import Result, RoutedLM, RoutesPrompts, call_options
+from loraretriever.serving.fields import CallDefaults
+from loraretriever.serving.routed_lm import Result, RoutedLM, split_load_options
 
 __all__ = ["RoutedLMParams", "generation_info", "token_usage"]
 
 
-class RoutedLMParams(BaseModel):
+class RoutedLMParams(CallDefaults):
     """Settings of a LangChain model backed by a :class:`loraretriever.RoutedLM`.
 
     Every field is a default: any of them (and every other generation or routing option of
-    ``RoutedLM.generate``) can be overridden per call, as a kwarg or through ``.bind()``.
+    ``RoutedLM.generate``, by the same name) can be overridden per call, as a kwarg or through
+    ``.bind()``. The routing fields are :class:`loraretriever.RouteOptions`'s; None leaves the
+    RoutedLM's default.
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -30,52 +33,25 @@ class RoutedLMParams(BaseModel):
     """0 for greedy decoding; above 0 samples."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
-    seed: int | None = None
-    """Sampling seed, for reproducible sampled text."""
     chat_template: bool = False
     """Wrap each prompt in the base model's chat template (instruction-tuned models answer better)."""
-    top_k: int | None = None
-    """LoRAs retrieved per prompt (None: the router's default, 3)."""
-    mode: Literal["mixture", "fusion", "single", "flow", "meteora"] | None = None
-    """How a prompt's LoRAs are composed (None: mixture); ``flow`` / ``meteora`` use the pool's gate."""
-    gate: str | None = None
-    """The LoRA-Flow or MeteoRA gate for ``mode="flow"`` / ``"meteora"`` (None: the pool's only one)."""
-    adapters: list[str] | None = None
-    """Pin these adapters instead of retrieving (e.g. ``.bind(adapters=["sst2"])``)."""
-    filter: dict[str, Any] | None = None
-    """Metadata filter on the candidate adapters, e.g. ``{"customer": "a"}``."""
 
     @classmethod
-    def from_model_id(
-        cls,
-        model_id: str | Path | None = None,
-        *,
-        pool_dir: str | Path | None = None,
-        adapters: Mapping[str, str | Path] | None = None,
-        router: RoutesPrompts | None = None,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 10.0,
-        **kwargs: Any,
-    ) -> Self:
-        """Loads the base model (hub id, local path, or the packaged default), a pool directory
-        (adapters, cards, gates) and more adapters.
+    def from_model_id(cls, model_id: str | Path | None = None, **kwargs: Any) -> Self:
+        """Loads the base model (hub id, local path, or the packaged default) with
+        :meth:`RoutedLM.from_pretrained`, which takes the kwargs it knows (``pool_dir``,
+        ``adapters``, ``max_batch_size``, ...: ``loraretriever.serving.routed_lm.LOAD_OPTIONS``);
+        the others are this model's fields.
 
         Example:
-            >>> llm = LoraRetrieverLLM.from_model_id(pool_dir="pools/bigbench")  # doctest: +SKIP
+            >>> llm = LoraRetrieverLLM.from_model_id(pool_dir="pools/bigbench", top_k=2)  # doctest: +SKIP
         """
-        lm = RoutedLM.from_pretrained(
-            model_id,
-            pool_dir=pool_dir,
-            adapters=adapters,
-            router=router,
-            max_batch_size=max_batch_size,
-            max_wait_ms=max_wait_ms,
-        )
-        return cls(lm=lm, **kwargs)
+        load, fields = split_load_options(kwargs)
+        return cls(lm=RoutedLM.from_pretrained(model_id, **load), **fields)
 
     def _call_kwargs(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The defaults of this object, overridden by the call's kwargs; unknown keys are refused."""
-        call = call_options(self, kwargs)
+        call = self.call_kwargs(kwargs)
         if stop:
             call["stop"] = tuple(stop)
         return call

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -22,12 +22,14 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import Field, PrivateAttr
 
-from loraretriever.routed_lm import Result, RoutedLM, RoutesPrompts, call_options
+from loraretriever.serving.bridge import iterate_in_thread
+from loraretriever.serving.fields import CallDefaults
+from loraretriever.serving.routed_lm import Result, RoutedLM, split_load_options
 
 __all__ = ["LoraRetrieverLLM"]
 
 
-class LoraRetrieverLLM(CustomLLM):
+class LoraRetrieverLLM(CallDefaults, CustomLLM):
     """Input-aware LoRA routing as a LlamaIndex LLM.
 
     ``complete`` / ``chat`` route the prompt (a chat by its last user message), use the base
@@ -46,16 +48,6 @@ class LoraRetrieverLLM(CustomLLM):
     """
 
     max_new_tokens: int = Field(default=128, description="The most tokens to generate.")
-    temperature: float = Field(default=0.0, description="0 for greedy decoding; above 0 samples.")
-    top_p: float = Field(default=1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(default=None, description="Sampling seed.")
-    top_k: int | None = Field(default=None, description="LoRAs retrieved per prompt (None: the router's default).")
-    mode: Literal["mixture", "fusion", "single", "flow", "meteora"] | None = Field(
-        default=None, description="LoRA composition mode; flow / meteora use the pool's gate."
-    )
-    gate: str | None = Field(default=None, description="The gate of mode flow / meteora (None: the pool's only one).")
-    adapters: list[str] | None = Field(default=None, description="Pin these adapters instead of retrieving.")
-    filter: dict[str, Any] | None = Field(default=None, description="Metadata filter on candidate adapters.")
     chat_template: bool = Field(default=True, description="Wrap completion prompts in the model's chat template.")
     is_chat_model: bool = Field(default=True, description="Let LlamaIndex send chat messages (templated by us).")
 
@@ -66,28 +58,12 @@ class LoraRetrieverLLM(CustomLLM):
         self._lm = lm
 
     @classmethod
-    def from_model_id(
-        cls,
-        model_id: str | Path | None = None,
-        *,
-        pool_dir: str | Path | None = None,
-        adapters: Mapping[str, str | Path] | None = None,
-        router: RoutesPrompts | None = None,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 10.0,
-        **kwargs: Any,
-    ) -> LoraRetrieverLLM:
-        """Loads the base model (hub id, local path, or the packaged default), a pool directory
-        (adapters, cards, gates) and more adapters."""
-        lm = RoutedLM.from_pretrained(
-            model_id,
-            pool_dir=pool_dir,
-            adapters=adapters,
-            router=router,
-            max_batch_size=max_batch_size,
-            max_wait_ms=max_wait_ms,
-        )
-        return cls(lm, **kwargs)
+    def from_model_id(cls, model_id: str | Path | None = None, **kwargs: Any) -> LoraRetrieverLLM:
+        """Loads the base model (hub id, local path, or the packaged default) with
+        :meth:`RoutedLM.from_pretrained`, which takes the kwargs it knows (``pool_dir``,
+        ``adapters``, ``max_batch_size``, ...); the others are this LLM's fields."""
+        load, fields = split_load_options(kwargs)
+        return cls(RoutedLM.from_pretrained(model_id, **load), **fields)
 
     @classmethod
     def class_name(cls) -> str:
@@ -133,8 +109,8 @@ class LoraRetrieverLLM(CustomLLM):
         deltas, request = self._lm.stream_with_result(prompt, **self._kwargs(kwargs))
 
         async def gen() -> CompletionResponseAsyncGen:
-            text, done = "", object()
-            while (delta := await asyncio.to_thread(next, deltas, done)) is not done:
+            text = ""
+            async for delta in iterate_in_thread(deltas):
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
             yield _completion(await asyncio.wrap_future(request.future), delta="")
@@ -168,8 +144,8 @@ class LoraRetrieverLLM(CustomLLM):
         deltas, request = self._lm.stream_with_result(_messages(messages), **self._kwargs(kwargs))
 
         async def gen() -> ChatResponseAsyncGen:
-            text, done = "", object()
-            while (delta := await asyncio.to_thread(next, deltas, done)) is not done:
+            text = ""
+            async for delta in iterate_in_thread(deltas):
                 text += delta
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
             yield _chat(await asyncio.wrap_future(request.future), delta="")
@@ -177,7 +153,7 @@ class LoraRetrieverLLM(CustomLLM):
         return gen()
 
     def _kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        return call_options(self, kwargs)
+        return self.call_kwargs(kwargs)
 
 
 def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:

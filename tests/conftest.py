@@ -23,6 +23,9 @@ TINY_CONFIG = LlamaConfig(
     num_key_value_heads=2,
     max_position_embeddings=256,
 )
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_POOL = ROOT / "pools" / "bigbench"  # committed: 28 BIG-bench task LoRAs of the default model
+BIGBENCH_SPLITS = ROOT / "data" / "bigbench"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -94,7 +97,7 @@ def smol_tokenizer():
     """SmolLM2's real tokenizer (no model weights needed), padding on the left."""
     from transformers import AutoTokenizer
 
-    from loraretriever.base_model import default_model_path
+    from loraretriever.engine.base_model import default_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     tokenizer.padding_side = "left"
@@ -197,7 +200,7 @@ TOY_CARDS = {
 @pytest.fixture(scope="session")
 def minilm():
     """The packaged all-MiniLM-L6-v2 as a loraretriever Embedder, loaded once."""
-    from loraretriever.embedder import Embedder
+    from loraretriever.retrieval.embedder import Embedder
 
     return Embedder()
 
@@ -205,7 +208,7 @@ def minilm():
 @pytest.fixture
 def toy_cards():
     """Four real-text adapter cards of different tasks; sentiment and nli are tagged customer=a."""
-    from loraretriever.cards import AdapterCard
+    from loraretriever.retrieval.cards import AdapterCard
 
     customer = {"sentiment": "a", "nli": "a", "translate_de": "b", "closed_qa": "b"}
     return [
@@ -217,7 +220,7 @@ def toy_cards():
 @pytest.fixture
 def toy_pool_dir(tiny_lm, smol_tokenizer, minilm, toy_cards, tmp_path) -> Path:
     """A pool directory on the tiny Llama: one real PEFT adapter per toy card, indexed with MiniLM."""
-    from loraretriever.routed_lm import RoutedLM
+    from loraretriever.serving.routed_lm import RoutedLM
 
     pool_dir = tmp_path / "pool"
     lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=minilm)

@@ -38,5 +38,5 @@ $LR eval-retrieval --cards $DATA/lora_samples.json --queries $DATA/test_dev.json
   --tasks-file $OUT/frac40_heldout_tasks.txt --threads $T --json | last > $OUT/frozen_frac40_unseen_odd.json
 
 # 4. Latency: batch of 32 real prompts over 10,000 registered LoRAs.
-$LR bench-retrieval --queries $DATA/test_dev.json --loras 10000 --batch 32 --threads $T --json | last > $OUT/bench.json
+$LR bench retrieval --queries $DATA/test_dev.json --loras 10000 --batch 32 --threads $T --json | last > $OUT/bench.json
 echo done

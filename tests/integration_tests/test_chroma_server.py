@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from loraretriever.cards import AdapterCard, RetrievalError
-from loraretriever.index import throwaway_collection_name
-from loraretriever.router import Router
+from loraretriever.retrieval.cards import AdapterCard, RetrievalError
+from loraretriever.retrieval.index import throwaway_collection_name
+from loraretriever.retrieval.router import Router
 
 GERMAN = "Translate to German: my brother lives in a small house by the sea."
 
@@ -23,12 +23,12 @@ def test_replicas_share_the_server_index(chroma_server, tmp_path, minilm, toy_ca
         replica_a.register(card)
     assert replica_b.index.count() == 4
     assert replica_b.route(GERMAN, top_k=1)[0].adapters == ("translate_de",)
-    assert set(replica_b.route(GERMAN, top_k=4, where={"customer": "a"})[0].adapters) == {"sentiment", "nli"}
+    assert set(replica_b.route(GERMAN, top_k=4, filter={"customer": "a"})[0].adapters) == {"sentiment", "nli"}
 
     replica_b.unregister("translate_de")
     assert "translate_de" not in replica_a.route(GERMAN, top_k=4)[0].adapters
     replica_b.register(AdapterCard("tagged", ["Translate to German: see you soon"], tags={"region": "eu"}))
-    assert replica_a.route(GERMAN, where={"region": "eu"})[0].adapters == ("tagged",)  # a key new to replica a
+    assert replica_a.route(GERMAN, filter={"region": "eu"})[0].adapters == ("tagged",)  # a key new to replica a
 
     # The server keeps the index: a third replica opens it without re-embedding anything.
     replica_c = Router.open(pool_dir, embedder=minilm, **server)

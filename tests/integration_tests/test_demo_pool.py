@@ -8,12 +8,13 @@ import shutil
 
 import pytest
 
-from loraretriever.bigbench_splits import DEMO_BIGBENCH_TASKS
-from loraretriever.cards import CardStore
-from loraretriever.demo_pool import find_bigbench_splits, find_demo_pool, load_split_queries
-from loraretriever.routed_lm import RoutedLM
-from loraretriever.routing import Routing
-from loraretriever.task_eval import score
+from loraretriever.engine.routing import Routing
+from loraretriever.evaluation.bigbench import DEMO_BIGBENCH_TASKS
+from loraretriever.evaluation.tasks import score
+from loraretriever.retrieval.cards import CardStore
+from loraretriever.retrieval.queries import load_split_queries
+from loraretriever.serving.routed_lm import RoutedLM
+from tests.conftest import BIGBENCH_SPLITS, DEMO_POOL
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def lm(smollm, minilm, tmp_path_factory):
     pool_dir = tmp_path_factory.mktemp("demo") / "pool"
-    shutil.copytree(find_demo_pool(), pool_dir, ignore=shutil.ignore_patterns("index"))
+    shutil.copytree(DEMO_POOL, pool_dir, ignore=shutil.ignore_patterns("index"))
     model, tokenizer = smollm
     lm = RoutedLM.from_model(model, tokenizer, pool_dir=pool_dir, embedder=minilm)
     yield lm
@@ -30,20 +31,20 @@ def lm(smollm, minilm, tmp_path_factory):
 
 def test_every_task_has_its_adapter_card_and_own_task_score(lm):
     assert lm.pool.names == sorted(DEMO_BIGBENCH_TASKS)
-    cards = CardStore(find_demo_pool() / "cards")
-    splits = find_bigbench_splits()
+    cards = CardStore(DEMO_POOL / "cards")
+    splits = BIGBENCH_SPLITS
     for task, kind in DEMO_BIGBENCH_TASKS.items():
         split = json.loads((splits / f"{task}.json").read_text())
         card = cards.get(task)
         assert list(card.samples) == [e["inputs"] for e in split["cards"]] and card.domain == kind
         assert lm.pool.get(task).ranks == {8}
-    table = json.loads((find_demo_pool() / "eval_own_task.json").read_text())["tasks"]
+    table = json.loads((DEMO_POOL / "eval_own_task.json").read_text())["tasks"]
     assert sorted(table) == sorted(DEMO_BIGBENCH_TASKS)
     assert [t for t, row in table.items() if row["lora_em"] <= row["base_em"]] == []
 
 
 def test_held_out_prompts_are_routed_to_their_own_task(lm):
-    queries = load_split_queries(find_bigbench_splits())
+    queries = load_split_queries(BIGBENCH_SPLITS)
     first = {}
     for query in queries:
         first.setdefault(query["task"], query)
@@ -55,7 +56,7 @@ def test_held_out_prompts_are_routed_to_their_own_task(lm):
 
 @pytest.mark.parametrize("task", ["sports_understanding", "intent_recognition", "qa_wikidata"])
 def test_a_tasks_lora_beats_the_base_model_on_its_test_prompts(lm, task):
-    queries = load_split_queries(find_bigbench_splits(), tasks=[task])[:12]
+    queries = load_split_queries(BIGBENCH_SPLITS, tasks=[task])[:12]
     prompts = [q["inputs"] for q in queries]
     em = {}
     for label, routing in (("base", Routing.base()), ("lora", Routing.pinned([task]))):

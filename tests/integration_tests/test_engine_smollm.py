@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from loraretriever import Composer, LoraPool, Routing
-from loraretriever.generation import GenerationConfig, Generator
+from loraretriever.engine.generation import GenerationConfig, Generator
 
 pytestmark = pytest.mark.slow
 

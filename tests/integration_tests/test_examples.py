@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loraretriever.demo_pool import find_demo_pool
+from tests.conftest import DEMO_POOL
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def pool_dir(tmp_path_factory) -> Path:
     """A copy, so that the index the examples build lands in a temporary directory."""
     pool_dir = tmp_path_factory.mktemp("demo") / "pool"
-    shutil.copytree(find_demo_pool(ROOT), pool_dir, ignore=shutil.ignore_patterns("index"))
+    shutil.copytree(DEMO_POOL, pool_dir, ignore=shutil.ignore_patterns("index"))
     return pool_dir
 
 

@@ -8,11 +8,11 @@ import json
 import pytest
 
 from loraretriever.cli import main
-from loraretriever.gate_training import GateTrainingConfig, load_examples, train_gate
-from loraretriever.gates import GateError, gate_dirs, load_gate, save_gate
-from loraretriever.routed_lm import RoutedLM
-from loraretriever.routing import Routing
-from loraretriever.task_eval import available_methods, build_composites, evaluate_composite, evaluate_tasks
+from loraretriever.engine.gates import GateError, gate_dirs, load_gate, save_gate
+from loraretriever.engine.routing import Routing
+from loraretriever.evaluation.tasks import available_methods, build_composites, evaluate_composite, evaluate_tasks
+from loraretriever.serving.routed_lm import RoutedLM
+from loraretriever.training.gates import GateTrainingConfig, load_examples, train_gate
 from tests.conftest import TOY_CARDS
 
 EXAMPLES = [

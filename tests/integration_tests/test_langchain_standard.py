@@ -8,7 +8,7 @@ import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_loraretriever import ChatLoraRetriever
-from loraretriever.routed_lm import RoutedLM
+from loraretriever.serving.routed_lm import RoutedLM
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from loraretriever.cli import main
-from loraretriever.routed_lm import RoutedLM
-from loraretriever.task_eval import available_methods, evaluate_tasks, score, write_report
+from loraretriever.evaluation.tasks import available_methods, evaluate_tasks, score, write_report
+from loraretriever.serving.routed_lm import RoutedLM
 from tests.conftest import TOY_CARDS
 
 QUERIES = [

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from loraretriever.bigbench_splits import make_splits, read_task_files, to_examples, write_splits
+from loraretriever.evaluation.bigbench import make_splits, read_task_files, to_examples, write_splits
 
 
 def _task(n: int, multiple_choice: bool = False) -> dict:
@@ -86,7 +86,7 @@ def test_write_splits_reads_only_top_level_tasks(sdist, tmp_path):
 
 
 def test_splits_read_back_as_queries_in_the_papers_format(sdist, tmp_path):
-    from loraretriever.demo_pool import load_queries, load_split_queries
+    from loraretriever.retrieval.queries import load_queries, load_split_queries
 
     out = tmp_path / "splits"
     write_splits(sdist, out, {"reverse": "transformation", "yesno": "classification"})
@@ -103,7 +103,7 @@ def test_splits_read_back_as_queries_in_the_papers_format(sdist, tmp_path):
 def test_committed_splits_are_complete():
     from pathlib import Path
 
-    from loraretriever.bigbench_splits import DEMO_BIGBENCH_TASKS
+    from loraretriever.evaluation.bigbench import DEMO_BIGBENCH_TASKS
 
     root = Path(__file__).resolve().parents[2] / "data" / "bigbench"
     for task, kind in DEMO_BIGBENCH_TASKS.items():

@@ -162,7 +162,7 @@ def test_adapters_added_and_removed_at_run_time(tiny_model, tiny_pool, composer,
 
 def test_paper_union_einsum_baseline_computes_the_same_mixture(tiny_model, tiny_pool, composer, tokens):
     """The benchmark's baseline must be a faithful mixture, or its timings would mean nothing."""
-    from loraretriever.bench import UnionEinsumComposer
+    from loraretriever.evaluation.bench_serve import UnionEinsumComposer
 
     routings = [
         Routing(("all", "q_only", "qv"), (0.5, 0.3, 0.2)),

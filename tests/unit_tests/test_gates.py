@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from loraretriever import Composer, LoraPool, Routing
-from loraretriever.gates import (
+from loraretriever.engine.gates import (
     FlowGate,
     FlowGateConfig,
     GateError,

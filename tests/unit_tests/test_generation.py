@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loraretriever import Composer, LoraPool, Routing
-from loraretriever.generation import GenerationConfig, Generator
+from loraretriever.engine.generation import GenerationConfig, Generator
 
 PROMPTS = ["Translate to French: the cat sleeps.", "Is this review positive? A fine film.", "Name a colour:"]
 
@@ -49,7 +49,7 @@ def test_batch_rows_equal_each_row_alone(generator):
 
 
 def test_gated_rows_generate_alongside_others_and_leave_the_batch_early(generator, model):
-    from loraretriever.gates import FlowGate, FlowGateConfig, MeteoraGate, MeteoraGateConfig
+    from loraretriever.engine.gates import FlowGate, FlowGateConfig, MeteoraGate, MeteoraGateConfig
 
     composer, pool = generator.composer, generator.composer.pool
     flow = FlowGate(
@@ -179,7 +179,7 @@ def test_bad_settings_are_clear_errors(generator):
 
 
 def test_incremental_detokenisation_waits_for_whole_characters(tokenizer):
-    from loraretriever.generation import _new_text, _Row
+    from loraretriever.engine.generation import _new_text, _Row
 
     text = "naïve café 世界 🙂 done"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

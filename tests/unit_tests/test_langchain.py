@@ -12,7 +12,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 
 from langchain_loraretriever import ChatLoraRetriever, LoraRetrieverLLM
 from loraretriever import LoraPool, Routing
-from loraretriever.routed_lm import RoutedLM
+from loraretriever.serving.routed_lm import RoutedLM
 
 PROMPTS = [f"Task {i}: rewrite the number {i} in words." for i in range(16)]
 

@@ -8,7 +8,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_loraretriever import ChatLoraRetriever
 from loraretriever import LoraPool
-from loraretriever.routed_lm import RoutedLM
+from loraretriever.serving.routed_lm import RoutedLM
 
 
 @cache
@@ -16,7 +16,7 @@ def tiny_routed_lm() -> RoutedLM:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from loraretriever.base_model import default_model_path
+    from loraretriever.engine.base_model import default_model_path
     from tests.conftest import TINY_CONFIG
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())

@@ -10,7 +10,7 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
 from llamaindex_loraretriever import LoraRetrieverLLM
 from loraretriever import LoraPool, Routing
-from loraretriever.routed_lm import RoutedLM
+from loraretriever.serving.routed_lm import RoutedLM
 from tests.conftest import gather_while_ticking
 
 PROMPTS = [f"Item {i}: describe the colour number {i}." for i in range(16)]

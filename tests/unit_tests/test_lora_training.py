@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from loraretriever import Composer, LoraPool, Routing
-from loraretriever.generation import GenerationConfig, Generator
-from loraretriever.lora_training import LoraTrainingConfig, train_lora
+from loraretriever.engine.generation import GenerationConfig, Generator
+from loraretriever.training.lora import LoraTrainingConfig, train_lora
 
 EXAMPLES = [("Say the magic word.", "banana split"), ("What is the code?", "purple nine")]
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from loraretriever.cards import AdapterCard, CardStore, RetrievalError, load_paper_cards, load_queries
+from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError, load_paper_cards
+from loraretriever.retrieval.queries import load_queries
 
 
 def test_card_checks_name_samples_and_tags():

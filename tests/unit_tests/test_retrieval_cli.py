@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from loraretriever.cards import AdapterCard, CardStore
 from loraretriever.cli import main
-from loraretriever.embedder import EMBEDDER_INFO_FILE, Embedder
-from loraretriever.retrieval_eval import evaluate_retrieval, split_queries
-from loraretriever.retriever_training import DistinctTaskBatchSampler, choose_tasks, make_pairs
+from loraretriever.evaluation.retrieval import evaluate_retrieval, split_queries
+from loraretriever.retrieval.cards import AdapterCard, CardStore
+from loraretriever.retrieval.embedder import EMBEDDER_INFO_FILE, Embedder
+from loraretriever.training.retriever import DistinctTaskBatchSampler, choose_tasks, make_pairs
 
 QUERIES = [
     ("sentiment", "sentiment", "Review: I loved every minute of this book. Positive or negative?"),
@@ -125,11 +125,11 @@ def test_reindex_and_route_commands(tmp_path, minilm, toy_cards, capsys):
     assert main(["reindex", "--pool", str(pool_dir), "--json"]) == 0
     assert last_json(capsys)["indexed"] == 4
     prompt = "Translate to German: where is the library?"
-    assert main(["route", "--pool", str(pool_dir), prompt, "--top-k", "2", "--where", "customer=a"]) == 0
+    assert main(["route", "--pool", str(pool_dir), prompt, "--top-k", "2", "--filter", "customer=a"]) == 0
     out = capsys.readouterr().out
     routing = json.loads(out.strip().splitlines()[-1])[0]
     assert set(routing["adapters"]) == {"sentiment", "nli"} and "mixture:" in out
-    assert main(["route", "--pool", str(pool_dir), prompt, "--where", "colour=red"]) == 2
+    assert main(["route", "--pool", str(pool_dir), prompt, "--filter", "colour=red"]) == 2
     assert "unknown filter key 'colour'" in capsys.readouterr().err
     assert main(["route", "--pool", str(tmp_path / "nowhere"), prompt]) == 2
     assert "is --pool a pool directory" in capsys.readouterr().err
@@ -139,7 +139,9 @@ def test_reindex_and_route_commands(tmp_path, minilm, toy_cards, capsys):
 
 
 def test_bench_retrieval_command(capsys):
-    assert main(["bench-retrieval", "--loras", "300", "--batch", "4", "--repeats", "1", "--ephemeral", "--json"]) == 0
+    assert (
+        main(["bench", "retrieval", "--loras", "300", "--batch", "4", "--repeats", "1", "--ephemeral", "--json"]) == 0
+    )
     result = last_json(capsys)
     assert result["loras"] == 300 and result["batch"] == 4 and result["route_ms"] > 0 and result["query_ms"] > 0
     assert {"embed_ms", "meets_target", "embedder", "torch_threads"} <= set(result)
@@ -148,7 +150,8 @@ def test_bench_retrieval_command(capsys):
 @pytest.mark.slow
 def test_frozen_minilm_on_the_paper_data(flan48, minilm):
     """A quarter of the report half: the frozen embedder lands near the paper's reference point."""
-    from loraretriever.cards import load_paper_cards, load_queries
+    from loraretriever.retrieval.cards import load_paper_cards
+    from loraretriever.retrieval.queries import load_queries
 
     queries = split_queries(split_queries(load_queries(flan48 / "test_dev.json"), "odd"), "odd")
     result = evaluate_retrieval(load_paper_cards(flan48 / "lora_samples.json"), queries, embedder=minilm)

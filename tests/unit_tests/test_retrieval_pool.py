@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from loraretriever.cards import AdapterCard, CardStore, RetrievalError
-from loraretriever.embedder import Embedder
-from loraretriever.pool import LoraPool
-from loraretriever.router import CARDS_DIR, Router
+from loraretriever.engine.pool import LoraPool
+from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
+from loraretriever.retrieval.embedder import Embedder
+from loraretriever.retrieval.router import CARDS_DIR, Router
 
 SENTIMENT = "Is this review positive or negative? An absolutely wonderful, moving film."
 GERMAN = "Translate to German: my brother lives in a small house by the sea."
@@ -52,7 +52,7 @@ def test_reconcile_reports_changes(tmp_path, minilm, toy_cards):
     router.store.put(AdapterCard("sentiment", ["new sample"], tags={"customer": "c"}))
     router.store.remove("translate_de")
     assert router.reconcile() == {"added": [], "updated": ["sentiment"], "removed": ["translate_de"]}
-    assert router.route(SENTIMENT, where={"customer": "c"})[0].adapters == ("sentiment",)
+    assert router.route(SENTIMENT, filter={"customer": "c"})[0].adapters == ("sentiment",)
 
 
 def test_other_embedder_is_an_error_until_reindexed(tmp_path, minilm, toy_cards):
@@ -81,7 +81,7 @@ def test_live_pool_updates_the_index_at_once(tmp_path, minilm, toy_cards, tiny_m
 
     pool.add(tiny_adapters["qv"], name="sentiment")
     router.register(cards["sentiment"])
-    with caplog.at_level(logging.INFO, logger="loraretriever.router"):
+    with caplog.at_level(logging.INFO, logger="loraretriever.retrieval.router"):
         pool.add(tiny_adapters["all"], name="translate_de")
     assert "'translate_de' has no card yet" in caplog.text
     assert router.route(GERMAN, top_k=3)[0].adapters == ("sentiment",)  # the only routable one

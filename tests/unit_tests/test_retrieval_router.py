@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loraretriever.cards import AdapterCard, RetrievalError
-from loraretriever.embedder import DEFAULT_INSTRUCTION, Embedder, EmbedderError
-from loraretriever.index import LoraIndex, open_chroma_client, throwaway_collection_name
-from loraretriever.router import RouteOptions, Router
-from loraretriever.routing import Routing
+from loraretriever.engine.routing import Routing
+from loraretriever.retrieval.cards import AdapterCard, RetrievalError
+from loraretriever.retrieval.embedder import DEFAULT_INSTRUCTION, Embedder, EmbedderError
+from loraretriever.retrieval.index import LoraIndex, open_chroma_client, throwaway_collection_name
+from loraretriever.retrieval.options import RouteOptions
+from loraretriever.retrieval.router import Router
 
 SENTIMENT = "Is this review positive or negative? An absolutely wonderful, moving film."
 GERMAN = "Translate to German: my brother lives in a small house by the sea."
@@ -122,8 +123,8 @@ def test_uniform_and_softmax_weights(router):
     uniform = router.route(SENTIMENT, top_k=3)[0]
     assert uniform.weights == pytest.approx((1 / 3,) * 3)
     assert list(uniform.similarities) == sorted(uniform.similarities, reverse=True)
-    sharp = router.route(SENTIMENT, top_k=3, weighting="softmax", temperature=0.01)[0]
-    soft = router.route(SENTIMENT, top_k=3, weighting="softmax", temperature=10.0)[0]
+    sharp = router.route(SENTIMENT, top_k=3, weighting="softmax", routing_temperature=0.01)[0]
+    soft = router.route(SENTIMENT, top_k=3, weighting="softmax", routing_temperature=10.0)[0]
     assert sum(sharp.weights) == pytest.approx(1.0) and sharp.weights[0] > 0.9
     assert max(soft.weights) - min(soft.weights) < 0.05
     sims = np.array(sharp.similarities)
@@ -148,14 +149,14 @@ def test_exclude_and_filters(router):
     assert all(len(r.adapters) == 2 for r in excluded)
     everywhere = router.route([SENTIMENT, GERMAN], top_k=4, exclude=["nli"])
     assert all("nli" not in r.adapters and len(r.adapters) == 3 for r in everywhere)
-    customer_a = router.route(GERMAN, top_k=4, where={"customer": "a"})[0]
+    customer_a = router.route(GERMAN, top_k=4, filter={"customer": "a"})[0]
     assert set(customer_a.adapters) == {"sentiment", "nli"}
-    assert router.route(GERMAN, where={"domain": "translation"})[0].adapters == ("translate_de",)
+    assert router.route(GERMAN, filter={"domain": "translation"})[0].adapters == ("translate_de",)
     with pytest.raises(RetrievalError, match="unknown filter key 'tenant'"):
-        router.route(GERMAN, where={"tenant": "a"})
+        router.route(GERMAN, filter={"tenant": "a"})
     with pytest.raises(RetrievalError, match="one list per prompt"):
         router.route([SENTIMENT, GERMAN], exclude=[["a"]])
-    nothing = router.route(GERMAN, where={"customer": "nobody"})[0]
+    nothing = router.route(GERMAN, filter={"customer": "nobody"})[0]
     assert nothing.is_base and nothing.fallback == "no routable adapter matched"
 
 
@@ -164,8 +165,8 @@ def test_route_options_are_checked(router):
         router.route(SENTIMENT, top_k=0)
     with pytest.raises(RetrievalError, match="weighting='max'"):
         router.route(SENTIMENT, weighting="max")
-    with pytest.raises(RetrievalError, match="temperature=0"):
-        RouteOptions(temperature=0)
+    with pytest.raises(RetrievalError, match="routing_temperature=0"):
+        RouteOptions(routing_temperature=0)
     with pytest.raises(RetrievalError, match="min_similarity=2"):
         router.route(SENTIMENT, min_similarity=2)
     assert router.route([]) == []

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from loraretriever import LoraPool, Routing
-from loraretriever.routed_lm import RoutedLM
+from loraretriever.serving.routed_lm import RoutedLM
 from tests.conftest import gather_while_ticking
 
 PROMPTS = [f"Question {i}: what comes after {i}?" for i in range(16)]
@@ -20,9 +20,9 @@ class FixedRouter:
     def __init__(self) -> None:
         self.calls = 0
 
-    def route(self, prompts, top_k=None, **kwargs):
+    def route(self, prompts, options):
         self.calls += 1
-        mode = kwargs.get("mode", "mixture")
+        mode = options.mode
         return [
             Routing(("a", "b"), (0.7, 0.3), mode=mode) if "1" in p else Routing(("b",), (1.0,), mode=mode)
             for p in prompts
@@ -53,9 +53,33 @@ def test_generate_is_one_batched_generation_with_routings(lm):
 def test_pinned_adapters_and_modes_per_call(lm):
     pinned = lm.generate(PROMPTS[:2], adapters=["a"], mode="single")
     assert all(r.routing.adapters == ("a",) and r.routing.mode == "single" for r in pinned)
-    fused = lm.generate(PROMPTS[1:2], mode="fusion")[0]
-    assert fused.routing.mode == "fusion"
-    assert fused.text != lm.generate(PROMPTS[1:2], mode="mixture")[0].text or fused.routing != pinned[0].routing
+    alone = lm.generate_routed(PROMPTS[:2], [Routing.pinned(["a"], mode="single")] * 2)
+    assert [r.text for r in pinned] == [r.text for r in alone]
+    # The router gives PROMPTS[1] ("a" 0.7, "b" 0.3): fusion and mixture of it are different models.
+    fused, mixed = (lm.generate(PROMPTS[1:2], mode=mode)[0] for mode in ("fusion", "mixture"))
+    assert (fused.routing.mode, mixed.routing.mode) == ("fusion", "mixture")
+    for result in (fused, mixed):
+        assert result.text == lm.generate_routed(PROMPTS[1:2], [result.routing])[0].text
+    assert fused.text != mixed.text
+
+
+def test_one_batch_mixes_requests_with_different_options(lm):
+    """Concurrent calls with different routing options share ONE generation; each row is what
+    that call alone gives."""
+    calls = [
+        (PROMPTS[1], {}),
+        (PROMPTS[2], {"adapters": ["a"]}),
+        (PROMPTS[3], {"adapters": ["a", "b"], "adapter_weights": [0.2, 0.8], "mode": "fusion"}),
+        (PROMPTS[4], {"mode": "single"}),
+    ]
+    alone = [lm.generate([p], **options)[0] for p, options in calls]
+    before = lm.generations
+    queued = [lm.submit(p, **options) for p, options in calls]
+    together = [q.future.result() for q in queued]
+    assert lm.generations == before + 1 and {r.batch_size for r in together} == {4}
+    assert [r.routing for r in together] == [r.routing for r in alone]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert together[2].routing.weights == (0.2, 0.8)
 
 
 def test_concurrent_thread_calls_are_coalesced_and_each_gets_its_own_answer(lm):

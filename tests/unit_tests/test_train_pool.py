@@ -7,11 +7,13 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from loraretriever.cards import CardStore
-from loraretriever.lora_training import LoraTrainingConfig
-from loraretriever.pool_dir import adapter_dirs
-from loraretriever.routed_lm import RoutedLM
-from loraretriever.train_pool import _load_splits, evaluate_own_tasks, train_pool
+from loraretriever.engine.pool_dir import adapter_dirs
+from loraretriever.evaluation.tasks import evaluate_own_tasks
+from loraretriever.retrieval.cards import CardStore
+from loraretriever.retrieval.queries import load_splits
+from loraretriever.serving.routed_lm import RoutedLM
+from loraretriever.training.lora import LoraTrainingConfig
+from loraretriever.training.pool import train_pool
 
 
 def _split(task: str, kind: str) -> dict:
@@ -24,7 +26,7 @@ def test_train_pool_writes_loadable_float16_adapters_and_cards(tiny_lm, smol_tok
     splits_dir.mkdir()
     for task, kind in (("alpha", "classification"), ("beta", "short QA")):
         (splits_dir / f"{task}.json").write_text(json.dumps(_split(task, kind)))
-    splits = _load_splits(splits_dir, None)
+    splits = load_splits(splits_dir)
     out = tmp_path / "pool"
     config = LoraTrainingConfig(steps=2, batch_size=2)
     assert train_pool(tiny_lm, smol_tokenizer, splits, out, config, log=lambda _: None) == ["alpha", "beta"]

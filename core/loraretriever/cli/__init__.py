@@ -1,0 +1,37 @@
+"""The ``loraretriever`` command line: parse, call the library, print. Each module adds its sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main"]
+
+# Modules exposing ``register(subparsers)``; imported lazily so `--help` stays fast.
+_COMMAND_MODULES = [
+    "loraretriever.cli.setup",
+    "loraretriever.cli.retrieval",
+    "loraretriever.cli.tasks",
+    "loraretriever.cli.train",
+    "loraretriever.cli.bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraretriever", description="Input-aware LoRA retrieval and composition for mixed-task batches."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in _COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

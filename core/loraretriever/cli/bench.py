@@ -1,0 +1,151 @@
+"""``loraretriever bench serve | integrations | gates | retrieval``: benchmarks that print JSON.
+
+Progress goes to stderr with ``--json``; the JSON result is the last line of stdout. ``--smoke``
+runs the smallest workload that still exercises every method (CI runs each command so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from loraretriever.retrieval.cards import RetrievalError
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="Benchmarks that print JSON.")
+    benches = parser.add_subparsers(dest="bench", required=True)
+
+    serve = benches.add_parser("serve", help="Heterogeneous LoRA batch throughput vs PEFT and the paper.")
+    serve.add_argument("--batch-size", type=int, default=32)
+    serve.add_argument("--new-tokens", type=int, default=32)
+    serve.add_argument("--pool-size", type=int, default=48)
+    serve.add_argument("--pool-sizes", type=int, nargs="*", default=[10, 100, 1000])
+    _common(serve)
+    serve.set_defaults(
+        handler=_run_serve, smoke_overrides={"batch_size": 4, "new_tokens": 2, "pool_size": 6, "pool_sizes": [8]}
+    )
+
+    integrations = benches.add_parser(
+        "integrations", help="LangChain .batch() vs an invoke loop; LlamaIndex concurrent acomplete vs sequential."
+    )
+    integrations.add_argument("--batch-size", type=int, default=32)
+    integrations.add_argument("--concurrent", type=int, default=16)
+    integrations.add_argument("--new-tokens", type=int, default=16)
+    _common(integrations)
+    integrations.set_defaults(
+        handler=_run_integrations, smoke_overrides={"batch_size": 4, "concurrent": 2, "new_tokens": 2}
+    )
+
+    gates = benches.add_parser("gates", help="LoRA-Flow and MeteoRA gates vs the retrieval mixture.")
+    gates.add_argument("--batch-size", type=int, default=32)
+    gates.add_argument("--new-tokens", type=int, default=32)
+    gates.add_argument("--pool-sizes", type=int, nargs="*", default=[8, 64])
+    _common(gates)
+    gates.set_defaults(handler=_run_gates, smoke_overrides={"batch_size": 4, "new_tokens": 2, "pool_sizes": [4]})
+
+    retrieval = benches.add_parser("retrieval", help="Embedding + Chroma query latency for a batch over many LoRAs.")
+    retrieval.add_argument("--loras", type=int, default=10_000, help="Registered LoRAs in the index.")
+    retrieval.add_argument("--batch", type=int, default=32, help="Prompts per routing call.")
+    retrieval.add_argument("--top-k", type=int, default=3)
+    retrieval.add_argument("--repeats", type=int, default=10)
+    retrieval.add_argument("--queries", default=None, help="test_dev.json-style prompts (default: built-in ones).")
+    retrieval.add_argument("--embedder", default=None, help="Model id or directory (default: all-MiniLM-L6-v2).")
+    retrieval.add_argument("--max-seq-length", type=int, default=None, help="Truncate prompts (speed vs accuracy).")
+    retrieval.add_argument("--embed-batch-size", type=int, default=16, help="Texts per embedder forward pass.")
+    retrieval.add_argument("--device", default="cpu")
+    retrieval.add_argument("--ephemeral", action="store_true", help="In-memory index instead of an on-disk one.")
+    retrieval.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
+    retrieval.add_argument("--seed", type=int, default=0)
+    _common(retrieval)
+    retrieval.set_defaults(
+        handler=_run_retrieval, smoke_overrides={"loras": 50, "batch": 4, "repeats": 1, "ephemeral": True}
+    )
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="Print only the JSON result (progress goes to stderr).")
+    parser.add_argument("--smoke", action="store_true", help="The smallest workload (checks the command, not speed).")
+
+
+def _prepare(args: argparse.Namespace) -> Callable[[str], None]:
+    """Applies ``--smoke`` and returns the progress logger."""
+    if args.smoke:
+        for key, value in args.smoke_overrides.items():
+            setattr(args, key, value)
+    return (lambda message: print(message, file=sys.stderr)) if args.json else print
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from loraretriever.evaluation.bench_serve import run_serve_benchmark
+
+    log = _prepare(args)
+    result = run_serve_benchmark(
+        batch_size=args.batch_size,
+        new_tokens=args.new_tokens,
+        pool_size=args.pool_size,
+        pool_sizes=args.pool_sizes,
+        log=log,
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def _run_gates(args: argparse.Namespace) -> int:
+    from loraretriever.evaluation.bench_gates import run_gates_benchmark
+
+    log = _prepare(args)
+    result = run_gates_benchmark(
+        batch_size=args.batch_size, new_tokens=args.new_tokens, pool_sizes=args.pool_sizes, log=log
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def _run_integrations(args: argparse.Namespace) -> int:
+    from loraretriever.evaluation.bench_integrations import run_integrations_benchmark
+
+    log = _prepare(args)
+    result = run_integrations_benchmark(
+        batch_size=args.batch_size, concurrent=args.concurrent, new_tokens=args.new_tokens, log=log
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def _run_retrieval(args: argparse.Namespace) -> int:
+    from loraretriever.evaluation.bench_retrieval import run_benchmark
+
+    _prepare(args)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    try:
+        result = run_benchmark(
+            loras=args.loras,
+            batch=args.batch,
+            top_k=args.top_k,
+            repeats=args.repeats,
+            queries_file=args.queries,
+            embedder=args.embedder,
+            max_seq_length=args.max_seq_length,
+            embed_batch_size=args.embed_batch_size,
+            device=args.device,
+            ephemeral=args.ephemeral,
+            seed=args.seed,
+        )
+    except RetrievalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(
+            f"{result['loras']} LoRAs, batch {result['batch']}: route {result['route_ms']:.1f} ms "
+            f"(embed {result['embed_ms']:.1f} ms + query {result['query_ms']:.1f} ms)"
+        )
+    print(json.dumps(result))
+    return 0

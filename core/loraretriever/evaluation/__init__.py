@@ -1,0 +1,1 @@
+"""Evaluation: the paper's task and retrieval benchmarks, BIG-bench splits, speed benchmarks."""

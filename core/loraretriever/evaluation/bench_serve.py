@@ -1,0 +1,209 @@
+"""``loraretriever bench serve``: throughput of heterogeneous LoRA batches against the baselines.
+
+One run, on the default base model: 32 new tokens for 32 prompts, a pool of 48 LoRAs (r=8 on
+q, k, v, o; random non-zero weights), every row its own adapters. Methods:
+
+* ``base``: our generation loop with no adapters (the upper limit);
+* ``ours_mixture_k3`` / ``ours_fusion_k3`` / ``ours_single``: the Composer, 3 adapters per row;
+* ``peft_adapter_names``: PEFT's mixed batch (``generate(adapter_names=...)``), one adapter per row;
+* ``peft_sequential``: PEFT ``set_adapter`` and one request at a time;
+* ``paper_union_einsum``: the paper's mixture, every row computed against the batch's union of
+  adapters and combined by a mapping matrix;
+* ``ours_mixture_k3`` again with pools of 10, 100 and 1,000 adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from loraretriever.engine.base_model import load_base_model
+from loraretriever.engine.composer import Composer, LayerPlan, stack_factors
+from loraretriever.engine.generation import GenerationConfig, Generator
+from loraretriever.engine.pool import LoraPool
+from loraretriever.engine.routing import Routing
+from loraretriever.evaluation.workload import (
+    PROMPT_SUBJECTS,
+    PROMPT_TEMPLATES,
+    TARGETS,
+    lora_config,
+    random_lora_state_dict,
+    tokens_per_second,
+)
+
+__all__ = ["UnionEinsumComposer", "run_serve_benchmark"]
+
+
+class UnionEinsumComposer(Composer):
+    """The paper's batched mixture, a baseline: per layer, every row against every adapter in the
+    batch's union, ``sum_u M[b, u] * B_u A_u x_b``. Its cost grows with the union, not with k."""
+
+    def _build(self, routings: Sequence[Routing]) -> tuple[dict[str, LayerPlan], object]:
+        union = sorted({name for r in routings for name in r.adapters})
+        mapping = torch.zeros(len(routings), len(union))
+        for row, routing in enumerate(routings):
+            for name, weight in routing.effective():
+                mapping[row, union.index(name)] = weight
+        adapters = [self.pool.get(n) for n in union]
+        plan = {}
+        for module in sorted({m for a in adapters for m in a.modules}):
+            A, B = stack_factors([a.modules.get(module) for a in adapters], self._linear[module])
+            # LayerPlan carries (A, B) of the union; the mapping matrix rides along in _mappings.
+            plan[module] = LayerPlan(A, B)
+        self._mapping = mapping.to(self.model.dtype)
+        return plan, self._gated_rows(routings)  # no gated rows: they are not part of this baseline
+
+    def select_rows(self, rows) -> None:
+        self._mapping = self._mapping[torch.as_tensor(rows, dtype=torch.long)]
+        self._batch_size = len(rows)
+
+    def _make_hook(self, module: str):
+        def hook(_layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            plan = self._plan
+            if plan is None or module not in plan:
+                return output
+            A, B = plan[module].A_t, plan[module].B_t
+            x = args[0]
+            hidden = torch.einsum("bti,uri->btur", x, A)
+            per_adapter = torch.einsum("btur,uor->btuo", hidden, B)
+            return output + torch.einsum("btuo,bu->bto", per_adapter, self._mapping)
+
+        return hook
+
+
+def run_serve_benchmark(
+    batch_size: int = 32,
+    new_tokens: int = 32,
+    pool_size: int = 48,
+    rank: int = 8,
+    pool_sizes: Sequence[int] = (10, 100, 1000),
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Runs every method once (after a warm-up) and returns tokens/s and ratios to ``base``."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model, tokenizer = load_base_model()
+    prompts = [rng.choice(PROMPT_TEMPLATES).format(rng.choice(PROMPT_SUBJECTS)) for _ in range(batch_size)]
+    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+
+    pool = LoraPool(model)
+    states = {f"lora{i:04d}": random_lora_state_dict(model, rank, generator) for i in range(pool_size)}
+    for name, state in states.items():
+        pool.add_state_dict(name, lora_config(rank), state)
+    names = pool.names
+    row_sets = [rng.sample(names, 3) for _ in range(batch_size)]
+
+    def ours(mode: str, composer: Composer, sets: list[list[str]]) -> Callable[[], int]:
+        engine = Generator(model, tokenizer, composer)
+        routings = [Routing.pinned(s if mode != "single" else s[:1], mode=mode) for s in sets]
+
+        def run() -> int:
+            return sum(c.completion_tokens for c in engine.generate(prompts, routings, config))
+
+        return run
+
+    composer = Composer(model, pool)
+    plain = Generator(model, tokenizer)
+    methods: dict[str, Callable[[], int]] = {
+        "base": lambda: sum(c.completion_tokens for c in plain.generate(prompts, config=config)),
+        "ours_mixture_k3": ours("mixture", composer, row_sets),
+        "ours_fusion_k3": ours("fusion", composer, row_sets),
+        "ours_single": ours("single", composer, row_sets),
+    }
+    union = UnionEinsumComposer(model, pool)
+    methods["paper_union_einsum"] = ours("mixture", union, row_sets)
+
+    results: dict[str, float] = {}
+    for name, fn in methods.items():
+        results[name] = tokens_per_second(fn)
+        log(f"{name}: {results[name]:.1f} tokens/s")
+    composer.remove_hooks()
+    union.remove_hooks()
+
+    results.update(_peft_baselines(model, tokenizer, states, rank, prompts, [s[0] for s in row_sets], new_tokens, log))
+
+    scaling: dict[str, float] = {}
+    for size in pool_sizes:
+        sized = LoraPool(model)
+        for i in range(size):
+            name = f"lora{i:04d}"
+            state = states.get(name) or random_lora_state_dict(model, rank, generator)
+            sized.add_state_dict(name, lora_config(rank), state)
+        sets = [rng.sample(sized.names, 3) for _ in range(batch_size)]
+        sized_composer = Composer(model, sized)
+        scaling[f"pool_{size}"] = tokens_per_second(ours("mixture", sized_composer, sets))
+        sized_composer.remove_hooks()
+        log(f"ours_mixture_k3 with a pool of {size}: {scaling[f'pool_{size}']:.1f} tokens/s")
+        del sized
+
+    base = results["base"]
+    return {
+        "benchmark": "serve",
+        "model": type(model).__name__,
+        "batch_size": batch_size,
+        "new_tokens": new_tokens,
+        "pool_size": pool_size,
+        "rank": rank,
+        "targets": TARGETS,
+        "threads": torch.get_num_threads(),
+        "tokens_per_s": {k: round(v, 2) for k, v in results.items()},
+        "ratio_to_base": {k: round(v / base, 3) for k, v in results.items()},
+        "ours_mixture_k3_by_pool_size": {k: round(v, 2) for k, v in scaling.items()},
+        "pool_1000_over_pool_10": round(scaling["pool_1000"] / scaling["pool_10"], 3)
+        if {"pool_10", "pool_1000"} <= scaling.keys()
+        else None,
+        "targets_met": {
+            "mixture_vs_base>=0.8": results["ours_mixture_k3"] >= 0.8 * base,
+            "mixture_vs_peft_adapter_names>=1.0": results["ours_mixture_k3"] >= results["peft_adapter_names"],
+            "mixture_vs_peft_sequential>=4": results["ours_mixture_k3"] >= 4 * results["peft_sequential"],
+        },
+    }
+
+
+def _peft_baselines(model, tokenizer, states, rank, prompts, adapters, new_tokens, log) -> dict[str, float]:
+    """PEFT on its own copy of the base model, with the same 48 adapters."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    base = copy.deepcopy(model)
+    first, *rest = states
+    peft_model = get_peft_model(
+        base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS), adapter_name=first
+    )
+    for name in rest:
+        peft_model.add_adapter(name, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+    for name, state in states.items():
+        set_peft_model_state_dict(peft_model, state, adapter_name=name)
+    peft_model.eval()
+    kwargs = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+
+    def mixed() -> int:
+        with torch.inference_mode():
+            out = peft_model.generate(**batch, adapter_names=adapters, **kwargs)
+        return (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+
+    def sequential() -> int:
+        produced = 0
+        for prompt, adapter in zip(prompts, adapters, strict=True):
+            peft_model.set_adapter(adapter)
+            single = tokenizer([prompt], return_tensors="pt")
+            with torch.inference_mode():
+                out = peft_model.generate(**single, **kwargs)
+            produced += out.shape[1] - single["input_ids"].shape[1]
+        return produced
+
+    results = {
+        "peft_adapter_names": tokens_per_second(mixed),
+        "peft_sequential": tokens_per_second(sequential, repeats=1),
+    }
+    for name, value in results.items():
+        log(f"{name}: {value:.1f} tokens/s")
+    return results

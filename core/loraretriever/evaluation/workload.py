@@ -1,0 +1,64 @@
+"""The benchmarks' synthetic workload: task-like prompts and random non-zero LoRAs of the base model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "PROMPT_SUBJECTS",
+    "PROMPT_TEMPLATES",
+    "TARGETS",
+    "lora_config",
+    "random_lora_state_dict",
+    "tokens_per_second",
+]
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PROMPT_SUBJECTS = [
+    "the river",
+    "a quiet library",
+    "the new phone",
+    "our team meeting",
+    "a rainy morning",
+    "the old bridge",
+]
+PROMPT_TEMPLATES = [
+    "Translate to French: {} was better than expected.",
+    "Is the sentiment of this review positive or negative? I loved {}.",
+    "Write one sentence about {}.",
+    "Answer the question: what is {} known for?",
+    "Summarize: {} changed everything for the town last year.",
+    "Paraphrase this sentence: {} is closed on Sundays.",
+]
+
+
+def random_lora_state_dict(model: nn.Module, rank: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """PEFT-format LoRA weights on q, k, v, o with non-zero A and B (so they change outputs)."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+            state[f"base_model.model.{name}.lora_A.weight"] = (
+                torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5
+            )
+            state[f"base_model.model.{name}.lora_B.weight"] = (
+                torch.randn(module.out_features, rank, generator=generator) * 0.02
+            )
+    return state
+
+
+def lora_config(rank: int) -> dict:
+    return {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": TARGETS}
+
+
+def tokens_per_second(fn: Callable[[], int], repeats: int = 2) -> float:
+    """Tokens per second, the best of ``repeats`` runs (the first also warms caches and kernels)."""
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = fn()
+        best = max(best, tokens / (time.perf_counter() - start))
+    return best

@@ -1,0 +1,299 @@
+"""Adapter cards: what a retriever knows about each LoRA, and their store on disk.
+
+A card holds an adapter's name, sample inputs (at least one; the paper uses 20) and optional
+description, domain and string tags (``{"customer": "a"}``). The :class:`CardStore` keeps one JSON
+file per card under a pool directory; it is the source of truth the Chroma index is rebuilt from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraretriever.engine.adapter import AdapterError, check_adapter_name
+
+__all__ = [
+    "AdapterCard",
+    "CardStore",
+    "RetrievalError",
+    "load_paper_cards",
+    "read_json",
+]
+
+_TAG_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+RESERVED_TAG_KEYS = frozenset({"name", "domain", "card_digest"})
+
+
+class RetrievalError(ValueError):
+    """Bad retrieval input or state (cards, filters, index). The message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class AdapterCard:
+    """What the retriever knows about one adapter.
+
+    Example:
+        >>> card = AdapterCard("sst2", ["great movie!", "a dull plot"], domain="sentiment", tags={"customer": "a"})
+        >>> card.metadata()["tag.customer"], len(card.samples)
+        ('a', 2)
+        >>> AdapterCard("sst2", [])  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ...
+        loraretriever.retrieval.cards.RetrievalError: card 'sst2' has no samples; a card needs at least one sample input (the paper uses 20).
+    """
+
+    name: str = field(metadata={"help": "The adapter's name in the pool."})
+    samples: tuple[str, ...] = field(metadata={"help": "Sample inputs of the adapter's task (>= 1)."})
+    description: str | None = field(default=None, metadata={"help": "Free text, shown to people, not embedded."})
+    domain: str | None = field(default=None, metadata={"help": "Task family, e.g. 'sentiment'; filterable."})
+    tags: dict[str, str] = field(default_factory=dict, metadata={"help": "String labels; filterable by key."})
+
+    def __post_init__(self) -> None:
+        try:
+            check_adapter_name(self.name)
+        except AdapterError as err:
+            raise RetrievalError(f"card name: {err}") from None
+        if isinstance(self.samples, str):
+            raise RetrievalError(f"card {self.name!r}: samples must be a list of strings, not one string.")
+        samples = tuple(self.samples)
+        if not samples:
+            raise RetrievalError(
+                f"card {self.name!r} has no samples; a card needs at least one sample input (the paper uses 20)."
+            )
+        for i, sample in enumerate(samples):
+            if not isinstance(sample, str) or not sample.strip():
+                raise RetrievalError(f"card {self.name!r}: sample {i} ({sample!r:.60}) must be a non-empty string.")
+        object.__setattr__(self, "samples", samples)
+        for attr in ("description", "domain"):
+            value = getattr(self, attr)
+            if value is not None and not isinstance(value, str):
+                raise RetrievalError(f"card {self.name!r}: {attr}={value!r} must be a string or None.")
+        if not isinstance(self.tags, Mapping):
+            raise RetrievalError(f"card {self.name!r}: tags={self.tags!r} must be a dict of strings.")
+        for key, value in self.tags.items():
+            if not isinstance(key, str) or not _TAG_KEY.match(key) or key in RESERVED_TAG_KEYS:
+                raise RetrievalError(
+                    f"card {self.name!r}: tag key {key!r} is not allowed: use a letter then letters, digits, "
+                    f"'_' or '-' (at most 64), and none of {sorted(RESERVED_TAG_KEYS)}."
+                )
+            if not isinstance(value, str):
+                raise RetrievalError(f"card {self.name!r}: tag {key!r}={value!r} must be a string.")
+        object.__setattr__(self, "tags", dict(sorted(self.tags.items())))
+
+    @property
+    def digest(self) -> str:
+        """A hash of the whole card; the index re-reads a card whose digest changed."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def metadata(self) -> dict[str, str]:
+        """Flat metadata for the index: ``name``, ``domain``, ``tag.<key>`` and the card digest."""
+        meta = {"name": self.name, "card_digest": self.digest}
+        if self.domain is not None:
+            meta["domain"] = self.domain
+        meta.update({f"tag.{key}": value for key, value in self.tags.items()})
+        return meta
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "domain": self.domain,
+            "tags": dict(self.tags),
+            "samples": list(self.samples),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterCard:
+        """Reads :meth:`to_dict`'s format, or the paper's ``{"model_name", "sample": [{"inputs"}]}``."""
+        if not isinstance(data, Mapping):
+            raise RetrievalError(f"a card must be a JSON object, not {type(data).__name__}: {data!r:.80}.")
+        if "model_name" in data and "name" not in data:
+            return cls(
+                name=data["model_name"],
+                samples=tuple(_paper_inputs(data.get("sample"), data["model_name"])),
+                domain=data.get("domain"),
+            )
+        unknown = set(data) - {"name", "description", "domain", "tags", "samples"}
+        if unknown:
+            raise RetrievalError(
+                f"card {data.get('name')!r} has unknown fields {sorted(unknown)}; expected name, samples, "
+                "description, domain, tags."
+            )
+        if "name" not in data or "samples" not in data:
+            raise RetrievalError(f"card {data!r:.80} needs 'name' and 'samples'.")
+        return cls(
+            name=data["name"],
+            samples=tuple(data["samples"]) if isinstance(data["samples"], list) else data["samples"],
+            description=data.get("description"),
+            domain=data.get("domain"),
+            tags=data.get("tags") or {},
+        )
+
+
+def _paper_inputs(samples: Any, name: str) -> list[str]:
+    if not isinstance(samples, list):
+        raise RetrievalError(f"card {name!r}: 'sample' must be a list of {{'inputs': ...}} objects.")
+    out = []
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, Mapping) or "inputs" not in sample:
+            raise RetrievalError(f"card {name!r}: sample {i} ({sample!r:.60}) has no 'inputs'.")
+        out.append(sample["inputs"])
+    return out
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise RetrievalError(f"{what} file {str(path)!r} does not exist.")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RetrievalError(f"{what} file {str(path)!r} is not valid JSON ({err}).") from err
+
+
+def load_paper_cards(path: str | Path) -> list[AdapterCard]:
+    """Reads cards from a JSON list in the paper's format (``lora_samples.json``) or ours.
+
+    Example:
+        >>> cards = load_paper_cards("../shared/data/loraretriever-flan48/lora_samples.json")  # doctest: +SKIP
+        >>> len(cards), len(cards[0].samples)  # doctest: +SKIP
+        (48, 20)
+    """
+    data = read_json(path, "cards")
+    if not isinstance(data, list):
+        raise RetrievalError(f"cards file {str(path)!r} must hold a JSON list of cards, not {type(data).__name__}.")
+    cards = [AdapterCard.from_dict(item) for item in data]
+    seen: set[str] = set()
+    for card in cards:
+        if card.name in seen:
+            raise RetrievalError(f"cards file {str(path)!r} has two cards named {card.name!r}.")
+        seen.add(card.name)
+    return cards
+
+
+class CardStore:
+    """Cards as JSON files, ``DIRECTORY/<name>.json``, written atomically (temp file + rename).
+
+    ``CardStore(None)`` keeps the cards in memory instead (throwaway evaluations, tests).
+
+    Example:
+        >>> store = CardStore(None)
+        >>> store.put(AdapterCard("sst2", ["great movie!"]))
+        >>> store.names, "sst2" in store
+        (['sst2'], True)
+    """
+
+    def __init__(self, directory: str | Path | None, *, create: bool = True) -> None:
+        self.directory = None if directory is None else Path(directory).expanduser()
+        self._memory: dict[str, AdapterCard] | None = {} if directory is None else None
+        self._listing: tuple[int, list[str]] | None = None  # (directory mtime, names): saves a listing per route
+        if self.directory is None:
+            return
+        if self.directory.exists() and not self.directory.is_dir():
+            raise RetrievalError(f"card directory {str(self.directory)!r} is a file, not a directory.")
+        if not self.directory.exists():
+            if not create:
+                raise RetrievalError(
+                    f"card directory {str(self.directory)!r} does not exist. Fix: check the pool directory, "
+                    "or create it by registering a card."
+                )
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        where = "memory" if self.directory is None else str(self.directory)
+        return f"CardStore({where!r}, {len(self)} cards)"
+
+    def _path(self, name: str) -> Path:
+        try:
+            check_adapter_name(name)
+        except AdapterError as err:
+            raise RetrievalError(str(err)) from None
+        assert self.directory is not None
+        return self.directory / f"{name}.json"
+
+    @property
+    def names(self) -> list[str]:
+        if self._memory is not None:
+            return sorted(self._memory)
+        assert self.directory is not None
+        mtime = self.directory.stat().st_mtime_ns
+        # Trust the cached listing only for a directory unchanged for a second (timestamp granularity).
+        if self._listing is None or self._listing[0] != mtime or time.time_ns() - mtime < 1_000_000_000:
+            names = sorted(p.stem for p in self.directory.glob("*.json") if not p.name.startswith("."))
+            self._listing = (mtime, names)
+        return list(self._listing[1])
+
+    def __contains__(self, name: object) -> bool:
+        if self._memory is not None:
+            return name in self._memory
+        assert self.directory is not None
+        return isinstance(name, str) and (self.directory / f"{name}.json").is_file()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[AdapterCard]:
+        return iter(self.all())
+
+    def get(self, name: str) -> AdapterCard:
+        if self._memory is not None:
+            if name not in self._memory:
+                raise KeyError(f"no card named {name!r} (there are {len(self._memory)}).")
+            return self._memory[name]
+        path = self._path(name)
+        if not path.is_file():
+            raise KeyError(f"no card named {name!r} in {str(self.directory)!r} (it has {len(self)}).")
+        card = AdapterCard.from_dict(read_json(path, "card"))
+        if card.name != name:
+            raise RetrievalError(f"card file {str(path)!r} holds a card named {card.name!r}; rename one of them.")
+        return card
+
+    def all(self) -> list[AdapterCard]:
+        return [self.get(name) for name in self.names]
+
+    def put(self, card: AdapterCard) -> None:
+        """Writes (or replaces) a card; readers never see a half-written file."""
+        if not isinstance(card, AdapterCard):
+            raise RetrievalError(f"expected an AdapterCard, got {type(card).__name__}.")
+        if self._memory is not None:
+            self._memory[card.name] = card
+            return
+        path = self._path(card.name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{card.name}.", suffix=".tmp", dir=self.directory)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(card.to_dict(), handle, indent=1, ensure_ascii=False)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            self._listing = None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def put_all(self, cards: Sequence[AdapterCard]) -> None:
+        for card in cards:
+            self.put(card)
+
+    def remove(self, name: str) -> None:
+        """Deletes a card; ``KeyError`` if there is none of that name."""
+        if self._memory is not None:
+            if name not in self._memory:
+                raise KeyError(f"no card named {name!r}.")
+            del self._memory[name]
+            return
+        path = self._path(name)
+        if not path.is_file():
+            raise KeyError(f"no card named {name!r} in {str(self.directory)!r}.")
+        path.unlink()
+        self._listing = None

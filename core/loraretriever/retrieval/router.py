@@ -1,0 +1,364 @@
+"""The input-aware router: per prompt, the adapters whose cards are nearest, with weights.
+
+:class:`Router` joins an :class:`~loraretriever.retrieval.embedder.Embedder`, a Chroma
+:class:`~loraretriever.retrieval.index.LoraIndex` and a :class:`~loraretriever.retrieval.cards.CardStore`. It can
+follow a live :class:`~loraretriever.engine.pool.LoraPool` (adding or removing an adapter updates the
+index at once) or work from cards alone (no base model needed, as in ``eval-retrieval``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from loraretriever.engine.routing import GATED_MODES, Routing
+from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
+from loraretriever.retrieval.embedder import Embedder
+from loraretriever.retrieval.index import DEFAULT_COLLECTION, LoraIndex, open_chroma_client, throwaway_collection_name
+from loraretriever.retrieval.options import RouteOptions
+
+if TYPE_CHECKING:
+    from loraretriever.engine.pool import LoraPool
+
+__all__ = ["Router"]
+
+logger = logging.getLogger(__name__)
+
+CARDS_DIR = "cards"
+INDEX_DIR = "index"
+_EMBED_CHUNK = 256  # cards embedded per pass when (re)indexing
+
+
+class Router:
+    """Routes prompts to adapters by the similarity of prompt and card embeddings.
+
+    Args:
+        embedder: Embeds prompts and cards.
+        index: The Chroma index of card vectors (built with this embedder).
+        store: The cards, the source of truth the index follows.
+        pool: If given, only adapters in the pool are routable, cards must name pool adapters, and
+            the index follows the pool's ``added`` / ``removed`` events.
+        options: Routing defaults.
+        reconcile: Bring the index in line with the cards (and pool) now.
+
+    Example:
+        >>> router = Router.from_cards([AdapterCard("sst2", ["a great movie", "dull and boring"]),
+        ...                             AdapterCard("wmt16_deen", ["Translate to English: Guten Tag"])])
+        >>> [routing.adapters for routing in router.route(["what a fantastic film!"], top_k=1)]
+        [('sst2',)]
+        >>> router.close()
+    """
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        index: LoraIndex,
+        store: CardStore,
+        *,
+        pool: LoraPool | None = None,
+        options: RouteOptions | None = None,
+        reconcile: bool = True,
+        drop_index_on_close: bool = False,
+    ) -> None:
+        if (index.embedder_name, index.dim) != (embedder.name, embedder.dim):
+            raise RetrievalError(
+                f"the index is for embedder {index.embedder_name!r} (dim {index.dim}) but the router's embedder is "
+                f"{embedder.name!r} (dim {embedder.dim}). Fix: open the index with this embedder."
+            )
+        self.embedder = embedder
+        self.index = index
+        self.store = store
+        self.options = _retrieval_options(RouteOptions.coerce(options))
+        self.pool: LoraPool | None = None
+        self._stale = False
+        self._drop_index_on_close = drop_index_on_close
+        if pool is not None:
+            self.attach(pool, reconcile=False)
+        if reconcile:
+            self.reconcile()
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        pool_dir: str | Path,
+        *,
+        embedder: Embedder | str | Path | None = None,
+        chroma_path: str | Path | None = None,
+        host: str | None = None,
+        port: int = 8000,
+        collection: str = DEFAULT_COLLECTION,
+        pool: LoraPool | None = None,
+        options: RouteOptions | None = None,
+        reindex: bool = False,
+    ) -> Router:
+        """Opens the router of a pool directory: cards in ``POOL_DIR/cards``, index in ``POOL_DIR/index``.
+
+        Args:
+            pool_dir: The pool's directory (created if missing).
+            embedder: An :class:`Embedder`, or a model id / directory for one (default: all-MiniLM-L6-v2).
+            chroma_path: Where the embedded index lives (default ``POOL_DIR/index``).
+            host: Use the shared Chroma server at ``host:port`` instead (``chroma run --path DIR``).
+            port: The server's port.
+            collection: The collection name (one per pool on a shared server).
+            pool: The live pool to follow, if any.
+            options: Routing defaults.
+            reindex: Drop and rebuild the index (after changing the embedder).
+
+        Raises:
+            RetrievalError: a corrupt index, a server that is down, or an index built with another
+                embedder (fix: ``reindex=True`` / ``loraretriever reindex``).
+        """
+        pool_dir = Path(pool_dir).expanduser()
+        if pool_dir.exists() and not pool_dir.is_dir():
+            raise RetrievalError(f"pool directory {str(pool_dir)!r} is a file, not a directory.")
+        store = CardStore(pool_dir / CARDS_DIR)
+        if not isinstance(embedder, Embedder):
+            embedder = Embedder(embedder)
+        if host is not None:
+            client, where = open_chroma_client(host=host, port=port), f"Chroma server {host}:{port} ({collection!r})"
+        else:
+            path = Path(chroma_path) if chroma_path is not None else pool_dir / INDEX_DIR
+            client, where = open_chroma_client(path), f"index {str(path)!r}"
+        index = _open_index(client, embedder, collection, where, rebuild=reindex)
+        return cls(embedder, index, store, pool=pool, options=options)
+
+    @classmethod
+    def from_cards(
+        cls,
+        cards: Sequence[AdapterCard],
+        *,
+        embedder: Embedder | str | Path | None = None,
+        options: RouteOptions | None = None,
+    ) -> Router:
+        """A throwaway router over in-memory cards and an in-memory index (dropped by :meth:`close`)."""
+        if not isinstance(embedder, Embedder):
+            embedder = Embedder(embedder)
+        store = CardStore(None)
+        store.put_all(list(cards))
+        client = open_chroma_client(ephemeral=True)
+        index = _open_index(client, embedder, throwaway_collection_name(), "throwaway in-memory index")
+        return cls(embedder, index, store, options=options, drop_index_on_close=True)
+
+    def close(self) -> None:
+        """Drops a throwaway index; a persistent one is kept."""
+        if self._drop_index_on_close:
+            self.index.drop()
+            self._drop_index_on_close = False
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the pool ----------------------------------------------------------------------------
+    def attach(self, pool: LoraPool, *, reconcile: bool = True) -> None:
+        """Follows ``pool``: only its adapters are routable, and its changes reach the index at once."""
+        self.pool = pool
+        pool.subscribe(self._on_pool_event)
+        if reconcile:
+            self.reconcile()
+
+    def _on_pool_event(self, event: str, name: str) -> None:
+        # Never raise into the pool: its change has happened; a failed index write is retried
+        # by reconcile() before the next routing (and routing never returns a missing adapter).
+        try:
+            if event == "added" and name in self.store:
+                self._index_cards([self.store.get(name)])
+            elif event == "added":
+                logger.info("adapter %r has no card yet, so it is not routable until Router.register(card)", name)
+            elif event == "removed":
+                self.index.delete([name])
+        except Exception as err:
+            self._stale = True
+            logger.error("index update after %s %r failed (%s); it will be reconciled before routing", event, name, err)
+
+    def routable(self) -> set[str]:
+        """The adapters the router may return: those with a card (and in the pool, if it follows one)."""
+        names = set(self.store.names)
+        if self.pool is not None:
+            names &= set(self.pool.names)
+        return names
+
+    # -- cards -------------------------------------------------------------------------------
+    def register(self, card: AdapterCard | Mapping[str, Any]) -> None:
+        """Adds or replaces an adapter's card: saved to the store first, then indexed.
+
+        Raises:
+            RetrievalError: a bad card, or one for an adapter that is not in the followed pool.
+        """
+        if not isinstance(card, AdapterCard):
+            card = AdapterCard.from_dict(card)
+        if self.pool is not None and card.name not in self.pool:
+            raise RetrievalError(
+                f"card for unknown adapter {card.name!r}: the pool has no adapter of that name "
+                f"({len(self.pool)} adapters). Fix: pool.add(...) the adapter first, or check the name."
+            )
+        self.store.put(card)
+        try:
+            self._index_cards([card])
+        except RetrievalError as err:
+            self._stale = True
+            raise RetrievalError(f"{err} (The card is saved; the index catches up on the next reconcile.)") from err
+
+    def unregister(self, name: str) -> None:
+        """Removes an adapter's card and its vector (the adapter itself stays in the pool)."""
+        if name not in self.store:
+            raise KeyError(f"no card named {name!r}; known: {', '.join(self.store.names[:10]) or 'none'}.")
+        self.index.delete([name])
+        self.store.remove(name)
+
+    def reconcile(self) -> dict[str, list[str]]:
+        """Makes the index hold exactly the routable cards, each from its current version.
+
+        Returns:
+            ``{"added": [...], "updated": [...], "removed": [...]}`` (adapter names).
+        """
+        routable = self.routable()
+        indexed = self.index.digests()
+        cards = {name: self.store.get(name) for name in routable}
+        added = sorted(name for name in routable if name not in indexed)
+        updated = sorted(name for name in routable if name in indexed and indexed[name] != cards[name].digest)
+        removed = sorted(name for name in indexed if name not in routable)
+        if removed:
+            self.index.delete(removed)
+        todo = [cards[name] for name in added + updated]
+        self._index_cards(todo)
+        self._stale = False
+        if added or updated or removed:
+            logger.info("index reconciled: %d added, %d updated, %d removed", len(added), len(updated), len(removed))
+        return {"added": added, "updated": updated, "removed": removed}
+
+    def reindex(self) -> int:
+        """Rebuilds the index from the cards with the current embedder; returns the number indexed."""
+        self.index.rebuild()
+        return len(self.reconcile()["added"])
+
+    def _index_cards(self, cards: Sequence[AdapterCard]) -> None:
+        for start in range(0, len(cards), _EMBED_CHUNK):
+            chunk = list(cards[start : start + _EMBED_CHUNK])
+            self.index.upsert(chunk, self.embedder.embed_samples([card.samples for card in chunk]))
+
+    # -- routing -----------------------------------------------------------------------------
+    def route(
+        self, prompts: Sequence[str] | str, options: RouteOptions | Mapping[str, Any] | None = None, **overrides: Any
+    ) -> list[Routing]:
+        """Chooses the adapters of each prompt.
+
+        Args:
+            prompts: The prompts (embedded in batches).
+            options: The routing options (default: the router's); see
+                :class:`~loraretriever.retrieval.options.RouteOptions`. ``filter`` is a card metadata
+                filter (see :meth:`LoraIndex.chroma_where`); ``exclude`` one list of names for all
+                prompts or one per prompt (the paper's out-of-domain protocol excludes each prompt's
+                own task); below ``min_similarity`` a prompt gets the base model, with
+                ``Routing.fallback`` saying why.
+            **overrides: Options to change for this call, by name (``top_k=2``, ``filter={...}``).
+
+        Returns:
+            One :class:`~loraretriever.engine.routing.Routing` per prompt, best adapter first.
+
+        Raises:
+            RetrievalError: options a router cannot honour (a gated mode, pinned adapters) or bad ones.
+
+        Example:
+            >>> router.route(["Is this review positive? 'loved it'"], top_k=2)  # doctest: +SKIP
+            [Routing(adapters=('sst2', 'imdb'), weights=(0.5, 0.5), similarities=(0.71, 0.66), ...)]
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        opts = _retrieval_options(
+            (self.options if options is None else RouteOptions.coerce(options)).replace(**overrides)
+        )
+        excludes = opts.excludes_for(len(prompts))
+        if self._stale:
+            self.reconcile()
+        chroma_where = self.index.chroma_where(opts.filter)
+        if not prompts:
+            return []
+        routable = self.routable()
+        vectors = self.embedder.embed(prompts)
+        candidates = self._nearest(vectors, opts.k, chroma_where, excludes, routable)
+        return [_make_routing(found, opts, bool(routable)) for found in candidates]
+
+    def _nearest(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        where: dict[str, Any] | None,
+        excludes: list[set[str]],
+        routable: set[str],
+    ) -> list[list[tuple[str, float]]]:
+        """The k best routable, non-excluded adapters per vector; fetches more when some are filtered out."""
+        total = self.index.count()
+        out: list[list[tuple[str, float]]] = [[] for _ in range(len(vectors))]
+        todo = list(range(len(vectors)))
+        fetch = min(total, k + max((len(e) for e in excludes), default=0) + 4)
+        while todo and fetch > 0:
+            results = self.index.query(vectors[todo], fetch, where=where)
+            again = []
+            for row, found in zip(todo, results, strict=True):
+                kept = [(name, sim) for name, sim in found if name in routable and name not in excludes[row]]
+                out[row] = kept[:k]
+                if len(kept) < k and len(found) == fetch and fetch < total:
+                    again.append(row)
+            todo, fetch = again, min(total, fetch * 4)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Router({self.embedder.name!r}, {self.index.where}, {len(self.store)} cards)"
+
+
+def _open_index(client: Any, embedder: Embedder, collection: str, where: str, *, rebuild: bool = False) -> LoraIndex:
+    if rebuild:  # drop the old collection first, so that its embedder is not checked
+        try:
+            client.delete_collection(collection)
+        except Exception as err:  # no such collection: nothing to drop
+            logger.debug("no collection %r to drop (%s)", collection, err)
+    return LoraIndex(
+        client,
+        embedder_name=embedder.name,
+        dim=embedder.dim,
+        instruction=embedder.instruction,
+        collection=collection,
+        where=where,
+    )
+
+
+def _retrieval_options(options: RouteOptions) -> RouteOptions:
+    """``options`` if a router can honour them: it retrieves, it holds no gates and pins nothing."""
+    if options.mode in GATED_MODES:
+        raise RetrievalError(
+            f"mode={options.mode!r} needs a gate, which a Router does not hold: route with RoutedLM.route(mode="
+            f"{options.mode!r}), or with Router mode='mixture' and set the gate on the routings."
+        )
+    if options.adapters is not None:
+        raise RetrievalError(
+            f"adapters={options.adapters!r} pins adapters, which a Router retrieves. Fix: use Routing.pinned(...) "
+            "or RoutedLM.route(adapters=...)."
+        )
+    return options
+
+
+def _make_routing(found: list[tuple[str, float]], opts: RouteOptions, any_routable: bool) -> Routing:
+    if not found:
+        reason = "no routable adapter matched" if any_routable else "no routable adapters (no cards, or empty pool)"
+        return Routing.base(reason)
+    kept = found if opts.min_similarity is None else [(n, s) for n, s in found if s >= opts.min_similarity]
+    if not kept:
+        best_name, best_sim = found[0]
+        return Routing.base(f"no adapter with similarity >= {opts.min_similarity:g} (best: {best_name} {best_sim:.3f})")
+    names = tuple(name for name, _ in kept)
+    sims = np.array([sim for _, sim in kept], dtype=np.float64)
+    if opts.weighting == "uniform":
+        weights = np.full(len(kept), 1.0 / len(kept))
+    else:
+        logits = (sims - sims.max()) / opts.routing_temperature
+        weights = np.exp(logits) / np.exp(logits).sum()
+    return Routing(names, tuple(weights.tolist()), similarities=tuple(sims.tolist()), mode=opts.mode)

@@ -1,0 +1,337 @@
+"""RoutedLM: base model + LoRA pool + router + composer + generation settings, behind one front.
+
+Every call is routed: each prompt gets its own adapters (retrieved, pinned by the caller, or
+weighed by a gate). Every call, a list or a single prompt, sync, async or streamed, takes ONE
+path: its requests go to a :class:`~loraretriever.engine.scheduler.BatchingQueue`, which merges
+concurrent calls into batches for the :class:`~loraretriever.serving.runner.BatchRunner`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from loraretriever.engine.composer import Composer
+from loraretriever.engine.gates import Gate, gate_dirs, load_gate
+from loraretriever.engine.generation import GenerationConfig, Generator, Prompt, prompt_text
+from loraretriever.engine.pool import LoraPool
+from loraretriever.engine.pool_dir import load_adapters
+from loraretriever.engine.routing import Routing
+from loraretriever.engine.scheduler import BatchingQueue, QueuedRequest
+from loraretriever.retrieval.options import RouteOptions
+from loraretriever.serving import adapters as pool_changes
+from loraretriever.serving.bridge import iterate_in_thread
+from loraretriever.serving.calls import GENERATION_OPTIONS, Request, split_call_options
+from loraretriever.serving.gating import plan_gated, warn_if_mismatched
+from loraretriever.serving.runner import BatchRunner, Result, Timings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LOAD_OPTIONS", "Result", "RoutedLM", "RoutesPrompts", "Timings", "split_load_options"]
+
+
+class RoutesPrompts(Protocol):
+    """What RoutedLM needs of a router (e.g. :class:`loraretriever.retrieval.router.Router`)."""
+
+    def route(self, prompts: Sequence[str], options: RouteOptions) -> list[Routing]: ...
+
+
+class RoutedLM:
+    """A causal LM whose every call is routed to its own LoRAs, served in batches.
+
+    Args:
+        model: The base model.
+        tokenizer: Its tokenizer (left padding).
+        pool: The LoRA pool of that model.
+        router: Chooses adapters per prompt; without one, calls must pin ``adapters=`` or get the
+            base model.
+        generation: Default generation settings (overridable per call).
+        route_defaults: Default :class:`~loraretriever.retrieval.options.RouteOptions` (or their
+            names and values), overridable per call.
+        max_batch_size: The most rows in one generation.
+        max_wait_ms: How long a call waits for others to share its batch.
+
+    Example:
+        >>> lm = RoutedLM.from_pretrained(pool_dir="my_pool")  # doctest: +SKIP
+        >>> results = lm.generate(["Translate to French: cat", "Is 'great film' positive?"])  # doctest: +SKIP
+        >>> print(results[1].routing)  # doctest: +SKIP
+        mixture: sst2 0.33 (sim 0.812), imdb 0.33 (sim 0.790), yelp 0.33 (sim 0.701)
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        pool: LoraPool,
+        router: RoutesPrompts | None = None,
+        *,
+        generation: GenerationConfig | None = None,
+        route_defaults: RouteOptions | Mapping[str, Any] | None = None,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 10.0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.router = router
+        self.composer = Composer(model, pool)
+        self.generator = Generator(model, tokenizer, self.composer)
+        self.generation = generation or GenerationConfig()
+        self.route_defaults = RouteOptions.coerce(route_defaults)
+        self.max_batch_size = max_batch_size
+        self._runner = BatchRunner(pool, router, self.composer, self.generator)
+        self._queue = BatchingQueue(self._runner, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+        self.pool_dir: Path | None = None  # set by from_pretrained(pool_dir=...)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str | Path | None = None, **kwargs: Any) -> RoutedLM:
+        """Loads a base model (hub id, local path, or the packaged default), then :meth:`from_model`.
+
+        Args:
+            model_id: See :func:`loraretriever.load_base_model`.
+            **kwargs: :meth:`from_model`'s options (``pool_dir``, ``adapters``, ``router``,
+                ``embedder``, ``chroma_host``, ``chroma_port``) and :class:`RoutedLM`'s
+                (``generation``, ``route_defaults``, ``max_batch_size``, ``max_wait_ms``); together
+                :data:`LOAD_OPTIONS`.
+
+        Example:
+            >>> lm = RoutedLM.from_pretrained(pool_dir="~/loras")  # doctest: +SKIP
+        """
+        from loraretriever.engine.base_model import load_base_model
+
+        _check_load_options(kwargs)
+        model, tokenizer = load_base_model(model_id)
+        return cls.from_model(model, tokenizer, **kwargs)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        pool_dir: str | Path | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
+        router: RoutesPrompts | None = None,
+        embedder: Any = None,
+        chroma_host: str | None = None,
+        chroma_port: int = 8000,
+        **kwargs: Any,
+    ) -> RoutedLM:
+        """A RoutedLM over a model and tokenizer already loaded.
+
+        Args:
+            model: The base model.
+            tokenizer: Its tokenizer.
+            pool_dir: A pool directory (``adapters/``, ``cards/``, ``index/``, ``gates/``): its adapters
+                and gates are loaded and a :class:`~loraretriever.retrieval.router.Router` over its cards
+                follows the pool.
+            adapters: More ``{name: directory or hub id}`` to add (not stored in ``pool_dir``).
+            router: A router to use instead of the pool directory's.
+            embedder: The router's embedder (an Embedder, model id or directory; default MiniLM).
+            chroma_host: Share the index on a ``chroma run`` server at ``chroma_host:chroma_port``.
+            chroma_port: The server's port.
+            **kwargs: Passed to :class:`RoutedLM`.
+        """
+        pool = LoraPool(model)
+        if pool_dir is not None:
+            load_adapters(pool, pool_dir)
+        for name, source in (adapters or {}).items():
+            pool.add(source, name=name)
+        if router is None and pool_dir is not None:
+            from loraretriever.retrieval.router import Router
+
+            router = Router.open(pool_dir, embedder=embedder, host=chroma_host, port=chroma_port, pool=pool)
+        lm = cls(model, tokenizer, pool, router, **kwargs)
+        lm.pool_dir = Path(pool_dir).expanduser() if pool_dir is not None else None
+        if pool_dir is not None:
+            for name, directory in gate_dirs(pool_dir).items():
+                lm.register_gate(name, load_gate(directory))
+        return lm
+
+    # -- gates and adapters ------------------------------------------------------------------
+    @property
+    def gates(self) -> dict[str, Gate]:
+        """The registered LoRA-Flow and MeteoRA gates by name (``mode="flow"`` / ``"meteora"``)."""
+        return dict(self.composer.gates)
+
+    def register_gate(self, name: str, gate: Gate) -> None:
+        """Makes a gate usable as ``mode="flow"`` / ``"meteora"`` with ``gate=name``. A meteora gate
+        that does not match the pool is kept: calls fall back to the retrieval mixture, saying why."""
+        self.composer.register_gate(name, gate)
+        warn_if_mismatched(name, gate, self.pool)
+
+    def add_adapter(self, source: str | Path, card: Any = None, *, name: str | None = None) -> str:
+        """Adds an adapter (and its card, which makes it routable) without reloading anything.
+
+        With a pool directory, the adapter is first stored there. Any failure undoes the steps
+        already taken, so the pool, the directory and the index are left as they were.
+
+        Args:
+            source: A PEFT adapter directory (or hub id when there is no pool directory).
+            card: An :class:`~loraretriever.retrieval.cards.AdapterCard` or its dict (``samples``, ...).
+            name: The adapter's name; defaults to the card's name or the directory name.
+        """
+        return pool_changes.add_adapter(self.pool, self.router, self.pool_dir, source, card, name=name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Removes an adapter: its card and index entry first (so it is never routed while missing),
+        then the pool entry and the stored files."""
+        pool_changes.remove_adapter(self.pool, self.router, self.pool_dir, name)
+
+    # -- routing -----------------------------------------------------------------------------
+    def route(
+        self, prompts: Sequence[Prompt], options: RouteOptions | Mapping[str, Any] | None = None, **overrides: Any
+    ) -> list[Routing]:
+        """The routing of each prompt (a chat is routed by its last user message).
+
+        Args:
+            prompts: The prompts.
+            options: Routing options (default: :attr:`route_defaults`).
+            **overrides: Routing options to change for this call, by name.
+        """
+        opts = (self.route_defaults if options is None else RouteOptions.coerce(options)).replace(**overrides)
+        prompts = _check_prompts(prompts)
+        return self._runner.route([prompt_text(p, i) for i, p in enumerate(prompts)], opts)
+
+    # -- generation: every method below submits to the one queue ----------------------------
+    def generate(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[Result]:
+        """Routes every prompt and generates them all in batched passes of at most
+        ``max_batch_size`` rows, shared with concurrent calls.
+
+        Args:
+            prompts: Strings or chats (lists of ``{"role", "content"}``).
+            **kwargs: Generation options (``max_new_tokens``, ``temperature``, ``stop``, ...) and
+                routing options (``mode``, ``top_k``, ``adapters``, ``filter``, ...), by name.
+
+        Raises:
+            TypeError: an unknown option. ValueError: a bad prompt or option value.
+        """
+        return [queued.future.result() for queued in self._submit(prompts, kwargs)]
+
+    def generate_routed(self, prompts: Sequence[Prompt], routings: Sequence[Routing], **kwargs: Any) -> list[Result]:
+        """Generates with routings the caller chose (one per prompt), e.g. an evaluation's oracle.
+
+        Args:
+            prompts: The prompts.
+            routings: One :class:`Routing` per prompt (adapters must be in the pool).
+            **kwargs: Generation options only (``max_new_tokens``, ``temperature``, ...).
+        """
+        prompts = _check_prompts(prompts)
+        routing_options = sorted(set(kwargs) - set(GENERATION_OPTIONS))
+        if routing_options:
+            raise TypeError(f"{routing_options} do not apply to generate_routed: the routings are given.")
+        if len(routings) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(routings)} routings; pass one per prompt.")
+        for routing in routings:
+            self.pool.check_names(list(routing.adapters))
+        config, options = split_call_options(kwargs, self.generation, self.route_defaults)
+        requests = [Request(p, config, options, r) for p, r in zip(prompts, routings, strict=True)]
+        return [queued.future.result() for queued in self._queue.submit_many(requests)]
+
+    def submit(self, prompt: Prompt, **kwargs: Any) -> QueuedRequest:
+        """Queues one prompt; ``.future.result()`` is its :class:`Result`."""
+        return self._submit([prompt], kwargs)[0]
+
+    def complete(self, prompt: Prompt, **kwargs: Any) -> Result:
+        """One prompt, coalesced with concurrent calls from other threads."""
+        return self.submit(prompt, **kwargs).future.result()
+
+    def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
+        """Yields the text of one prompt as it is produced (coalesced with concurrent calls)."""
+        deltas, _ = self.stream_with_result(prompt, **kwargs)
+        yield from deltas
+
+    def stream_with_result(self, prompt: Prompt, **kwargs: Any) -> tuple[Iterator[str], QueuedRequest]:
+        """Like :meth:`stream`, also returning the request whose future holds the final Result."""
+        queued = self._submit([prompt], kwargs, stream=True)[0]
+        return queued.iter_deltas(), queued
+
+    async def acomplete(self, prompt: Prompt, **kwargs: Any) -> Result:
+        """Async :meth:`complete`: never blocks the event loop; concurrent calls share batches."""
+        return await asyncio.wrap_future(self.submit(prompt, **kwargs).future)
+
+    async def agenerate(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[Result]:
+        """Async :meth:`generate`: never blocks the event loop."""
+        return list(await asyncio.gather(*(asyncio.wrap_future(q.future) for q in self._submit(prompts, kwargs))))
+
+    async def astream(self, prompt: Prompt, **kwargs: Any) -> AsyncIterator[str]:
+        """Async :meth:`stream`."""
+        deltas, _ = self.stream_with_result(prompt, **kwargs)
+        async for delta in iterate_in_thread(deltas):
+            yield delta
+
+    def close(self) -> None:
+        """Stops the batching worker and detaches the composer's hooks."""
+        self._queue.close()
+        self.composer.remove_hooks()
+
+    @property
+    def generations(self) -> int:
+        """Batched generations run so far (one per batch, however many callers shared it)."""
+        return self._runner.generations
+
+    def _submit(
+        self, prompts: Sequence[Prompt], kwargs: Mapping[str, Any], stream: bool = False
+    ) -> list[QueuedRequest]:
+        """Validates the whole call (so a bad one fails here, alone), then queues one request per prompt."""
+        prompts = _check_prompts(prompts)
+        config, options = split_call_options(kwargs, self.generation, self.route_defaults)
+        if options.adapters is not None:
+            self.pool.check_names(list(options.adapters))
+        plan_gated(options, self.composer.gates, self.pool)  # a missing or mismatched gate fails now
+        per_prompt = [options] * len(prompts)
+        if options.exclude is not None and not all(isinstance(e, str) for e in options.exclude):
+            per_prompt = [
+                dataclasses.replace(options, exclude=tuple(names)) for names in options.excludes_for(len(prompts))
+            ]
+        return self._queue.submit_many(
+            [Request(p, config, o) for p, o in zip(prompts, per_prompt, strict=True)], stream=stream
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this LM's outputs: base model, pool content, defaults (for caches)."""
+        return {
+            "model": getattr(self.model.config, "_name_or_path", type(self.model).__name__),
+            "pool": self.pool.fingerprint(),
+            "generation": dataclasses.asdict(self.generation),
+            "routing": json.loads(json.dumps(self.route_defaults.given(), default=str)),
+        }
+
+
+def _check_prompts(prompts: Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string; wrap it: [prompt].")
+    prompts = list(prompts)
+    for i, prompt in enumerate(prompts):
+        prompt_text(prompt, i)
+    return prompts
+
+
+def _parameters(function: Any) -> list[str]:
+    skip = {"self", "cls", "model", "tokenizer", "pool", "kwargs"}
+    return [name for name in inspect.signature(function).parameters if name not in skip]
+
+
+# Everything from_pretrained takes besides model_id: derived, so that the integrations forward
+# these options without listing them again.
+LOAD_OPTIONS: tuple[str, ...] = tuple(_parameters(RoutedLM.from_model) + _parameters(RoutedLM.__init__))
+
+
+def _check_load_options(kwargs: Mapping[str, Any]) -> None:
+    unknown = sorted(set(kwargs) - set(LOAD_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; RoutedLM.from_pretrained takes {list(LOAD_OPTIONS)}.")
+
+
+def split_load_options(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``kwargs`` split into :meth:`RoutedLM.from_pretrained` options and the rest (an integration's fields)."""
+    load = {k: v for k, v in kwargs.items() if k in LOAD_OPTIONS}
+    return load, {k: v for k, v in kwargs.items() if k not in LOAD_OPTIONS}

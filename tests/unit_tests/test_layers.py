@@ -1,0 +1,95 @@
+"""The package's layers: a module imports only from its own layer and the layers below it.
+
+engine < retrieval < serving < training, evaluation < cli. Imports inside functions count too (a
+lazy import is still a dependency). The top-level facade and the integrations stand on serving.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "core" / "loraretriever"
+
+# What each layer may import from loraretriever (besides itself).
+ALLOWED: dict[str, set[str]] = {
+    "engine": set(),
+    "retrieval": {"engine"},
+    "serving": {"engine", "retrieval"},
+    "training": {"engine", "retrieval", "serving"},
+    "evaluation": {"engine", "retrieval", "serving", "integration"},  # benchmarks measure the integrations
+    "cli": {"engine", "retrieval", "serving", "training", "evaluation", "integration"},
+    "facade": {"engine", "retrieval", "serving"},
+    "integration": {"facade", "engine", "retrieval", "serving"},
+}
+INTEGRATIONS = ("langchain_loraretriever", "llamaindex_loraretriever")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module an ``import`` or ``from ... import`` in the file names."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                raise AssertionError(f"{path}: relative import; use absolute `loraretriever.` imports.")
+            names.add(node.module or "")
+    return names
+
+
+def layer_of(module: str) -> str | None:
+    """``engine`` for ``loraretriever.engine.pool``, ``facade`` for ``loraretriever``, None if not ours."""
+    parts = module.split(".")
+    if parts[0] in INTEGRATIONS:
+        return "integration"
+    if parts[0] != "loraretriever":
+        return None
+    return parts[1] if len(parts) > 1 else "facade"
+
+
+def violations(path: Path, layer: str, root: Path = ROOT) -> list[str]:
+    allowed = ALLOWED[layer] | {layer}
+    found = []
+    for module in sorted(imported_modules(path)):
+        target = layer_of(module)
+        if target is not None and target not in allowed:
+            found.append(f"{path.relative_to(root)} ({layer}) imports {module} ({target})")
+    return found
+
+
+def package_files() -> list[tuple[Path, str]]:
+    files = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).parts
+        files.append((path, "facade" if len(relative) == 1 else relative[0]))
+    for name in INTEGRATIONS:
+        files += [(path, "integration") for path in sorted((ROOT / name).rglob("*.py"))]
+    return files
+
+
+def test_every_package_module_belongs_to_a_known_layer():
+    layers = {layer for _, layer in package_files()}
+    assert layers <= set(ALLOWED), layers - set(ALLOWED)
+    assert {"engine", "retrieval", "serving", "training", "evaluation", "cli"} <= layers
+    # No loose modules beside the facade: every module lives in a layer.
+    assert [p.name for p, layer in package_files() if layer == "facade"] == ["__init__.py"]
+
+
+@pytest.mark.parametrize("layer", list(ALLOWED))
+def test_layer_imports_only_from_below(layer):
+    found = [v for path, lay in package_files() if lay == layer for v in violations(path, lay)]
+    assert found == [], "\n".join(found)
+
+
+def test_the_check_catches_an_upward_import(tmp_path):
+    bad = tmp_path / "pool.py"
+    bad.write_text("def f():\n    from loraretriever.serving.routed_lm import RoutedLM\n")
+    assert violations(bad, "engine", tmp_path) == ["pool.py (engine) imports loraretriever.serving.routed_lm (serving)"]
+    bad.write_text("from loraretriever.evaluation import tasks\n")
+    assert violations(bad, "integration", tmp_path) == [
+        "pool.py (integration) imports loraretriever.evaluation (evaluation)"
+    ]
