@@ -167,3 +167,23 @@ def test_chat_messages_use_the_template_and_route_on_the_last_user_message(lm):
         lm.generate([[{"role": "system", "content": "be brief"}]])
     with pytest.raises(ValueError, match="needs 'role' and 'content'"):
         lm.generate([[{"text": "hi"}]])
+
+
+def test_add_adapter_rolls_back_when_the_router_refuses_the_card(tiny_lm, smol_tokenizer, tiny_lm_adapters, tmp_path):
+    from loraretriever.engine.pool_dir import adapter_dirs
+    from loraretriever.retrieval.cards import RetrievalError
+
+    class RefusingRouter(FixedRouter):
+        def register(self, card):
+            raise RetrievalError(f"index is down (card {card.name!r})")
+
+    lm = RoutedLM(tiny_lm, smol_tokenizer, LoraPool(tiny_lm), RefusingRouter())
+    lm.pool_dir = tmp_path
+    try:
+        with pytest.raises(RetrievalError, match="index is down"):
+            lm.add_adapter(tiny_lm_adapters["a"], card={"samples": ["one sample"]}, name="new")
+        assert "new" not in lm.pool and "new" not in adapter_dirs(tmp_path)
+        assert lm.add_adapter(tiny_lm_adapters["a"], name="new") == "new"  # no card: nothing to refuse
+        assert "new" in lm.pool and "new" in adapter_dirs(tmp_path)
+    finally:
+        lm.close()

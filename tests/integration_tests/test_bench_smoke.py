@@ -1,0 +1,41 @@
+"""Every benchmark command runs end to end with ``--smoke`` (the smallest workload) and prints its JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraretriever.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(capsys, *args: str) -> dict:
+    assert main(["bench", *args, "--smoke", "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_serve_smoke(capsys):
+    result = run_bench(capsys, "serve")
+    assert result["batch_size"] == 4 and result["new_tokens"] == 2
+    methods = {"base", "ours_mixture_k3", "ours_fusion_k3", "ours_single", "paper_union_einsum", "peft_adapter_names"}
+    assert methods <= set(result["tokens_per_s"])
+    assert all(v > 0 for v in result["tokens_per_s"].values())
+    assert set(result["ours_mixture_k3_by_pool_size"]) == {"pool_8"}
+
+
+def test_bench_integrations_smoke(capsys):
+    result = run_bench(capsys, "integrations")
+    assert result["langchain"]["prompts"] == 4 and result["llamaindex"]["calls"] == 2
+    assert result["langchain"]["batch_s"] > 0 and result["llamaindex"]["sequential_complete_s"] > 0
+
+
+def test_bench_gates_smoke(capsys):
+    result = run_bench(capsys, "gates")
+    assert result and json.dumps(result)
+
+
+def test_bench_retrieval_smoke(capsys):
+    result = run_bench(capsys, "retrieval")
+    assert result["loras"] == 50 and result["batch"] == 4 and result["route_ms"] > 0
