@@ -51,7 +51,10 @@ def test_examples_come_round_robin_over_tasks_and_bad_ones_are_named(tmp_path):
     data.write_text(json.dumps(EXAMPLES))
     assert [e["task"] for e in load_examples(data, 4)] == ["sentiment", "translate_de", "closed_qa", "nli"]
     data.write_text(json.dumps([*EXAMPLES, {"inputs": "x", "targets": "y"}]))
-    with pytest.raises(ValueError, match=r"example 8 of .* has no \['task'\]"):
+    with pytest.raises(ValueError, match=r"item 8 .* needs 'inputs' and 'task'"):
+        load_examples(data)
+    data.write_text(json.dumps([*EXAMPLES, {"inputs": "x", "task": "nli"}]))
+    with pytest.raises(ValueError, match=r"example 8 of .* has no \['targets'\]"):
         load_examples(data)
     with pytest.raises(ValueError, match="kind='moe' must be 'flow' or 'meteora'"):
         GateTrainingConfig(kind="moe")

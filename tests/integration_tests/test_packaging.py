@@ -12,10 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_editable_install_maps_core_to_loraretriever():
+def test_editable_install_maps_core_loraretriever_to_the_package():
     import loraretriever
 
-    assert Path(loraretriever.__file__).resolve().parent == ROOT / "core"
+    assert Path(loraretriever.__file__).resolve().parent == ROOT / "core" / "loraretriever"
 
 
 @pytest.mark.slow
@@ -39,9 +39,9 @@ def test_plain_install_imports_every_package(tmp_path):
         timeout=600,
     )
     assert build.returncode == 0, build.stderr[-2000:]
-    assert (target / "loraretriever" / "composer.py").is_file()
+    assert (target / "loraretriever" / "engine" / "composer.py").is_file()
     code = (
-        "import loraretriever, langchain_loraretriever, llamaindex_loraretriever, loraretriever.cli;"
+        "import loraretriever, langchain_loraretriever, llamaindex_loraretriever, loraretriever.cli.bench;"
         "print(loraretriever.__file__)"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}

@@ -72,8 +72,11 @@ def test_gated_rows_generate_alongside_others_and_leave_the_batch_early(generato
         for i, prompt in enumerate(PROMPTS):
             alone = generator.generate([prompt], [routings[i]], configs[i])[0]
             assert batch[i].text == alone.text, routings[i]
+        # Each gate changes its own prompt's output: flow vs the plain mixture of its slots, meteora vs base.
         mixture = generator.generate(PROMPTS[:1], [Routing.pinned(["b", "a"])], configs[0])[0]
-        assert batch[0].text != mixture.text or batch[1].text != batch[2].text, "the gates change the output"
+        assert batch[0].text != mixture.text, "the flow gate's per-token weights changed nothing"
+        base = generator.generate(PROMPTS[1:2], [Routing.base()], configs[1])[0]
+        assert batch[1].text != base.text, "the meteora gate's adapters changed nothing"
     finally:
         composer.unregister_gate("flow")
         composer.unregister_gate("moe")
@@ -123,14 +126,17 @@ def test_streaming_deltas_add_up_to_the_text(generator, tokenizer):
 
 def test_sampling_is_seeded_per_row(generator):
     sampled = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
-    batch = generator.generate(PROMPTS, ROUTINGS, [sampled, GenerationConfig(max_new_tokens=8), sampled])
+    greedy = GenerationConfig(max_new_tokens=8)
+    batch = generator.generate(PROMPTS, ROUTINGS, [sampled, greedy, sampled])
     alone = generator.generate(PROMPTS[2:], ROUTINGS[2:], sampled)[0]
-    assert batch[2].text == alone.text
-    greedy = generator.generate(PROMPTS[2:], ROUTINGS[2:], GenerationConfig(max_new_tokens=8))[0]
+    assert batch[2].text == alone.text == generator.generate(PROMPTS[2:], ROUTINGS[2:], sampled)[0].text
+    assert batch[1].text == generator.generate(PROMPTS[1:2], ROUTINGS[1:2], greedy)[0].text
+    greedy_alone = generator.generate(PROMPTS[2:], ROUTINGS[2:], greedy)[0]
     other_seed = generator.generate(
         PROMPTS[2:], ROUTINGS[2:], GenerationConfig(max_new_tokens=8, temperature=1.0, seed=8)
     )
-    assert {alone.text, greedy.text, other_seed[0].text} != {alone.text}
+    assert alone.text != greedy_alone.text, "temperature 1.0 sampled the greedy text"
+    assert alone.text != other_seed[0].text, "seeds 7 and 8 sampled the same text"
 
 
 def test_chat_template_on_request(generator, tokenizer):

@@ -134,8 +134,8 @@ def test_reindex_and_route_commands(tmp_path, minilm, toy_cards, capsys):
     assert main(["route", "--pool", str(tmp_path / "nowhere"), prompt]) == 2
     assert "is --pool a pool directory" in capsys.readouterr().err
     CardStore(pool_dir / "cards").put(AdapterCard("extra", ["Translate to German: good morning"]))
-    assert main(["route", "--pool", str(pool_dir), prompt, "--top-k", "1", "--json"]) == 0
-    assert last_json(capsys)[0]["adapters"] in (["translate_de"], ["extra"])  # reconciled on open
+    assert main(["route", "--pool", str(pool_dir), prompt, "--top-k", "2", "--json"]) == 0
+    assert "extra" in last_json(capsys)[0]["adapters"]  # its card was indexed on open (reconciled)
 
 
 def test_bench_retrieval_command(capsys):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraretriever.engine.pool_dir import adapter_dirs
-from loraretriever.evaluation.tasks import evaluate_own_tasks
+from loraretriever.evaluation.tasks import evaluate_own_tasks, score
 from loraretriever.retrieval.cards import CardStore
 from loraretriever.retrieval.queries import load_splits
 from loraretriever.serving.routed_lm import RoutedLM
@@ -42,7 +42,11 @@ def test_train_pool_writes_loadable_float16_adapters_and_cards(tiny_lm, smol_tok
         assert lm.pool.get("alpha").modules  # float16 on disk, the model's float32 in memory
         assert next(iter(lm.pool.get("alpha").modules.values())).A.dtype == torch.float32
         report = evaluate_own_tasks(lm, splits, max_new_tokens=2)
+        prompts = [e["inputs"] for e in splits["alpha"]["test"]]
+        pinned = lm.generate(prompts, adapters=["alpha"], max_new_tokens=2, chat_template=True)
+        targets = [e["targets"] for e in splits["alpha"]["test"]]
+        expected = sum(score("em", r.text, t) for r, t in zip(pinned, targets, strict=True)) / len(targets)
     finally:
         lm.close()
     assert report["n_tasks"] == 2 and set(report["tasks"]) == {"alpha", "beta"}
-    assert report["tasks"]["alpha"]["n_test"] == 3 and 0 <= report["tasks"]["alpha"]["lora_em"] <= 1
+    assert report["tasks"]["alpha"]["n_test"] == 3 and report["tasks"]["alpha"]["lora_em"] == round(expected, 3)

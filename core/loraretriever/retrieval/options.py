@@ -35,7 +35,7 @@ class RouteOptions:
     * ``mixture`` / ``fusion`` / ``single``: retrieve ``top_k`` adapters (``single`` applies the
       best one) among those matching ``filter`` and not in ``exclude``, weighted by ``weighting``;
       or apply the pinned ``adapters`` (with ``adapter_weights``), which refuses the retrieval
-      options ``top_k``, ``filter``, ``exclude`` and ``min_similarity``.
+      options ``top_k``, ``filter``, ``exclude`` and ``min_similarity``; ``adapters=[]`` is the base model.
     * ``flow``: the same adapters become the slots of the LoRA-Flow ``gate``, their weights its prior.
     * ``meteora``: the ``gate`` picks adapters per token among all of its own, so it refuses
       ``adapters``, ``adapter_weights``, ``top_k``, ``filter``, ``exclude`` and ``min_similarity``;
@@ -154,8 +154,6 @@ class RouteOptions:
             )
         if self.adapters is None:
             return
-        if not self.adapters and self.mode != "meteora":
-            raise RetrievalError("adapters=[] pins nothing. Fix: name at least one adapter, or drop adapters=.")
         if len(set(self.adapters)) != len(self.adapters):
             raise RetrievalError(f"adapters={self.adapters} names an adapter twice.")
         if self.adapter_weights is not None:
