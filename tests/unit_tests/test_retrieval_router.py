@@ -177,3 +177,18 @@ def test_batched_embedding_matches_single(router):
     prompts = [SENTIMENT, GERMAN] * 9
     batched = router.route(prompts)
     assert [r.adapters for r in batched] == [router.route(p)[0].adapters for p in prompts[:2]] * 9
+
+
+def test_router_fetches_more_when_the_nearest_neighbours_are_not_routable(minilm):
+    """The 8 nearest cards are indexed but no longer routable (their cards are gone, the index lags):
+    the router keeps fetching until it has top_k routable adapters."""
+    near = [
+        AdapterCard(f"review{i}", [f"Is this review positive or negative? Film number {i} was great."])
+        for i in range(8)
+    ]
+    far = [AdapterCard("german", [GERMAN]), AdapterCard("french", ["Translate to French: the cat sleeps."])]
+    with Router.from_cards(near + far, embedder=minilm) as router:
+        for card in near:
+            router.store.remove(card.name)  # the index still holds their vectors
+        routing = router.route(SENTIMENT, top_k=2)[0]
+        assert set(routing.adapters) == {"german", "french"}
