@@ -130,18 +130,27 @@ class BatchRunner:
         if not live:
             return
         route_s = time.perf_counter() - started
+        prompts = [requests[i].payload.prompt for i in live]
+        configs = [requests[i].payload.config for i in live]
         with self._engine_lock:
             self.generations += 1  # counted before any caller is answered
             start = time.perf_counter()
-            for event in self.generator.stream(
-                [requests[i].payload.prompt for i in live],
-                [routings[i] for i in live],
-                [requests[i].payload.config for i in live],
-            ):
-                queued = requests[live[event.row]]
-                queued.push(event.delta)
+
+            def finish(row: int, completion: Completion) -> None:
+                queued = requests[live[row]]
+                timings = Timings(
+                    queue_s=started - queued.enqueued_at, route_s=route_s, generate_s=time.perf_counter() - start
+                )
+                queued.finish(Result.of(completion, timings, len(live)))
+
+            if not any(requests[i].deltas is not None for i in live):
+                # No caller streams: skip the per-step incremental decoding of every row.
+                for row, completion in enumerate(
+                    self.generator.generate(prompts, [routings[i] for i in live], configs)
+                ):
+                    finish(row, completion)
+                return
+            for event in self.generator.stream(prompts, [routings[i] for i in live], configs):
+                requests[live[event.row]].push(event.delta)
                 if event.completion is not None:
-                    timings = Timings(
-                        queue_s=started - queued.enqueued_at, route_s=route_s, generate_s=time.perf_counter() - start
-                    )
-                    queued.finish(Result.of(event.completion, timings, len(live)))
+                    finish(event.row, event.completion)
