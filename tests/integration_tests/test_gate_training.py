@@ -141,7 +141,8 @@ def test_langchain_and_llamaindex_calls_take_the_gated_modes(lm):
     llm = LangChainLLM(lm=lm, max_new_tokens=3, mode="flow")
     result = llm.generate([EXAMPLES[0]["inputs"], EXAMPLES[2]["inputs"]])
     assert [g[0].generation_info["routing"]["mode"] for g in result.generations] == ["flow", "flow"]
-    assert isinstance(llm.bind(mode="meteora", gate="moe").invoke(EXAMPLES[4]["inputs"]), str)  # per-call override
+    bound = llm.bind(mode="meteora", gate="moe").invoke(EXAMPLES[4]["inputs"])  # per-call override of the field
+    assert bound == lm.generate([EXAMPLES[4]["inputs"]], mode="meteora", gate="moe", max_new_tokens=3)[0].text
     info = llm.generate([EXAMPLES[4]["inputs"]], mode="meteora").generations[0][0].generation_info
     assert info["routing"] == Routing.meteora("moe").to_dict()
     completion = LlamaIndexLLM(lm, max_new_tokens=3, mode="meteora").complete(EXAMPLES[6]["inputs"])
