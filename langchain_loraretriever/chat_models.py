@@ -18,7 +18,7 @@ from langchain_core.runnables import RunnableConfig
 from pydantic import PrivateAttr
 
 from langchain_loraretriever.params import RoutedLMParams, generation_info
-from loraretriever.engine.generation import prompt_text
+from loraretriever.engine.requests import prompt_text
 from loraretriever.serving.bridge import iterate_in_thread
 from loraretriever.serving.routed_lm import Result
 

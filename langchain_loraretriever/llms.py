@@ -13,7 +13,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import get_config_list
 
 from langchain_loraretriever.params import RoutedLMParams, generation_info, token_usage
-from loraretriever.engine.generation import prompt_text
+from loraretriever.engine.requests import prompt_text
 from loraretriever.serving.bridge import iterate_in_thread
 
 __all__ = ["LoraRetrieverLLM"]

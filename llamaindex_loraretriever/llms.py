@@ -76,7 +76,7 @@ class LoraRetrieverLLM(CallDefaults, CustomLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=self._lm.generator.context_window,
+            context_window=self._lm.engine.context_window,
             num_output=self.max_new_tokens,
             is_chat_model=self.is_chat_model,
             model_name=str(self._lm.fingerprint()["model"]),

@@ -7,7 +7,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from loraretriever import Composer, LoraPool, Routing
-from loraretriever.engine.generation import GenerationConfig, Generator
+from loraretriever.engine.generation import Generator
+from loraretriever.engine.requests import GenerationConfig
 
 pytestmark = pytest.mark.slow
 

@@ -122,7 +122,7 @@ def reference(model, tiny_pool, gate, routing: Routing, ids: torch.Tensor) -> to
 
 def test_untrained_flow_gate_is_the_retrieval_mixture_and_a_biased_one_is_top1(tiny_model, composer):
     ids = tokens(3, 7)
-    composer.register_gate("flow", flow_gate())
+    composer.gates.register("flow", flow_gate())
     flow = Routing(("qv", "all", "q_only"), (0.5, 0.3, 0.2), mode="flow", gate="flow")
     mixed = run(tiny_model, composer, [flow, Routing.pinned(["qv"]), Routing.base()], ids)
     mixture = run(tiny_model, composer, [Routing(("qv", "all", "q_only"), (0.5, 0.3, 0.2))] * 3, ids)
@@ -130,7 +130,7 @@ def test_untrained_flow_gate_is_the_retrieval_mixture_and_a_biased_one_is_top1(t
     biased = flow_gate()
     with torch.no_grad():
         biased.bias[:, 0] = 50.0
-    composer.register_gate("flow", biased)
+    composer.gates.register("flow", biased)
     top1 = run(tiny_model, composer, [flow, Routing.pinned(["qv"]), Routing.base()], ids)
     single = run(tiny_model, composer, [Routing.pinned(["qv"], mode="single")], ids[:1])
     torch.testing.assert_close(top1[0], single[0], atol=ATOL, rtol=0)
@@ -139,9 +139,9 @@ def test_untrained_flow_gate_is_the_retrieval_mixture_and_a_biased_one_is_top1(t
 @pytest.mark.parametrize("slots", [("qv", "all", "q_only"), ("all", "q_only")])
 def test_flow_rows_follow_the_per_token_reference_in_a_mixed_batch(tiny_model, tiny_pool, composer, slots):
     gate = flow_gate(seed=1)
-    composer.register_gate("g", gate)
+    composer.gates.register("g", gate)
     other = flow_gate(seed=2, k=2)
-    composer.register_gate("other", other)
+    composer.gates.register("other", other)
     ids = tokens(4, 8, seed=3)
     flow = Routing(slots, (0.6, 0.3, 0.1)[: len(slots)], mode="flow", gate="g")  # the prior, not normalised
     routings = [
@@ -164,7 +164,7 @@ def test_flow_rows_follow_the_per_token_reference_in_a_mixed_batch(tiny_model, t
 @pytest.mark.parametrize("length", [5, 80])  # 80 tokens x 4 rows x top-2 > 512: the grouped path
 def test_meteora_rows_follow_the_per_token_reference(tiny_model, tiny_pool, composer, length):
     gate = meteora_gate(tiny_pool, seed=4)
-    composer.register_gate("moe", gate)
+    composer.gates.register("moe", gate)
     ids = tokens(4, length, seed=5)
     routings = [Routing.meteora("moe"), Routing.pinned(["qv", "all"]), Routing.meteora("moe"), Routing.base()]
     ours = run(tiny_model, composer, routings, ids)
@@ -178,7 +178,7 @@ def test_meteora_rows_follow_the_per_token_reference(tiny_model, tiny_pool, comp
 
 def test_meteora_tokens_switch_adapters(tiny_model, tiny_pool, composer):
     gate = meteora_gate(tiny_pool, seed=6, top_k=1)
-    composer.register_gate("moe", gate)
+    composer.gates.register("moe", gate)
     composer.gate_logits = []
     run(tiny_model, composer, [Routing.meteora("moe")], tokens(1, 40, seed=7))
     picked = {int(i) for _, _, _, logits in composer.gate_logits for i in logits.argmax(-1)}
@@ -188,8 +188,8 @@ def test_meteora_tokens_switch_adapters(tiny_model, tiny_pool, composer):
 
 def test_gates_train_through_the_composer(tiny_model, tiny_pool, composer):
     flow, moe = flow_gate(), meteora_gate(tiny_pool)
-    composer.register_gate("flow", flow)
-    composer.register_gate("moe", moe)
+    composer.gates.register("flow", flow)
+    composer.gates.register("moe", moe)
     routings = [Routing(("qv", "all"), (0.5, 0.5), mode="flow", gate="flow"), Routing.meteora("moe")]
     tiny_model.requires_grad_(False)  # frozen, as train-gate freezes it
     try:
@@ -212,7 +212,7 @@ def test_a_meteora_gate_over_another_pool_is_refused(tiny_model, tiny_adapters, 
     grown.remove("qv")
     assert "removed ['qv']" in gate.mismatch(grown)
     composer = Composer(tiny_model, grown)
-    composer.register_gate("moe", gate)
+    composer.gates.register("moe", gate)
     with pytest.raises(
         GateError, match=r"meteora gate 'moe' no longer matches the pool: .*removed \['qv'\].*Fix: retrain"
     ):
@@ -220,7 +220,7 @@ def test_a_meteora_gate_over_another_pool_is_refused(tiny_model, tiny_adapters, 
 
 
 def test_bad_gate_routings_name_the_problem(composer):
-    composer.register_gate("flow", flow_gate(k=2))
+    composer.gates.register("flow", flow_gate(k=2))
     with pytest.raises(GateError, match=r"3 adapters but flow gate 'flow' has 2 slots"):
         composer.build_plan([Routing(("qv", "all", "q_only"), (1, 1, 1), mode="flow", gate="flow")])
     with pytest.raises(GateError, match=r"gate 'nope', which is not registered \(known: \['flow'\]\)"):
@@ -234,7 +234,7 @@ def test_bad_gate_routings_name_the_problem(composer):
     with pytest.raises(ValueError, match="lists no adapters"):
         Routing(("qv",), (1.0,), mode="meteora", gate="m")
     with pytest.raises(GateError, match="hidden_size=64"):
-        composer.register_gate("wide", FlowGate(FlowGateConfig(k=2, hidden_size=64, num_layers=2)))
+        composer.gates.register("wide", FlowGate(FlowGateConfig(k=2, hidden_size=64, num_layers=2)))
 
 
 def test_gate_files_round_trip_and_bad_files_are_refused(tiny_pool, tmp_path):

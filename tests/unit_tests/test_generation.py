@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from loraretriever import Composer, LoraPool, Routing
-from loraretriever.engine.generation import GenerationConfig, Generator
+from loraretriever.engine.generation import Generator
+from loraretriever.engine.requests import GenerationConfig
 
 PROMPTS = ["Translate to French: the cat sleeps.", "Is this review positive? A fine film.", "Name a colour:"]
 
@@ -63,8 +64,8 @@ def test_gated_rows_generate_alongside_others_and_leave_the_batch_early(generato
         torch.nn.init.normal_(flow.weight, generator=torch.Generator().manual_seed(1))
         for weight in moe.weights.values():
             torch.nn.init.normal_(weight, generator=torch.Generator().manual_seed(2))
-    composer.register_gate("flow", flow)
-    composer.register_gate("moe", moe)
+    composer.gates.register("flow", flow)
+    composer.gates.register("moe", moe)
     try:
         routings = [Routing(("b", "a"), (0.5, 0.5), mode="flow", gate="flow"), Routing.meteora("moe"), Routing.base()]
         configs = [GenerationConfig(max_new_tokens=n) for n in (4, 12, 8)]  # rows finish at different steps
@@ -78,8 +79,8 @@ def test_gated_rows_generate_alongside_others_and_leave_the_batch_early(generato
         base = generator.generate(PROMPTS[1:2], [Routing.base()], configs[1])[0]
         assert batch[1].text != base.text, "the meteora gate's adapters changed nothing"
     finally:
-        composer.unregister_gate("flow")
-        composer.unregister_gate("moe")
+        composer.gates.unregister("flow")
+        composer.gates.unregister("moe")
 
 
 def test_base_rows_match_transformers_generate(generator, model, tokenizer):
@@ -159,7 +160,7 @@ def test_long_prompt_truncated_left_with_warning_or_refused(generator):
     assert completion.truncated_prompt and completion.prompt_tokens == 60
     with pytest.raises(ValueError, match="context window.*truncation='left'"):
         generator.generate([long_prompt], config=GenerationConfig(max_new_tokens=4, truncation="error"))
-    with pytest.raises(ValueError, match="max_new_tokens=64 leaves no room"):
+    with pytest.raises(ValueError, match="max_new_tokens=64 is over the limit of 63"):
         generator.generate(["hi"], config=GenerationConfig(max_new_tokens=64))
 
 
@@ -185,13 +186,13 @@ def test_bad_settings_are_clear_errors(generator):
 
 
 def test_incremental_detokenisation_waits_for_whole_characters(tokenizer):
-    from loraretriever.engine.generation import _new_text, _Row
+    from loraretriever.engine.requests import RequestState, _new_text
 
     text = "naïve café 世界 🙂 done"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces = [tokenizer.decode([i]) for i in ids]
     assert any("\ufffd" in piece for piece in pieces), "the sample must split a character across tokens"
-    row = _Row(0, GenerationConfig(), Routing.base(), [1], False, None)
+    row = RequestState([1], GenerationConfig(), Routing.base())
     shown = []
     for token in ids:
         row.ids.append(token)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from loraretriever import Composer, LoraPool, Routing
-from loraretriever.engine.generation import GenerationConfig, Generator
+from loraretriever.engine.generation import Generator
+from loraretriever.engine.requests import GenerationConfig
 from loraretriever.training.lora import LoraTrainingConfig, train_lora
 
 EXAMPLES = [("Say the magic word.", "banana split"), ("What is the code?", "purple nine")]

@@ -8,7 +8,7 @@ import pytest
 
 from loraretriever import RetrievalError, RouteOptions
 from loraretriever.cli.route_flags import add_route_arguments, route_options_from
-from loraretriever.engine.generation import GenerationConfig
+from loraretriever.engine.requests import GenerationConfig
 from loraretriever.serving.calls import split_call_options
 
 

@@ -8,6 +8,8 @@ per adapted ``nn.Linear``, ``A`` (r × in), ``B`` (out × r) and the scaling ``a
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import math
@@ -100,6 +102,7 @@ class LoraAdapter:
         linear_layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         all_modules = dict(model.named_modules())
         dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
 
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state_dict.items():
@@ -168,7 +171,18 @@ class LoraAdapter:
             digest.update(f"{weights.scaling}".encode())
             for tensor in (weights.A, weights.B):
                 digest.update(tensor.cpu().view(torch.uint8).numpy().tobytes())
-        return cls(name=name, modules=modules, config=dict(config), source=source, digest=digest.hexdigest()[:16])
+        adapter = cls(name=name, modules=modules, config=dict(config), source=source, digest=digest.hexdigest()[:16])
+        return adapter.to(device, dtype)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraAdapter:
+        """This adapter with its weights on ``device`` in ``dtype`` (itself if they already are)."""
+        device = torch.device(device)
+        if all(w.A.device == device and w.A.dtype == dtype for w in self.modules.values()):
+            return self
+        moved = {
+            m: LoraWeights(w.A.to(device, dtype), w.B.to(device, dtype), w.scaling) for m, w in self.modules.items()
+        }
+        return dataclasses.replace(self, modules=moved)
 
 
 def check_adapter_name(name: object) -> str:

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from loraretriever.engine.home import loraretriever_home
 
-__all__ = ["DEFAULT_MODEL", "default_model_path", "load_base_model"]
+__all__ = ["DEFAULT_MODEL", "default_model_path", "load_base_model", "resolve_device", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +73,61 @@ def default_model_path() -> Path:
     return target
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is the first of CUDA, MPS and CPU that is available; anything else is checked.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if isinstance(device, str) and device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; use device='auto' or 'cpu'.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r} but MPS is not available here; use device='auto' or 'cpu'.")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """``"auto"``: bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on CPU.
+
+    Example:
+        >>> resolve_dtype("bfloat16")
+        torch.bfloat16
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)} or 'auto'.")
+        return dtype
+    if dtype == "auto":
+        if device is not None and device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device is not None and device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use 'auto' or one of {sorted(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
 def load_base_model(
     model_id: str | Path | None = None,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     **from_pretrained_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -85,8 +136,9 @@ def load_base_model(
     Args:
         model_id: A Hugging Face hub id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``), a local
             directory, or ``None`` / ``"SmolLM2-135M-Instruct"`` for the packaged default.
-        dtype: Weight dtype. Adapters are held in the same dtype.
-        device: Where the model runs.
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype
+            (:func:`resolve_dtype`). Adapters are held in the same dtype.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` (:func:`resolve_device`).
         **from_pretrained_kwargs: Passed to ``AutoModelForCausalLM.from_pretrained`` (e.g.
             ``revision``, ``gguf_file``).
 
@@ -98,6 +150,8 @@ def load_base_model(
         >>> model.config.num_hidden_layers  # doctest: +SKIP
         30
     """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     source = default_model_path() if model_id in (None, DEFAULT_MODEL) else model_id
     tokenizer_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in ("revision", "gguf_file")}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)

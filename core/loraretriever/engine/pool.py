@@ -48,6 +48,8 @@ class LoraPool:
         self._listeners: list[PoolListener] = []
         self._lock = threading.RLock()
         self._version = 0
+        weight = next(model.parameters())
+        self._placement = (weight.device, weight.dtype)  # where added adapters are put
 
     # -- reading -----------------------------------------------------------------------------
     @property
@@ -86,6 +88,18 @@ class LoraPool:
             for name in sorted(self._adapters):
                 digest.update(f"{name}\0{self._adapters[name].digest}\n".encode())
             return digest.hexdigest()[:16]
+
+    def follow_model(self) -> None:
+        """Moves every adapter to the model's device and dtype, if the model moved since they were
+        added (e.g. ``model.to("cuda")``); cheap when nothing moved."""
+        weight = next(self.model.parameters())
+        placement = (weight.device, weight.dtype)
+        if placement == self._placement:
+            return
+        with self._lock:
+            self._adapters = {n: a.to(*placement) for n, a in self._adapters.items()}
+            self._placement = placement
+            self._version += 1
 
     def check_names(self, names: list[str]) -> None:
         """Raises ``KeyError`` naming the first adapter not in the pool."""

@@ -1,13 +1,16 @@
-"""Coalescing concurrent single requests into batched generations.
+"""The engine's worker thread: callers in many threads (or asyncio tasks) submit requests, one
+thread steps the :class:`~loraretriever.engine.engine.Engine`.
 
-Callers in many threads (or asyncio tasks) submit one prompt each; a worker thread takes the first
-waiting request, keeps collecting for up to ``max_wait_ms`` or until ``max_batch_size`` requests,
-and runs them as ONE batch. Every caller gets exactly its own row (a future), and streaming callers
-get their row's text deltas as they are produced.
+A submitted request gets a :class:`QueuedRequest`: a future for its result and, for streaming
+callers, a queue of text deltas. Between steps the worker takes what arrived, lets the layer above
+prepare it (``prepare``: routing, for ``RoutedLM``) and adds it to the engine, so new requests
+join the running batch at the next step. When the engine is idle, the first arrival waits up to
+``max_wait_ms`` for company, so requests that arrive together are routed and prefilled together.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -16,120 +19,176 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BatchingQueue", "QueuedRequest"]
+from loraretriever.engine.engine import Engine, cancelled_error
+from loraretriever.engine.requests import RequestState, StreamEvent
+
+__all__ = ["EngineLoop", "Prepare", "QueuedRequest"]
+
+logger = logging.getLogger(__name__)
 
 _DONE = object()
 
+Prepare = Callable[[Sequence["QueuedRequest"]], None]
+"""Readies newly arrived requests (sets ``state.routing``) or fails them (``state.fail``)."""
 
-@dataclass
+
+@dataclass(eq=False)
 class QueuedRequest:
-    """One caller's request waiting for a batch."""
+    """One caller's request: the engine's state, a future for its result, and streamed text."""
 
-    payload: Any  # what the batch runner needs (prompt, settings)
+    state: RequestState
     future: Future = field(default_factory=Future)
     deltas: queue.SimpleQueue | None = None  # set for streaming callers
     enqueued_at: float = field(default_factory=time.perf_counter)
+    make_result: Callable[[QueuedRequest], Any] | None = None  # the future's value from the state
+    admitted_at: float | None = None  # when it was prepared and handed to the engine
+    route_s: float = 0.0  # the routing of the arrivals it came with
 
-    def push(self, delta: str) -> None:
-        if self.deltas is not None and delta:
-            self.deltas.put(delta)
+    def __post_init__(self) -> None:
+        self.state.on_event = self._on_event
+        self.state.on_error = self._on_error
+        # a caller that gives up (asyncio cancel, closed stream) frees the request's slot
+        self.future.add_done_callback(lambda f: self.state.cancel() if f.cancelled() else None)
 
-    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        if self.future.done():
-            return
-        if error is not None:
+    @property
+    def payload(self) -> Any:
+        return self.state.payload
+
+    def cancel(self) -> None:
+        """Drops the request: its slot is freed at the engine's next step."""
+        self.state.cancel()
+        self.future.cancel()
+
+    def iter_deltas(self) -> Iterator[str]:
+        """Yields the text deltas, then raises the request's error if it failed. Closing the
+        iterator early cancels the request."""
+        assert self.deltas is not None
+        finished = False
+        try:
+            while (item := self.deltas.get()) is not _DONE:
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                self.cancel()
+        self.future.result()  # re-raises a failure
+
+    def _on_event(self, event: StreamEvent) -> None:
+        if self.deltas is not None and event.delta:
+            self.deltas.put(event.delta)
+        if event.completion is not None:
+            if not self.future.done():
+                result = self.make_result(self) if self.make_result is not None else event.completion
+                self.future.set_result(result)
+            if self.deltas is not None:
+                self.deltas.put(_DONE)
+
+    def _on_error(self, error: BaseException) -> None:
+        if not self.future.done():
             self.future.set_exception(error)
-        else:
-            self.future.set_result(result)
         if self.deltas is not None:
             self.deltas.put(_DONE)
 
-    def iter_deltas(self) -> Iterator[str]:
-        """Yields the text deltas, then raises the request's error if it failed."""
-        assert self.deltas is not None
-        while (item := self.deltas.get()) is not _DONE:
-            yield item
-        self.future.result()  # re-raises a failure
 
-
-BatchRunner = Callable[[Sequence[QueuedRequest]], None]
-"""Runs one batch; must call ``finish`` on every request (``push`` for streamed text)."""
-
-
-class BatchingQueue:
-    """Merges requests arriving within ``max_wait_ms`` into batches of at most ``max_batch_size``.
+class EngineLoop:
+    """Runs an engine in a worker thread for concurrent callers.
 
     Args:
-        run_batch: Runs a batch and finishes each request.
-        max_batch_size: The most requests in one batch.
-        max_wait_ms: How long the first request of a batch waits for company.
+        engine: The engine to step.
+        prepare: Readies each batch of new arrivals before they join (or fails them).
+        max_wait_ms: How long the first request to an idle engine waits for others.
     """
 
-    def __init__(self, run_batch: BatchRunner, *, max_batch_size: int = 32, max_wait_ms: float = 10.0) -> None:
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive integer.")
+    def __init__(self, engine: Engine, prepare: Prepare | None = None, *, max_wait_ms: float = 10.0) -> None:
         if not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms={max_wait_ms!r} must be >= 0.")
-        self.run_batch = run_batch
-        self.max_batch_size = max_batch_size
+        self.engine = engine
+        self.prepare = prepare
         self.max_wait_s = max_wait_ms / 1000.0
-        self._queue: queue.SimpleQueue[list[QueuedRequest] | None] = queue.SimpleQueue()
-        self._carry: list[QueuedRequest] = []  # arrived together with the last batch, beyond its size
+        self._intake: queue.SimpleQueue[list[QueuedRequest] | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
 
-    def submit(self, payload: Any, *, stream: bool = False) -> QueuedRequest:
-        """Queues one request; returns it (``.future`` for the result, ``.iter_deltas()`` to stream)."""
-        return self.submit_many([payload], stream=stream)[0]
-
-    def submit_many(self, payloads: Sequence[Any], *, stream: bool = False) -> list[QueuedRequest]:
-        """Queues requests that arrive together: they reach the batch runner together, in order
-        (split only at ``max_batch_size``)."""
+    def submit(self, requests: Sequence[QueuedRequest]) -> list[QueuedRequest]:
+        """Queues requests that arrive together: they are prepared and admitted together, in order."""
         if self._closed:
-            raise RuntimeError("the request queue is closed; create a new RoutedLM.")
-        requests = [QueuedRequest(p, deltas=queue.SimpleQueue() if stream else None) for p in payloads]
+            raise RuntimeError("the engine loop is closed; create a new RoutedLM.")
+        requests = list(requests)
         self._ensure_worker()
-        self._queue.put(requests)
+        self._intake.put(requests)
         return requests
 
     def close(self) -> None:
-        """Stops the worker after the batches already queued."""
+        """Stops the worker once every queued request has finished."""
         self._closed = True
         if self._worker is not None:
-            self._queue.put(None)
+            self._intake.put(None)
             self._worker.join(timeout=60)
 
     def _ensure_worker(self) -> None:
         with self._start_lock:
             if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._loop, name="loraretriever-batcher", daemon=True)
+                self._worker = threading.Thread(target=self._loop, name="loraretriever-engine", daemon=True)
                 self._worker.start()
 
     def _loop(self) -> None:
-        stop = False
-        while not stop or self._carry:
-            if self._carry:
-                batch, self._carry = self._carry, []
-            else:
-                first = self._queue.get()
+        stopping = False
+        while True:
+            arrived: list[QueuedRequest] = []
+            if not self.engine.has_work:
+                if stopping:
+                    return
+                first = self._intake.get()
                 if first is None:
                     return
-                batch = list(first)
-            deadline = time.perf_counter() + self.max_wait_s
-            while len(batch) < self.max_batch_size and not stop:
-                remaining = deadline - time.perf_counter()
+                arrived += first
+                deadline = time.perf_counter() + self.max_wait_s
+                while (remaining := deadline - time.perf_counter()) > 0:
+                    try:
+                        item = self._intake.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stopping = True
+                        break
+                    arrived += item
+            while True:  # whatever else arrived since the last step joins now
                 try:
-                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    item = self._intake.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
-                    stop = True
+                    stopping = True
                 else:
-                    batch += item
-            batch, self._carry = batch[: self.max_batch_size], batch[self.max_batch_size :] + self._carry
+                    arrived += item
             try:
-                self.run_batch(batch)
+                self._admit(arrived)
+                if self.engine.has_work:
+                    self.engine.step()
             except BaseException as error:  # never let the worker die with callers waiting
-                for request in batch:
-                    request.finish(error=error)
+                logger.exception("the engine failed; failing the requests it held")
+                self._fail_everything(error)
+
+    def _admit(self, arrived: list[QueuedRequest]) -> None:
+        live = [q for q in arrived if not q.state.cancelled]
+        for queued in arrived:
+            if queued.state.cancelled:
+                queued.state.fail(cancelled_error())
+        if not live:
+            return
+        if self.prepare is not None:
+            self.prepare(live)
+        self.engine.add([q.state for q in live if not q.state.finished])
+
+    def _fail_everything(self, error: BaseException) -> None:
+        engine = self.engine
+        held = list(engine.waiting)
+        for batch in (engine.running, engine.prefilling):
+            if batch is not None:
+                held += batch.requests
+        engine.waiting.clear()
+        engine.running = engine.prefilling = None
+        for state in held:
+            state.fail(error)
+

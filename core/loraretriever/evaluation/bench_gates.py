@@ -22,7 +22,8 @@ import torch
 from loraretriever.engine.base_model import load_base_model
 from loraretriever.engine.composer import Composer
 from loraretriever.engine.gates import FlowGate, FlowGateConfig, MeteoraGate, MeteoraGateConfig
-from loraretriever.engine.generation import GenerationConfig, Generator
+from loraretriever.engine.generation import Generator
+from loraretriever.engine.requests import GenerationConfig
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.routing import Routing
 from loraretriever.evaluation.workload import (
@@ -66,8 +67,8 @@ def run_gates_benchmark(
         moe = MeteoraGate(MeteoraGateConfig(tuple(pool.names), {n: pool.get(n).digest for n in pool.names}, modules))
         for gate in (flow, moe):
             gate.requires_grad_(False)
-        composer.register_gate("flow", flow)
-        composer.register_gate("moe", moe)
+        composer.gates.register("flow", flow)
+        composer.gates.register("moe", moe)
         sets = [rng.sample(pool.names, 3) for _ in range(batch_size)]
         by_method = {
             "mixture_k3": [Routing.pinned(s) for s in sets],

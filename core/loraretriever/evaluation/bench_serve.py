@@ -17,13 +17,17 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from loraretriever.engine.base_model import load_base_model
-from loraretriever.engine.composer import Composer, LayerPlan, stack_factors
-from loraretriever.engine.generation import GenerationConfig, Generator
+from loraretriever.engine.composer import BatchPlan, Composer
+from loraretriever.engine.factors import LayerPlan, stack_factors
+from loraretriever.engine.engine import EngineConfig
+from loraretriever.engine.generation import Generator
+from loraretriever.engine.requests import GenerationConfig
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.routing import Routing
 from loraretriever.evaluation.workload import (
@@ -38,39 +42,45 @@ from loraretriever.evaluation.workload import (
 __all__ = ["UnionEinsumComposer", "run_serve_benchmark"]
 
 
+@dataclass(frozen=True)
+class _UnionPlan(BatchPlan):
+    mapping: torch.Tensor | None = None  # (rows, union): each row's weight of each adapter
+
+
 class UnionEinsumComposer(Composer):
     """The paper's batched mixture, a baseline: per layer, every row against every adapter in the
-    batch's union, ``sum_u M[b, u] * B_u A_u x_b``. Its cost grows with the union, not with k."""
+    batch's union, ``sum_u M[b, u] * B_u A_u x_b``. Its cost grows with the union, not with k.
+    Run it with the static policy (rows leave, none join)."""
 
-    def _build(self, routings: Sequence[Routing]) -> tuple[dict[str, LayerPlan], object]:
+    def build_plan(self, routings: Sequence[Routing]) -> BatchPlan:
         union = sorted({name for r in routings for name in r.adapters})
         mapping = torch.zeros(len(routings), len(union))
         for row, routing in enumerate(routings):
             for name, weight in routing.effective():
                 mapping[row, union.index(name)] = weight
         adapters = [self.pool.get(n) for n in union]
-        plan = {}
+        layers = {}
         for module in sorted({m for a in adapters for m in a.modules}):
             A, B = stack_factors([a.modules.get(module) for a in adapters], self._linear[module])
-            # LayerPlan carries (A, B) of the union; the mapping matrix rides along in _mappings.
-            plan[module] = LayerPlan(A, B)
-        self._mapping = mapping.to(self.model.dtype)
-        return plan, self._gated_rows(routings)  # no gated rows: they are not part of this baseline
+            layers[module] = LayerPlan(A, B)  # the union's factors, not per-row ones
+        gated = self.gates.rows(routings, self.device)
+        return _UnionPlan(tuple(routings), layers, gated, mapping.to(self.device, self.model.dtype))
 
-    def select_rows(self, rows) -> None:
-        self._mapping = self._mapping[torch.as_tensor(rows, dtype=torch.long)]
-        self._batch_size = len(rows)
+    def select(self, plan: BatchPlan, rows: Sequence[int]) -> BatchPlan:
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        routings = tuple(plan.routings[i] for i in index.tolist())
+        return _UnionPlan(routings, plan.layers, plan.gated, plan.mapping.index_select(0, index))
 
     def _make_hook(self, module: str):
         def hook(_layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            plan = self._plan
-            if plan is None or module not in plan:
+            plan = self._active
+            if plan is None or module not in plan.layers:
                 return output
-            A, B = plan[module].A_t, plan[module].B_t
+            A, B = plan.layers[module].A_t, plan.layers[module].B_t
             x = args[0]
             hidden = torch.einsum("bti,uri->btur", x, A)
             per_adapter = torch.einsum("btur,uor->btuo", hidden, B)
-            return output + torch.einsum("btuo,bu->bto", per_adapter, self._mapping)
+            return output + torch.einsum("btuo,bu->bto", per_adapter, plan.mapping)
 
         return hook
 
@@ -99,8 +109,8 @@ def run_serve_benchmark(
     names = pool.names
     row_sets = [rng.sample(names, 3) for _ in range(batch_size)]
 
-    def ours(mode: str, composer: Composer, sets: list[list[str]]) -> Callable[[], int]:
-        engine = Generator(model, tokenizer, composer)
+    def ours(mode: str, composer: Composer, sets: list[list[str]], policy: str = "continuous") -> Callable[[], int]:
+        engine = Generator(model, tokenizer, composer, EngineConfig(policy=policy))
         routings = [Routing.pinned(s if mode != "single" else s[:1], mode=mode) for s in sets]
 
         def run() -> int:
@@ -109,7 +119,7 @@ def run_serve_benchmark(
         return run
 
     composer = Composer(model, pool)
-    plain = Generator(model, tokenizer)
+    plain = Generator(model, tokenizer, config=EngineConfig())
     methods: dict[str, Callable[[], int]] = {
         "base": lambda: sum(c.completion_tokens for c in plain.generate(prompts, config=config)),
         "ours_mixture_k3": ours("mixture", composer, row_sets),
@@ -117,7 +127,7 @@ def run_serve_benchmark(
         "ours_single": ours("single", composer, row_sets),
     }
     union = UnionEinsumComposer(model, pool)
-    methods["paper_union_einsum"] = ours("mixture", union, row_sets)
+    methods["paper_union_einsum"] = ours("mixture", union, row_sets, policy="static")
 
     results: dict[str, float] = {}
     for name, fn in methods.items():

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from loraretriever.retrieval.cards import AdapterCard, RetrievalError
+from loraretriever.retrieval.filters import BUILTIN_KEYS, chroma_where
 
 __all__ = ["DEFAULT_COLLECTION", "DISTANCE", "LoraIndex", "open_chroma_client", "throwaway_collection_name"]
 
@@ -31,9 +32,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_COLLECTION = "loraretriever-adapters"
 DISTANCE = "cosine"
 INDEX_FORMAT = 1
-_FIELD_OPERATORS = {"$eq", "$ne", "$in", "$nin"}
-_LOGICAL_OPERATORS = {"$and", "$or"}
-_BUILTIN_KEYS = {"name", "domain"}
 _CHUNK = 2048  # rows per Chroma write; stays under its max batch size
 
 
@@ -202,7 +200,7 @@ class LoraIndex:
     def digests(self) -> dict[str, str]:
         """Adapter name -> the digest of the card its vector was built from."""
         out: dict[str, str] = {}
-        keys: set[str] = set(_BUILTIN_KEYS)
+        keys: set[str] = set(BUILTIN_KEYS)
         with self._chroma("list adapters"):
             total = self._collection.count()
             for offset in range(0, total, _CHUNK):
@@ -220,7 +218,7 @@ class LoraIndex:
         """Metadata keys a filter may name: ``name``, ``domain`` and ``tag.<key>`` of indexed cards."""
         if self._known_keys is None or refresh:
             self.digests()
-        return set(self._known_keys or _BUILTIN_KEYS)
+        return set(self._known_keys or BUILTIN_KEYS)
 
     def query(
         self, vectors: np.ndarray, k: int, *, where: Mapping[str, Any] | None = None
@@ -284,12 +282,8 @@ class LoraIndex:
         self._collection = self._open_collection()
 
     # -- filters -----------------------------------------------------------------------------
-    def chroma_where(self, where: Mapping[str, Any] | None) -> dict[str, Any] | None:
-        """Translates a user filter to Chroma's ``where`` over the flat card metadata.
-
-        Keys are ``name``, ``domain``, a tag key (``customer`` -> ``tag.customer``) or
-        ``tag.<key>``; values are a string or ``{"$eq"|"$ne"|"$in"|"$nin": ...}``; ``$and`` / ``$or``
-        take lists of filters. A key no card carries is an error (a typo would match nothing).
+    def chroma_where(self, filter: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """A user filter as Chroma's ``where`` over this index's card metadata (see :func:`chroma_where`).
 
         Example:
             >>> index = LoraIndex(open_chroma_client(ephemeral=True), embedder_name="toy", dim=2,
@@ -299,44 +293,7 @@ class LoraIndex:
             {'$and': [{'tag.customer': 'a'}, {'domain': {'$in': ['nli']}}]}
             >>> index.drop()
         """
-        if not where:
-            return None
-        if not isinstance(where, Mapping):
-            raise RetrievalError(f"filter {where!r} must be a dict such as {{'customer': 'a'}}.")
-        clauses = [self._clause(key, value) for key, value in where.items()]
-        return clauses[0] if len(clauses) == 1 else {"$and": clauses}
-
-    def _clause(self, key: str, value: Any) -> dict[str, Any]:
-        if key in _LOGICAL_OPERATORS:
-            if not isinstance(value, list) or len(value) < 1:
-                raise RetrievalError(f"filter {key} needs a non-empty list of filters, not {value!r}.")
-            parts = [self.chroma_where(item) for item in value]
-            return parts[0] if len(parts) == 1 else {key: parts}
-        if key.startswith("$"):
-            raise RetrievalError(f"filter operator {key!r} is not supported here; use $and or $or at the top level.")
-        field_name = key if key in _BUILTIN_KEYS or key.startswith("tag.") else f"tag.{key}"
-        known = self.known_filter_keys()
-        if field_name not in known:
-            known = self.known_filter_keys(refresh=True)  # another replica may have added it
-        if field_name not in known:
-            tags = sorted(k.removeprefix("tag.") for k in known if k.startswith("tag."))
-            raise RetrievalError(
-                f"unknown filter key {key!r}: no indexed card has it. Known keys: name, domain and the tags "
-                f"{tags}. Fix: check the spelling, or tag the cards first."
-            )
-        if isinstance(value, Mapping):
-            if len(value) != 1 or next(iter(value)) not in _FIELD_OPERATORS:
-                raise RetrievalError(
-                    f"filter {key!r}: {value!r} must be a string or one of {sorted(_FIELD_OPERATORS)}, e.g. "
-                    f"{{'$in': ['a', 'b']}}."
-                )
-            operator, operand = next(iter(value.items()))
-            if operator in ("$in", "$nin") and (not isinstance(operand, list) or not operand):
-                raise RetrievalError(f"filter {key!r}: {operator} needs a non-empty list, not {operand!r}.")
-            return {field_name: {operator: operand}}
-        if not isinstance(value, str):
-            raise RetrievalError(f"filter {key!r}: value {value!r} must be a string (tags are strings).")
-        return {field_name: value}
+        return chroma_where(filter, self.known_filter_keys)
 
 
 def throwaway_collection_name(prefix: str = "loraretriever-tmp") -> str:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from loraretriever.engine.generation import GenerationConfig, Prompt
+from loraretriever.engine.requests import GenerationConfig, Prompt
 from loraretriever.engine.routing import Routing
 from loraretriever.retrieval.options import ROUTE_OPTIONS, RouteOptions
 

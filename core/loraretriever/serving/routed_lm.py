@@ -2,8 +2,10 @@
 
 Every call is routed: each prompt gets its own adapters (retrieved, pinned by the caller, or
 weighed by a gate). Every call, a list or a single prompt, sync, async or streamed, takes ONE
-path: its requests go to a :class:`~loraretriever.engine.scheduler.BatchingQueue`, which merges
-concurrent calls into batches for the :class:`~loraretriever.serving.runner.BatchRunner`.
+path: its requests are validated alone, then go to the
+:class:`~loraretriever.engine.scheduler.EngineLoop`, whose worker routes new arrivals
+(:class:`~loraretriever.serving.runner.BatchRunner`) and steps the continuous-batching
+:class:`~loraretriever.engine.engine.Engine`, which concurrent calls share.
 """
 
 from __future__ import annotations
@@ -13,19 +15,22 @@ import dataclasses
 import inspect
 import json
 import logging
+import queue
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraretriever.engine.composer import Composer
+from loraretriever.engine.engine import Engine, EngineConfig
 from loraretriever.engine.gates import Gate, gate_dirs, load_gate
-from loraretriever.engine.generation import GenerationConfig, Generator, Prompt, prompt_text
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.pool_dir import load_adapters
+from loraretriever.engine.requests import GenerationConfig, Prompt, prompt_text
 from loraretriever.engine.routing import Routing
-from loraretriever.engine.scheduler import BatchingQueue, QueuedRequest
+from loraretriever.engine.scheduler import EngineLoop, QueuedRequest
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.serving import adapters as pool_changes
 from loraretriever.serving.bridge import iterate_in_thread
@@ -56,8 +61,13 @@ class RoutedLM:
         generation: Default generation settings (overridable per call).
         route_defaults: Default :class:`~loraretriever.retrieval.options.RouteOptions` (or their
             names and values), overridable per call.
-        max_batch_size: The most rows in one generation.
-        max_wait_ms: How long a call waits for others to share its batch.
+        max_batch_size: The most requests decoding at once.
+        max_batch_tokens: Tokens per engine step: one per decoding request plus the prefill chunk
+            of new ones (a long prompt is prefilled over several steps).
+        max_prompt_tokens: The longest prompt; default: the context window minus ``max_new_tokens``.
+            A longer one is an error naming the limit, or with ``truncation="left"`` is cut.
+        max_new_tokens_limit: The most ``max_new_tokens`` a call may ask for (default: the context window).
+        max_wait_ms: How long the first call to an idle engine waits for others to share its step.
 
     Example:
         >>> lm = RoutedLM.from_pretrained(pool_dir="my_pool")  # doctest: +SKIP
@@ -76,6 +86,9 @@ class RoutedLM:
         generation: GenerationConfig | None = None,
         route_defaults: RouteOptions | Mapping[str, Any] | None = None,
         max_batch_size: int = 32,
+        max_batch_tokens: int = 256,
+        max_prompt_tokens: int | None = None,
+        max_new_tokens_limit: int | None = None,
         max_wait_ms: float = 10.0,
     ) -> None:
         self.model = model
@@ -83,23 +96,44 @@ class RoutedLM:
         self.pool = pool
         self.router = router
         self.composer = Composer(model, pool)
-        self.generator = Generator(model, tokenizer, self.composer)
+        self.engine = Engine(
+            model,
+            tokenizer,
+            self.composer,
+            EngineConfig(
+                max_batch_size=max_batch_size,
+                max_batch_tokens=max_batch_tokens,
+                max_prompt_tokens=max_prompt_tokens,
+                max_new_tokens_limit=max_new_tokens_limit,
+            ),
+        )
         self.generation = generation or GenerationConfig()
         self.route_defaults = RouteOptions.coerce(route_defaults)
         self.max_batch_size = max_batch_size
-        self._runner = BatchRunner(pool, router, self.composer, self.generator)
-        self._queue = BatchingQueue(self._runner, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+        self._runner = BatchRunner(pool, router, self.composer)
+        self._loop = EngineLoop(self.engine, self._runner.prepare, max_wait_ms=max_wait_ms)
         self.pool_dir: Path | None = None  # set by from_pretrained(pool_dir=...)
 
     @classmethod
-    def from_pretrained(cls, model_id: str | Path | None = None, **kwargs: Any) -> RoutedLM:
+    def from_pretrained(
+        cls,
+        model_id: str | Path | None = None,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        **kwargs: Any,
+    ) -> RoutedLM:
         """Loads a base model (hub id, local path, or the packaged default), then :meth:`from_model`.
 
         Args:
             model_id: See :func:`loraretriever.load_base_model`.
+            device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``;
+                adapters, gates and caches follow the model.
+            dtype: ``"auto"`` (bfloat16 or float16 on a GPU, float32 on CPU), ``"float32"``,
+                ``"bfloat16"``, ``"float16"``.
             **kwargs: :meth:`from_model`'s options (``pool_dir``, ``adapters``, ``router``,
                 ``embedder``, ``chroma_host``, ``chroma_port``) and :class:`RoutedLM`'s
-                (``generation``, ``route_defaults``, ``max_batch_size``, ``max_wait_ms``); together
+                (``generation``, ``route_defaults``, ``max_batch_size``, ``max_batch_tokens``, ...); together
                 :data:`LOAD_OPTIONS`.
 
         Example:
@@ -108,7 +142,7 @@ class RoutedLM:
         from loraretriever.engine.base_model import load_base_model
 
         _check_load_options(kwargs)
-        model, tokenizer = load_base_model(model_id)
+        model, tokenizer = load_base_model(model_id, device=device, dtype=dtype)
         return cls.from_model(model, tokenizer, **kwargs)
 
     @classmethod
@@ -165,7 +199,7 @@ class RoutedLM:
     def register_gate(self, name: str, gate: Gate) -> None:
         """Makes a gate usable as ``mode="flow"`` / ``"meteora"`` with ``gate=name``. A meteora gate
         that does not match the pool is kept: calls fall back to the retrieval mixture, saying why."""
-        self.composer.register_gate(name, gate)
+        self.composer.gates.register(name, gate)
         warn_if_mismatched(name, gate, self.pool)
 
     def add_adapter(self, source: str | Path, card: Any = None, *, name: str | None = None) -> str:
@@ -234,7 +268,7 @@ class RoutedLM:
             self.pool.check_names(list(routing.adapters))
         config, options = split_call_options(kwargs, self.generation, self.route_defaults)
         requests = [Request(p, config, options, r) for p, r in zip(prompts, routings, strict=True)]
-        return [queued.future.result() for queued in self._queue.submit_many(requests)]
+        return [queued.future.result() for queued in self._enqueue(requests)]
 
     def submit(self, prompt: Prompt, **kwargs: Any) -> QueuedRequest:
         """Queues one prompt; ``.future.result()`` is its :class:`Result`."""
@@ -269,14 +303,15 @@ class RoutedLM:
             yield delta
 
     def close(self) -> None:
-        """Stops the batching worker and detaches the composer's hooks."""
-        self._queue.close()
+        """Stops the engine's worker (after the requests it holds) and detaches the composer's hooks."""
+        self._loop.close()
         self.composer.remove_hooks()
 
     @property
     def generations(self) -> int:
-        """Batched generations run so far (one per batch, however many callers shared it)."""
-        return self._runner.generations
+        """Engine runs so far: times the engine went from idle to busy, however many callers
+        shared that run (so concurrent calls that were batched together count once)."""
+        return self.engine.busy_periods
 
     def _submit(
         self, prompts: Sequence[Prompt], kwargs: Mapping[str, Any], stream: bool = False
@@ -292,9 +327,19 @@ class RoutedLM:
             per_prompt = [
                 dataclasses.replace(options, exclude=tuple(names)) for names in options.excludes_for(len(prompts))
             ]
-        return self._queue.submit_many(
-            [Request(p, config, o) for p, o in zip(prompts, per_prompt, strict=True)], stream=stream
-        )
+        return self._enqueue([Request(p, config, o) for p, o in zip(prompts, per_prompt, strict=True)], stream)
+
+    def _enqueue(self, requests: Sequence[Request], stream: bool = False) -> list[QueuedRequest]:
+        """Tokenizes and checks each request against the engine's limits (a bad one raises here,
+        before anything is queued), then hands them to the engine's worker together."""
+        states = [
+            self.engine.new_request(r.prompt, r.config, r.routing, index=i, payload=r) for i, r in enumerate(requests)
+        ]
+        queued = [
+            QueuedRequest(state, deltas=queue.SimpleQueue() if stream else None, make_result=BatchRunner.result)
+            for state in states
+        ]
+        return self._loop.submit(queued)
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this LM's outputs: base model, pool content, defaults (for caches)."""
@@ -322,7 +367,11 @@ def _parameters(function: Any) -> list[str]:
 
 # Everything from_pretrained takes besides model_id: derived, so that the integrations forward
 # these options without listing them again.
-LOAD_OPTIONS: tuple[str, ...] = tuple(_parameters(RoutedLM.from_model) + _parameters(RoutedLM.__init__))
+LOAD_OPTIONS: tuple[str, ...] = tuple(
+    [p for p in _parameters(RoutedLM.from_pretrained) if p != "model_id"]
+    + _parameters(RoutedLM.from_model)
+    + _parameters(RoutedLM.__init__)
+)
 
 
 def _check_load_options(kwargs: Mapping[str, Any]) -> None:

@@ -1,22 +1,23 @@
-"""The batch runner behind every RoutedLM call: route each group of requests, then ONE generation.
+"""Readying requests for the engine: route each group of arrivals that share their options.
 
-The :class:`~loraretriever.engine.scheduler.BatchingQueue` hands it a batch of requests; requests
-that share their :class:`RouteOptions` are routed together (one embedding pass), requests with a
-given routing are not routed again, and one :meth:`Generator.stream` serves every row, each
-caller receiving only its own row's text and result.
+The :class:`~loraretriever.engine.scheduler.EngineLoop` hands :meth:`BatchRunner.prepare` the
+requests that arrived since its last step; requests that share their :class:`RouteOptions` are
+routed together (one embedding pass), requests with a given routing are not routed again, and a
+group whose routing fails fails alone. :meth:`BatchRunner.result` turns a finished request into
+its caller's :class:`Result`.
 """
 
 from __future__ import annotations
 
-import threading
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from loraretriever.engine.composer import Composer
-from loraretriever.engine.generation import Completion, Generator, prompt_text
 from loraretriever.engine.pool import LoraPool
+from loraretriever.engine.requests import prompt_text
 from loraretriever.engine.routing import Routing
 from loraretriever.engine.scheduler import QueuedRequest
 from loraretriever.retrieval.options import RouteOptions
@@ -27,10 +28,12 @@ __all__ = ["BatchRunner", "Result", "Timings"]
 
 @dataclass(frozen=True)
 class Timings:
-    """Seconds spent waiting for a batch, routing, and generating (the whole batch)."""
+    """Seconds from submission to admission (queue and routing), routing alone, admission to the
+    first token, and admission to the last."""
 
     queue_s: float = 0.0
     route_s: float = 0.0
+    first_token_s: float = 0.0
     generate_s: float = 0.0
 
 
@@ -46,47 +49,27 @@ class Result:
     stop_sequence: str | None = None
     truncated_prompt: bool = False
     timings: Timings = field(default_factory=Timings)
-    batch_size: int = 1  # rows in the generation that served this prompt
+    batch_size: int = 1  # the most requests it was decoded together with (itself included)
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        data = asdict(self)
+        data = dataclasses.asdict(self)
         data["routing"] = self.routing.to_dict()
         return data
 
-    @classmethod
-    def of(cls, completion: Completion, timings: Timings, batch_size: int) -> Result:
-        return cls(
-            text=completion.text,
-            routing=completion.routing,
-            finish_reason=completion.finish_reason,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            stop_sequence=completion.stop_sequence,
-            truncated_prompt=completion.truncated_prompt,
-            timings=timings,
-            batch_size=batch_size,
-        )
-
 
 class BatchRunner:
-    """Routes and generates batches of :class:`~loraretriever.serving.calls.Request` payloads.
+    """Routes arrivals for the engine and builds their results.
 
     Args:
         pool: The adapters pinned routings are checked against.
         router: Retrieves adapters per prompt (``route(texts, options)``), or None.
         composer: Holds the gates.
-        generator: Runs the batched generation.
     """
 
-    def __init__(self, pool: LoraPool, router: Any, composer: Composer, generator: Generator) -> None:
+    def __init__(self, pool: LoraPool, router: Any, composer: Composer) -> None:
         self.pool = pool
         self.router = router
         self.composer = composer
-        self.generator = generator
-        self.generations = 0  # batched generations run so far (one per batch)
-        self._engine_lock = threading.Lock()
 
     def route(self, texts: Sequence[str], options: RouteOptions) -> list[Routing]:
         """The routings of ``texts`` under ``options``: pinned, retrieved, or gated.
@@ -108,49 +91,47 @@ class BatchRunner:
             routings = self.router.route(list(texts), retrieval)
         return [plan.finish(routing) for routing in routings]
 
-    def __call__(self, requests: Sequence[QueuedRequest]) -> None:
+    def prepare(self, requests: Sequence[QueuedRequest]) -> None:
+        """Sets every request's routing, or fails the group whose routing failed."""
         started = time.perf_counter()
-        routings: dict[int, Routing] = {}
-        groups: dict[tuple, list[int]] = {}
-        for i, queued in enumerate(requests):
-            if queued.payload.routing is not None:
-                routings[i] = queued.payload.routing
-            else:
-                groups.setdefault(queued.payload.options.key, []).append(i)
+        groups: dict[tuple, list[QueuedRequest]] = {}
+        for queued in requests:
+            if queued.state.routing is None:
+                groups.setdefault(queued.payload.options.key, []).append(queued)
         for members in groups.values():
             try:
-                texts = [prompt_text(requests[i].payload.prompt, i) for i in members]
-                routed = self.route(texts, requests[members[0]].payload.options)
+                texts = [prompt_text(q.payload.prompt, i) for i, q in enumerate(members)]
+                routings = self.route(texts, members[0].payload.options)
             except Exception as error:  # this group's options failed; the other callers go on
-                for i in members:
-                    requests[i].finish(error=error)
+                for queued in members:
+                    queued.state.fail(error)
                 continue
-            routings.update(zip(members, routed, strict=True))
-        live = sorted(routings)
-        if not live:
-            return
+            for queued, routing in zip(members, routings, strict=True):
+                queued.state.routing = routing
         route_s = time.perf_counter() - started
-        prompts = [requests[i].payload.prompt for i in live]
-        configs = [requests[i].payload.config for i in live]
-        with self._engine_lock:
-            self.generations += 1  # counted before any caller is answered
-            start = time.perf_counter()
+        admitted = time.perf_counter()
+        for queued in requests:
+            queued.route_s, queued.admitted_at = route_s, admitted
 
-            def finish(row: int, completion: Completion) -> None:
-                queued = requests[live[row]]
-                timings = Timings(
-                    queue_s=started - queued.enqueued_at, route_s=route_s, generate_s=time.perf_counter() - start
-                )
-                queued.finish(Result.of(completion, timings, len(live)))
-
-            if not any(requests[i].deltas is not None for i in live):
-                # No caller streams: skip the per-step incremental decoding of every row.
-                for row, completion in enumerate(
-                    self.generator.generate(prompts, [routings[i] for i in live], configs)
-                ):
-                    finish(row, completion)
-                return
-            for event in self.generator.stream(prompts, [routings[i] for i in live], configs):
-                requests[live[event.row]].push(event.delta)
-                if event.completion is not None:
-                    finish(event.row, event.completion)
+    @staticmethod
+    def result(queued: QueuedRequest) -> Result:
+        """The caller's result of a finished request."""
+        state, completion = queued.state, queued.state.done
+        admitted = queued.admitted_at or queued.enqueued_at
+        timings = Timings(
+            queue_s=admitted - queued.enqueued_at,
+            route_s=queued.route_s,
+            first_token_s=(state.first_token_at or admitted) - admitted,
+            generate_s=(state.finished_at or admitted) - admitted,
+        )
+        return Result(
+            text=completion.text,
+            routing=completion.routing,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            stop_sequence=completion.stop_sequence,
+            truncated_prompt=completion.truncated_prompt,
+            timings=timings,
+            batch_size=max(state.batch_rows, 1),
+        )

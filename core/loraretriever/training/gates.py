@@ -149,7 +149,7 @@ def train_gate(
     was_training, grads = model.training, [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     model.eval()  # no dropout: the gate learns the serving-time model
-    lm.composer.register_gate(name, gate)
+    lm.composer.gates.register(name, gate)
     optimizer = torch.optim.AdamW(gate.parameters(), lr=config.learning_rate)
     losses: list[float] = []
     aux_losses: list[float] = []

@@ -1,0 +1,501 @@
+"""The engine: iteration-level (continuous) batching of routed requests over one base model.
+
+Requests join the running batch between decoding steps and leave as they finish (as in Orca and
+vLLM). One :meth:`Engine.step` is
+
+1. drop cancelled requests (their KV rows and factors are freed);
+2. one decoding forward pass for every running request (``rows x 1`` tokens, each row composed
+   with its own adapters by the :class:`~loraretriever.engine.composer.Composer`);
+3. one prefill chunk for the requests being admitted, within the step's token budget
+   (``max_batch_tokens`` minus the decoding rows): short prompts are prefilled together in one
+   chunk, a long prompt alone over several steps (chunked prefill), so it never stalls the
+   others' decoding. Admission is first come, first served.
+
+Requests that finish their prefill join the running batch (KV rows padded on the left, plan rows
+concatenated: :mod:`loraretriever.engine.kv`). A forward pass that raises is retried on halves of
+the batch until only the request that causes it fails; a row whose logits are not finite fails
+alone. ``policy="static"`` keeps the old behaviour for benchmarks: admit a whole batch only when
+nothing runs, prefill it in one pass, decode it to the end.
+
+Each request is validated alone when it is made (:meth:`Engine.new_request`): a bad one raises
+there and never reaches a shared batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from loraretriever.engine.composer import BatchPlan, Composer
+from loraretriever.engine.kv import BatchKV
+from loraretriever.engine.requests import GenerationConfig, Prompt, RequestState, StreamEvent, prompt_text
+from loraretriever.engine.routing import Routing
+
+__all__ = ["Engine", "EngineConfig", "RequestError", "cancelled_error"]
+
+logger = logging.getLogger(__name__)
+
+Policy = Literal["continuous", "static"]
+_MIN_CHUNK = 16  # prefill tokens per step even when decoding rows use the whole budget
+
+
+class RequestError(ValueError):
+    """One request cannot be served (bad prompt, settings or limits); other requests are unaffected."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and policy of the engine.
+
+    Example:
+        >>> EngineConfig(max_batch_tokens=256).max_batch_size
+        32
+    """
+
+    max_batch_size: int = field(default=32, metadata={"help": "The most requests decoding at once."})
+    max_batch_tokens: int = field(
+        default=256,
+        metadata={"help": "Tokens per step: one per decoding request plus the prefill chunk of new ones."},
+    )
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={"help": "The longest prompt in tokens; default: the context window minus max_new_tokens."},
+    )
+    max_new_tokens_limit: int | None = field(
+        default=None, metadata={"help": "The most max_new_tokens a request may ask for; default: the context window."}
+    )
+    policy: Policy = field(
+        default="continuous",
+        metadata={"help": "continuous: join and leave between steps; static: whole batches (a reference)."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_batch_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        for name in ("max_prompt_tokens", "max_new_tokens_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer or None.")
+        if self.policy not in ("continuous", "static"):
+            raise ValueError(f"policy={self.policy!r} must be 'continuous' or 'static'.")
+
+
+@dataclass
+class _Batch:
+    """Requests that share a KV cache and a composition plan, row by row."""
+
+    requests: list[RequestState]
+    kv: BatchKV
+    plan: BatchPlan | None
+    last: torch.Tensor | None = None  # (rows,) the token each row feeds next (decoding)
+    prompt: torch.Tensor | None = None  # (rows, length) left-padded prompt ids (prefill)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Engine:
+    """Serves :class:`RequestState` s of one model, each with its own routing, in shared steps.
+
+    Args:
+        model: A causal LM (eval mode).
+        tokenizer: Its tokenizer (with a pad token).
+        composer: Applies routings; without one, every request must be routed to the base model.
+        config: Limits and policy.
+
+    Example:
+        >>> engine = Engine(model, tokenizer, Composer(model, pool))  # doctest: +SKIP
+        >>> request = engine.new_request("Is 'great film' positive?", GenerationConfig(max_new_tokens=4),
+        ...                              Routing.pinned(["sst2"]))  # doctest: +SKIP
+        >>> engine.run([request])[0].text  # doctest: +SKIP
+        'positive'
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        composer: Composer | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.composer = composer
+        self.config = config or EngineConfig()
+        self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token).")
+        self._pad_id = int(tokenizer.pad_token_id)
+        self._eos_ids = _eos_token_ids(model, tokenizer)
+        self.waiting: deque[RequestState] = deque()
+        self.running: _Batch | None = None
+        self.prefilling: _Batch | None = None
+        self.steps = 0
+        self.busy_periods = 0  # times the engine went from idle to busy
+        self.peak_rows = 0
+        self._solo: set[int] = set()  # requests whose shared prefill failed: prefilled alone
+
+    # -- requests ----------------------------------------------------------------------------
+    def new_request(
+        self,
+        prompt: Prompt,
+        config: GenerationConfig,
+        routing: Routing | None = None,
+        *,
+        index: int = 0,
+        on_event: Callable[[StreamEvent], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        payload: Any = None,
+    ) -> RequestState:
+        """Tokenizes and checks one request against the limits; it has not been queued yet.
+
+        Raises:
+            RequestError: an unencodable or empty prompt, a prompt over ``max_prompt_tokens`` with
+                ``truncation="error"``, ``max_new_tokens`` over the limit; naming the value and the fix.
+        """
+        if not isinstance(config, GenerationConfig):
+            raise TypeError(f"config is a {type(config).__name__}, not a GenerationConfig.")
+        ids = self.encode(prompt, config, index)
+        limit = self.config.max_new_tokens_limit or self.context_window - 1
+        if config.max_new_tokens > limit:
+            raise RequestError(
+                f"prompt {index}: max_new_tokens={config.max_new_tokens} is over the limit of {limit} "
+                f"(the {self.context_window}-token context window or max_new_tokens_limit); lower it."
+            )
+        budget = min(self.config.max_prompt_tokens or self.context_window, self.context_window - config.max_new_tokens)
+        truncated = len(ids) > budget
+        if truncated:
+            message = (
+                f"prompt {index} has {len(ids)} tokens but the limit is {budget} (max_prompt_tokens, or the "
+                f"{self.context_window}-token context window minus max_new_tokens={config.max_new_tokens})"
+            )
+            if config.truncation == "error":
+                raise RequestError(message + "; shorten it or set truncation='left'.")
+            warnings.warn(message + "; its oldest tokens were dropped.", stacklevel=3)
+            ids = ids[-budget:]
+        rng = None
+        if config.temperature > 0:
+            rng = torch.Generator(device=self.model.device)
+            rng.manual_seed(config.seed if config.seed is not None else int(torch.randint(2**62, ()).item()))
+        return RequestState(
+            prompt_ids=ids,
+            config=config,
+            routing=routing,
+            on_event=on_event,
+            on_error=on_error,
+            truncated=truncated,
+            index=index,
+            payload=payload,
+            rng=rng,
+        )
+
+    def encode(self, prompt: Prompt, config: GenerationConfig, index: int = 0) -> list[int]:
+        """The prompt's token ids (through the chat template for chats or ``chat_template=True``)."""
+        prompt_text(prompt, index)  # raises for an empty prompt or malformed messages
+        texts = [prompt] if isinstance(prompt, str) else [str(m["content"]) for m in prompt]
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise RequestError(
+                    f"prompt {index} is not valid Unicode text: {err.reason} at character {err.start} "
+                    f"({text[err.start : err.end]!r}). Fix: remove lone surrogates (e.g. decode bytes with "
+                    "errors='replace')."
+                ) from None
+        if isinstance(prompt, str) and not config.chat_template:
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            if self.tokenizer.chat_template is None:
+                raise RequestError(
+                    "chat messages or chat_template=True need a tokenizer with a chat template; this one has none."
+                )
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+            if config.system_prompt and messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": config.system_prompt})
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise RequestError(f"prompt {index} encodes to no tokens; pass some text.")
+        return ids
+
+    def add(self, requests: Sequence[RequestState]) -> None:
+        """Queues routed requests (first come, first served)."""
+        for request in requests:
+            if request.queued:
+                raise ValueError(f"request {request.index} was already added to an engine; make a new one.")
+            if request.routing is None:
+                raise ValueError("a request must be routed before it is added to the engine.")
+            if self.composer is None and not request.routing.is_base:
+                raise ValueError("requests are routed to adapters but the engine has no Composer.")
+        if requests and not self.has_work:
+            self.busy_periods += 1
+        for request in requests:
+            request.queued = True
+        self.waiting.extend(requests)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.prefilling)
+
+    def run(self, requests: Sequence[RequestState]) -> list[RequestState]:
+        """Adds those of ``requests`` not added yet and steps until each has finished (inline)."""
+        self.add([r for r in requests if not r.queued])
+        while not all(r.finished for r in requests):
+            self.step()
+        return list(requests)
+
+    # -- one iteration -----------------------------------------------------------------------
+    def step(self) -> None:
+        """One iteration: drop cancelled requests, decode one token for the running batch, and
+        prefill one chunk of the requests being admitted."""
+        with torch.inference_mode():
+            self._drop_cancelled()
+            if self.running is not None:
+                self.running = self._decode(self.running)
+            if self.prefilling is None:
+                self.prefilling = self._admit()
+            if self.prefilling is not None:
+                self._prefill_chunk()
+        self.steps += 1
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(request)
+            request.fail(cancelled_error())
+        for name in ("running", "prefilling"):
+            batch = getattr(self, name)
+            if batch is not None and any(r.cancelled for r in batch.requests):
+                for request in batch.requests:
+                    if request.cancelled:
+                        request.fail(cancelled_error())
+                setattr(self, name, self._keep(batch, [i for i, r in enumerate(batch.requests) if not r.cancelled]))
+
+    def _admit(self) -> _Batch | None:
+        """The next requests to prefill, first come first served, within the step's token budget."""
+        running = len(self.running) if self.running is not None else 0
+        if not self.waiting or running >= self.config.max_batch_size:
+            return None
+        if self.config.policy == "static":
+            if running:
+                return None
+            take = min(len(self.waiting), self.config.max_batch_size)
+        else:
+            budget = max(self.config.max_batch_tokens - running, _MIN_CHUNK)
+            room = self.config.max_batch_size - running
+            take, longest = 1, len(self.waiting[0].prompt_ids)
+            while take < min(room, len(self.waiting)) and not {id(self.waiting[0]), id(self.waiting[take])} & self._solo:
+                longest_next = max(longest, len(self.waiting[take].prompt_ids))
+                if (take + 1) * longest_next > budget:
+                    break
+                take, longest = take + 1, longest_next
+        group = [self.waiting.popleft() for _ in range(take)]
+        self._solo.difference_update(id(r) for r in group)
+        group, plan = self._plan(group)
+        return self._new_batch(group, plan) if group else None
+
+    def _plan(self, requests: list[RequestState]) -> tuple[list[RequestState], BatchPlan | None]:
+        """The composition plan of ``requests``; a request whose routing cannot be planned (an
+        adapter removed since it was routed, a gate that no longer fits) fails alone."""
+        if self.composer is None or all(r.routing.is_base for r in requests):
+            return requests, None
+        try:
+            return requests, self.composer.build_plan([r.routing for r in requests])
+        except Exception:
+            good = []
+            for request in requests:
+                try:
+                    self.composer.build_plan([request.routing])
+                    good.append(request)
+                except Exception as error:
+                    request.fail(error)
+            if not good:
+                return [], None
+            return good, self.composer.build_plan([r.routing for r in good])
+
+    def _new_batch(self, requests: list[RequestState], plan: BatchPlan | None) -> _Batch:
+        device = self.model.device
+        length = max(len(r.prompt_ids) for r in requests)
+        prompt = torch.full((len(requests), length), self._pad_id, dtype=torch.long)
+        for row, request in enumerate(requests):
+            prompt[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            request.prefilled = 0
+        return _Batch(requests, BatchKV(len(requests), device), plan, prompt=prompt.to(device))
+
+    def _prefill_chunk(self) -> None:
+        group = self.prefilling
+        total = group.prompt.shape[1]
+        done = group.kv.length
+        if self.config.policy == "static":
+            size = total - done
+        else:
+            running = len(self.running) if self.running is not None else 0
+            budget = max(self.config.max_batch_tokens - running, _MIN_CHUNK)
+            size = min(total - done, max(budget // len(group), 1))
+        lengths = [max(0, min(size, len(r.prompt_ids) - (total - done - size))) for r in group.requests]
+        try:
+            logits = self._forward(group, group.prompt[:, done : done + size], lengths)
+        except Exception as error:
+            self.prefilling = None
+            if len(group) == 1:
+                group.requests[0].fail(_step_error(error, group.requests[0]))
+            else:  # retry them one by one, at the head of the queue, to find the one that fails
+                logger.warning("prefill of %d requests failed (%s); retrying them one by one", len(group), error)
+                self.waiting.extendleft(reversed(group.requests))
+                self._solo.update(id(r) for r in group.requests)
+            return
+        for request, n in zip(group.requests, lengths, strict=True):
+            request.prefilled += n
+        if group.kv.length < total:
+            return
+        self.prefilling = None
+        group.prompt = None
+        kept = self._sample_and_advance(group, logits)
+        if kept is None:
+            return
+        self.running = kept if self.running is None else self._concat([self.running, kept])
+        self.peak_rows = max(self.peak_rows, len(self.running))
+
+    def _decode(self, batch: _Batch) -> _Batch | None:
+        """One token for every row; a failing forward pass is retried on halves of the batch."""
+        try:
+            logits = self._forward(batch, batch.last[:, None], [1] * len(batch))
+        except Exception as error:
+            if len(batch) == 1:
+                batch.requests[0].fail(_step_error(error, batch.requests[0]))
+                return None
+            logger.warning("a decoding step of %d rows failed (%s); splitting the batch", len(batch), error)
+            half = len(batch) // 2
+            parts = [self._keep(batch, range(half)), self._keep(batch, range(half, len(batch)))]
+            return self._concat([p for p in (self._decode(part) for part in parts) if p is not None])
+        return self._sample_and_advance(batch, logits)
+
+    def _forward(self, batch: _Batch, input_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        mask, positions = batch.kv.step_inputs(lengths)
+        length = batch.kv.length
+        context = self.composer.use(batch.plan) if batch.plan is not None else nullcontext()
+        try:
+            with context:
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=batch.kv.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        except Exception:
+            batch.kv.rollback(length)
+            raise
+        batch.kv.advance(mask)
+        return out.logits[:, -1, :]
+
+    def _sample_and_advance(self, batch: _Batch, logits: torch.Tensor) -> _Batch | None:
+        """Chooses each row's next token, hands it to its request; returns the unfinished rows."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        chosen = logits.argmax(dim=-1)
+        for row, request in enumerate(batch.requests):
+            if request.config.temperature > 0 and finite[row]:
+                cfg = request.config
+                chosen[row] = _sample(logits[row], cfg.temperature, cfg.top_p, request.rng)
+        tokens = chosen.tolist()
+        keep = []
+        for row, request in enumerate(batch.requests):
+            request.batch_rows = max(request.batch_rows, len(batch))
+            if not finite[row]:
+                request.fail(
+                    RequestError(
+                        f"prompt {request.index}: the model produced non-finite logits with routing "
+                        f"[{request.routing}]; the request was stopped. Fix: check the adapters' weights, or "
+                        "use float32."
+                    )
+                )
+                continue
+            try:
+                request.advance(tokens[row], self.tokenizer, self._eos_ids)
+            except Exception as error:  # a caller's callback or detokenisation failed: only this request
+                request.fail(error)
+            if not request.finished:
+                keep.append(row)
+        batch.last = chosen
+        return self._keep(batch, keep)
+
+    # -- batch surgery -----------------------------------------------------------------------
+    def _keep(self, batch: _Batch, rows: Sequence[int]) -> _Batch | None:
+        rows = list(rows)
+        if not rows:
+            return None
+        if len(rows) == len(batch):
+            return batch
+        plan = self.composer.select(batch.plan, rows) if batch.plan is not None else None
+        index = torch.tensor(rows, dtype=torch.long, device=self.model.device)
+        return _Batch(
+            [batch.requests[i] for i in rows],
+            batch.kv.select(rows),
+            plan,
+            None if batch.last is None else batch.last.index_select(0, index),
+            None if batch.prompt is None else batch.prompt.index_select(0, index),
+        )
+
+    def _concat(self, batches: Sequence[_Batch]) -> _Batch | None:
+        batches = [b for b in batches if b is not None and len(b)]
+        if not batches:
+            return None
+        if len(batches) == 1:
+            return batches[0]
+        plan = None
+        if any(b.plan is not None for b in batches):
+            plans = [b.plan or self.composer.build_plan([r.routing for r in b.requests]) for b in batches]
+            plan = self.composer.concat(plans)
+        return _Batch(
+            [r for b in batches for r in b.requests],
+            BatchKV.concat([b.kv for b in batches]),
+            plan,
+            torch.cat([b.last for b in batches]),
+        )
+
+
+def cancelled_error() -> CancelledError:
+    """The error a cancelled request ends with."""
+    return CancelledError("the request was cancelled")
+
+
+def _step_error(error: Exception, request: RequestState) -> RequestError:
+    failure = RequestError(
+        f"prompt {request.index} failed in the model's forward pass with routing [{request.routing}]: "
+        f"{type(error).__name__}: {error}"
+    )
+    failure.__cause__ = error
+    return failure
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids

@@ -1,0 +1,177 @@
+"""LoRA factors stacked per row, the data a :class:`~loraretriever.engine.composer.Composer` applies.
+
+For a batch of rows, each with its own adapters and weights, one adapted layer gets one factor pair
+per row, padded to the batch's largest rank and stacked, so its update is two batched matmuls
+``(x @ A_t) @ B_t``: a mixture concatenates the row's LoRAs along the rank axis, a fusion averages
+them into one LoRA of the largest rank (see the composer's module docstring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loraretriever.engine.adapter import LoraWeights
+from loraretriever.engine.routing import Routing
+
+__all__ = ["LayerPlan", "build_layer_plan", "concat_layer_plans", "slot_index", "stack_factors"]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The stacked per-row factors of one layer, row by row: ``delta = (x @ A_t) @ B_t``.
+
+    Stored transposed and contiguous (``A_t = A^T``, ``B_t = B^T``): the decoding-step matmuls
+    then read the factors in memory order, measurably faster than transposed views.
+    """
+
+    A_t: torch.Tensor  # (batch, in_features, rank)
+    B_t: torch.Tensor  # (batch, rank, out_features), weights and scaling folded in
+    # flow rows: the slot of every rank column; other rows point at an always-1 column
+    slot_index: torch.Tensor | None = None  # (batch, rank), long
+
+    def select(self, index: torch.Tensor) -> LayerPlan:
+        """The plan of some rows only (``index`` on the plan's device)."""
+        slots = None if self.slot_index is None else self.slot_index.index_select(0, index)
+        return LayerPlan(self.A_t.index_select(0, index), self.B_t.index_select(0, index), slots)
+
+
+def concat_layer_plans(
+    parts: Sequence[LayerPlan | None], sizes: Sequence[int], fillers: Sequence[int], filler: int
+) -> LayerPlan:
+    """The plans of consecutive row groups as one: ranks zero-padded to the largest, groups with no
+    factors at this layer (``None``) as zeros, flow slot indices re-pointed from each group's
+    always-1 column ``fillers[i]`` to the joint one ``filler``."""
+    present = [p for p in parts if p is not None]
+    A0, B0 = present[0].A_t, present[0].B_t
+    rank = max(p.A_t.shape[2] for p in present)
+    flow = any(p.slot_index is not None for p in present)
+    A_parts, B_parts, slot_parts = [], [], []
+    for part, size, own in zip(parts, sizes, fillers, strict=True):
+        if part is None:
+            A_parts.append(A0.new_zeros(size, A0.shape[1], rank))
+            B_parts.append(B0.new_zeros(size, rank, B0.shape[2]))
+            slots = None
+        else:
+            pad = rank - part.A_t.shape[2]
+            A_parts.append(torch.nn.functional.pad(part.A_t, (0, pad)) if pad else part.A_t)
+            B_parts.append(torch.nn.functional.pad(part.B_t, (0, 0, 0, pad)) if pad else part.B_t)
+            slots = part.slot_index
+            if slots is not None:
+                slots = torch.where(slots == own, filler, slots)
+                slots = torch.nn.functional.pad(slots, (0, pad), value=filler) if pad else slots
+        if flow:
+            slot_parts.append(slots if slots is not None else A0.new_full((size, rank), filler, dtype=torch.long))
+    return LayerPlan(torch.cat(A_parts), torch.cat(B_parts), torch.cat(slot_parts) if flow else None)
+
+
+def build_layer_plan(
+    parts: list[list[tuple[LoraWeights, float]]], modes: Sequence[str], layer: nn.Linear
+) -> LayerPlan:
+    """One layer's plan for rows given as ``(weights, weight)`` pairs, one mode per row (flow rows
+    are mixtures at weight 1: their gate scales them per token)."""
+    shared = modes[0] if len(set(modes)) == 1 else None
+    plan = _uniform(parts, shared, layer) if shared is not None else None
+    if plan is None:
+        factors = [_fuse(p) if mode == "fusion" else _concatenate(p) for mode, p in zip(modes, parts, strict=True)]
+        plan = _stack(factors, layer)
+    return plan
+
+
+def stack_factors(present: Sequence[LoraWeights | None], layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adapters' factors at one layer, side by side: ``A (N, r, in)`` and ``B (N, out, r)`` with the
+    scaling folded into B, ranks zero-padded to the largest, zeros where an adapter is ``None``."""
+    rank = max((w.rank for w in present if w is not None), default=1)
+    A = layer.weight.new_zeros(len(present), rank, layer.in_features)
+    B = layer.weight.new_zeros(len(present), layer.out_features, rank)
+    for i, weights in enumerate(present):
+        if weights is not None:
+            A[i, : weights.rank] = weights.A
+            B[i, :, : weights.rank] = weights.B * weights.scaling
+    return A, B
+
+
+def _concatenate(parts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Mixture: ``sum_j wj sj Bj Aj`` as one LoRA of rank ``sum_j rj``."""
+    if not parts:
+        return None
+    A = torch.cat([weights.A for weights, _ in parts], dim=0)
+    B = torch.cat([weights.B * (w * weights.scaling) for weights, w in parts], dim=1)
+    return A, B
+
+
+def _fuse(parts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Fusion: ``(sum_j wj sj Bj)(sum_j wj Aj)``, ranks zero-padded to the largest."""
+    if not parts:
+        return None
+    rank = max(weights.rank for weights, _ in parts)
+    first = parts[0][0]
+    A = first.A.new_zeros(rank, first.A.shape[1])
+    B = first.B.new_zeros(first.B.shape[0], rank)
+    for weights, w in parts:
+        A[: weights.rank] += w * weights.A
+        B[:, : weights.rank] += (w * weights.scaling) * weights.B
+    return A, B
+
+
+def _uniform(parts: list[list[tuple[LoraWeights, float]]], mode: str, layer: nn.Linear) -> LayerPlan | None:
+    """The whole-batch build, when every row has the same number of adapters of one rank here.
+
+    Returns None otherwise (the per-row build handles any mix of ranks, counts and modes).
+    """
+    k = len(parts[0])
+    if k == 0 or any(len(p) != k for p in parts) or len({w.rank for p in parts for w, _ in p}) != 1:
+        return None
+    rows, rank = len(parts), parts[0][0][0].rank
+    A = torch.stack([w.A for p in parts for w, _ in p]).view(rows, k, rank, layer.in_features)
+    B = torch.stack([w.B for p in parts for w, _ in p]).view(rows, k, layer.out_features, rank)
+    weights = torch.tensor([[weight for _, weight in p] for p in parts], dtype=A.dtype, device=A.device)
+    scaled = weights * torch.tensor([[w.scaling for w, _ in p] for p in parts], dtype=A.dtype, device=A.device)
+    if mode == "fusion":
+        A_fused = (A * weights.view(rows, k, 1, 1)).sum(1)
+        B_fused = (B * scaled.view(rows, k, 1, 1)).sum(1)
+        return LayerPlan(A_fused.transpose(1, 2).contiguous(), B_fused.transpose(1, 2).contiguous())
+    # mixture / single: the k LoRAs side by side along the rank axis
+    A_t = A.permute(0, 3, 1, 2).reshape(rows, layer.in_features, k * rank)
+    B_t = (B * scaled.view(rows, k, 1, 1)).permute(0, 1, 3, 2).reshape(rows, k * rank, layer.out_features)
+    return LayerPlan(A_t, B_t)
+
+
+def slot_index(
+    rows: list[list[tuple[str, float]]],
+    routings: Sequence[Routing],
+    adapters: dict,
+    module: str,
+    plan: LayerPlan,
+    k_max: int,
+) -> torch.Tensor:
+    """For every rank column of ``plan``, the flow slot it belongs to (``k_max``, the always-1
+    column, for other rows and padding). Columns follow the row's adapters in order, as built."""
+    index = torch.full((len(rows), plan.A_t.shape[2]), k_max, dtype=torch.long, device=plan.A_t.device)
+    for row, (pairs, routing) in enumerate(zip(rows, routings, strict=True)):
+        if routing.mode != "flow":
+            continue
+        column = 0
+        for slot, (name, _) in enumerate(pairs):
+            weights = adapters[name].modules.get(module)
+            if weights is not None:
+                index[row, column : column + weights.rank] = slot
+                column += weights.rank
+    return index
+
+
+def _stack(factors: list, layer: nn.Linear) -> LayerPlan:
+    """Pads every row's factors to the batch's largest rank (zeros add nothing) and stacks them."""
+    rank = max((A.shape[0] for A, _ in (f for f in factors if f is not None)), default=0)
+    weight = layer.weight
+    A_t = weight.new_zeros(len(factors), layer.in_features, rank)
+    B_t = weight.new_zeros(len(factors), rank, layer.out_features)
+    for row, factor in enumerate(factors):
+        if factor is not None:
+            A, B = factor
+            A_t[row, :, : A.shape[0]] = A.T
+            B_t[row, : B.shape[1]] = B.T
+    return LayerPlan(A_t, B_t)

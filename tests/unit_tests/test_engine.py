@@ -1,0 +1,169 @@
+"""The continuous-batching engine on a tiny Llama with real PEFT adapters: joins and leaves between
+steps, chunked prefill, limits, per-request isolation, cancellation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraretriever import Composer, LoraPool, Routing
+from loraretriever.engine.engine import Engine, EngineConfig, RequestError
+from loraretriever.engine.gates import FlowGate, FlowGateConfig
+from loraretriever.engine.requests import GenerationConfig
+
+PROMPTS = [
+    "Translate to French: the cat sleeps.",
+    "Is this review positive? A fine film.",
+    "Name a colour:",
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen",
+]
+ROUTINGS = [Routing.pinned(["a"]), Routing(("b", "a"), (0.6, 0.4), mode="fusion"), Routing.base(), Routing.pinned(["a", "b"])]
+
+
+@pytest.fixture(scope="module")
+def composer(tiny_lm, tiny_lm_adapters):
+    pool = LoraPool(tiny_lm)
+    for name, path in tiny_lm_adapters.items():
+        pool.add(path, name=name)
+    composer = Composer(tiny_lm, pool)
+    yield composer
+    composer.remove_hooks()
+
+
+def make(engine: Engine, prompts=PROMPTS, routings=ROUTINGS, lengths=(6, 12, 9, 4)):
+    return [
+        engine.new_request(p, GenerationConfig(max_new_tokens=n, ignore_eos=True), r, index=i)
+        for i, (p, r, n) in enumerate(zip(prompts, routings, lengths, strict=True))
+    ]
+
+
+def texts(requests):
+    return [r.done.text for r in requests]
+
+
+def test_continuous_and_static_give_each_request_what_it_gets_alone(tiny_lm, smol_tokenizer, composer):
+    static = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(policy="static"))
+    alone = [texts(static.run(make(static, [p], [r], [n])))[0] for p, r, n in zip(PROMPTS, ROUTINGS, (6, 12, 9, 4))]
+    assert len(set(alone)) == 4
+    assert texts(static.run(make(static))) == alone
+    # a small token budget: the prompts are prefilled in several groups while earlier ones decode
+    continuous = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_batch_tokens=20))
+    assert texts(continuous.run(make(continuous))) == alone
+    assert continuous.steps < static.steps  # the four alone took 4 runs; together fewer steps in all
+
+
+def test_requests_join_a_running_batch_and_leave_it_as_they_finish(tiny_lm, smol_tokenizer, composer):
+    engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_batch_tokens=64))
+    first = make(engine, PROMPTS[:1], ROUTINGS[:1], [12])
+    engine.add(first)
+    for _ in range(3):
+        engine.step()
+    assert first[0].ids and not first[0].finished
+    later = make(engine, PROMPTS[1:3], ROUTINGS[1:3], [3, 5])
+    engine.add(later)
+    engine.step()  # decodes `first`, prefills the two newcomers, which join
+    assert len(engine.running) == 3
+    while not all(r.finished for r in later):
+        engine.step()
+    assert len(engine.running) == 1 and not first[0].finished  # the short ones left, the long one goes on
+    engine.run(first)
+    reference = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(policy="static"))
+    for i, (request, n) in enumerate(zip(first + later, (12, 3, 5), strict=True)):
+        assert request.done.text == reference.run(make(reference, [PROMPTS[i]], [ROUTINGS[i]], [n]))[0].done.text
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(tiny_lm, smol_tokenizer, composer):
+    engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_batch_tokens=20))
+    short = make(engine, PROMPTS[2:3], ROUTINGS[2:3], [10])
+    engine.add(short)
+    engine.step()
+    long = make(engine, [PROMPTS[3] * 2], [ROUTINGS[3]], [2])
+    assert len(long[0].prompt_ids) > 20
+    engine.add(long)
+    decoded_while_prefilling = 0
+    while engine.prefilling is not None or engine.waiting:
+        before = len(short[0].ids)
+        engine.step()
+        decoded_while_prefilling += len(short[0].ids) - before
+        assert long[0].prefilled <= len(long[0].prompt_ids)
+    assert decoded_while_prefilling >= 2, "the short request kept decoding during the long prefill"
+    engine.run(long + short)
+    static = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(policy="static"))
+    assert long[0].done.text == static.run(make(static, [PROMPTS[3] * 2], [ROUTINGS[3]], [2]))[0].done.text
+
+
+def test_limits_are_checked_per_request_with_errors_that_name_them(tiny_lm, smol_tokenizer, composer):
+    engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_prompt_tokens=10, max_new_tokens_limit=20))
+    with pytest.raises(RequestError, match="max_new_tokens=21 is over the limit of 20"):
+        engine.new_request("hi", GenerationConfig(max_new_tokens=21))
+    with pytest.raises(RequestError, match=r"prompt 3 has \d+ tokens but the limit is 10.*truncation='left'"):
+        engine.new_request(PROMPTS[3], GenerationConfig(max_new_tokens=4, truncation="error"), index=3)
+    with pytest.warns(UserWarning, match="oldest tokens were dropped"):
+        cut = engine.new_request(PROMPTS[3], GenerationConfig(max_new_tokens=4))
+    assert cut.truncated and len(cut.prompt_ids) == 10
+    with pytest.raises(RequestError, match="not valid Unicode.*surrogate"):
+        engine.new_request("bad \ud800 text", GenerationConfig())
+    with pytest.raises(ValueError, match="seed='x' must be an integer"):
+        GenerationConfig(seed="x")
+    with pytest.raises(ValueError, match="max_batch_tokens=0"):
+        EngineConfig(max_batch_tokens=0)
+    with pytest.raises(ValueError, match="policy='eager'"):
+        EngineConfig(policy="eager")
+
+
+class _RaisingGate(FlowGate):
+    """A user's gate with a bug: it raises on every input (a true edge: user code)."""
+
+    def forward(self, layer, hidden, prior):
+        raise RuntimeError("gate bug")
+
+
+def test_a_request_whose_forward_pass_raises_fails_alone(tiny_lm, smol_tokenizer, composer):
+    composer.gates.register("broken", _RaisingGate(FlowGateConfig(k=2, hidden_size=32, num_layers=2)))
+    try:
+        engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_batch_tokens=256))
+        bad = Routing(("a", "b"), (0.5, 0.5), mode="flow", gate="broken")
+        routings = [ROUTINGS[0], bad, ROUTINGS[1], ROUTINGS[2]]
+        requests = make(engine, PROMPTS, routings, (5, 5, 5, 5))
+        engine.run(requests)
+        assert isinstance(requests[1].error, RequestError) and "gate bug" in str(requests[1].error)
+        assert "prompt 1" in str(requests[1].error)
+        good = [r for i, r in enumerate(requests) if i != 1]
+        reference = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(policy="static"))
+        expected = reference.run(make(reference, [PROMPTS[i] for i in (0, 2, 3)], [routings[i] for i in (0, 2, 3)], (5, 5, 5)))
+        assert texts(good) == texts(expected)
+    finally:
+        composer.gates.unregister("broken")
+
+
+def test_an_unknown_adapter_fails_only_its_own_request(tiny_lm, smol_tokenizer, composer):
+    engine = Engine(tiny_lm, smol_tokenizer, composer)
+    requests = make(engine, PROMPTS[:2], [Routing.pinned(["ghost"]), ROUTINGS[1]], (3, 3))
+    engine.run(requests)
+    assert "ghost" in str(requests[0].error) and requests[1].done.completion_tokens == 3
+
+
+def test_a_cancelled_request_frees_its_slot_at_the_next_step(tiny_lm, smol_tokenizer, composer):
+    engine = Engine(tiny_lm, smol_tokenizer, composer)
+    requests = make(engine, PROMPTS[:2], ROUTINGS[:2], (30, 6))
+    engine.add(requests)
+    engine.step()
+    engine.step()
+    assert len(engine.running) == 2
+    requests[0].cancel()
+    engine.step()
+    assert len(engine.running) == 1 and isinstance(requests[0].error, Exception)
+    engine.run(requests[1:])
+    assert requests[1].done.completion_tokens == 6 and len(requests[0].ids) < 30
+
+
+def test_sampled_rows_are_seeded_per_request_whatever_joins(tiny_lm, smol_tokenizer, composer):
+    engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_batch_tokens=24))
+    sampled = GenerationConfig(max_new_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    alone = engine.run([engine.new_request(PROMPTS[0], sampled, ROUTINGS[0])])[0].done.text
+    crowd = [engine.new_request(p, sampled if i == 0 else GenerationConfig(max_new_tokens=4), r, index=i)
+             for i, (p, r) in enumerate(zip(PROMPTS, ROUTINGS, strict=True))]
+    engine.run(crowd)
+    assert crowd[0].done.text == alone
+    other = engine.run([engine.new_request(PROMPTS[0], GenerationConfig(max_new_tokens=8, temperature=1.0, seed=8, ignore_eos=True), ROUTINGS[0])])
+    assert other[0].done.text != alone
