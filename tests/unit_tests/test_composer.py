@@ -127,12 +127,12 @@ def test_zero_weights_equal_the_base_model(tiny_model, composer, tokens, mode):
 def test_cost_follows_each_rows_adapters_not_the_pool(tiny_model, tiny_pool, composer):
     """The stacked factors of a layer have the batch's largest per-row rank, whatever the pool holds."""
     plan = composer.build_plan([Routing.pinned(["q_only"]), Routing.pinned(["qv", "q_only"]), Routing.base()])
-    q = plan["model.layers.0.self_attn.q_proj"]
+    q = plan.layers["model.layers.0.self_attn.q_proj"]
     assert q.A_t.shape == (3, 32, 6)  # qv (r=4) + q_only (r=2) concatenated; not 2+4+8 of the pool
-    assert plan["model.layers.0.self_attn.v_proj"].A_t.shape == (3, 32, 4)
-    assert "model.layers.0.mlp.up_proj" not in plan  # only 'all' adapts the MLP and no row uses it
+    assert plan.layers["model.layers.0.self_attn.v_proj"].A_t.shape == (3, 32, 4)
+    assert "model.layers.0.mlp.up_proj" not in plan.layers  # only 'all' adapts the MLP and no row uses it
     fusion = composer.build_plan([Routing(("qv", "q_only"), (0.5, 0.5), mode="fusion")])
-    assert fusion["model.layers.0.self_attn.q_proj"].A_t.shape == (1, 32, 4)
+    assert fusion.layers["model.layers.0.self_attn.q_proj"].A_t.shape == (1, 32, 4)
 
 
 def test_bad_routings_are_clear_errors(tiny_model, composer, tokens):
@@ -196,10 +196,10 @@ def test_whole_batch_build_equals_the_per_row_build(tiny_model, tiny_pool, compo
         ]
         fast = composer.build_plan(routings)
         slow = composer.build_plan([*routings, Routing.base()])
-        for module, layer_plan in fast.items():
-            assert slow[module].A_t.shape[2] == layer_plan.A_t.shape[2]
-            torch.testing.assert_close(layer_plan.A_t, slow[module].A_t[:4], atol=1e-6, rtol=0)
-            torch.testing.assert_close(layer_plan.B_t, slow[module].B_t[:4], atol=1e-6, rtol=0)
+        for module, layer_plan in fast.layers.items():
+            assert slow.layers[module].A_t.shape[2] == layer_plan.A_t.shape[2]
+            torch.testing.assert_close(layer_plan.A_t, slow.layers[module].A_t[:4], atol=1e-6, rtol=0)
+            torch.testing.assert_close(layer_plan.B_t, slow.layers[module].B_t[:4], atol=1e-6, rtol=0)
         batch = logits(tiny_model, composer, routings, tokens)
         with_base_row = logits(tiny_model, composer, [*routings, Routing.base()], torch.cat([tokens, tokens[:1]]))
         torch.testing.assert_close(batch, with_base_row[:4], atol=ATOL, rtol=0)
@@ -209,3 +209,19 @@ def test_whole_batch_build_equals_the_per_row_build(tiny_model, tiny_pool, compo
     finally:
         tiny_pool.remove("same_x")
         tiny_pool.remove("same_y")
+
+
+def test_selected_and_concatenated_plans_equal_plans_built_from_scratch(tiny_model, composer, tokens):
+    """The engine keeps plans as rows leave and join; that must compose exactly like a fresh build."""
+    first = [Routing(("all", "q_only"), (0.5, 0.5)), Routing.base()]
+    second = [Routing(("qv", "all"), (0.4, 0.6), mode="fusion"), Routing.pinned(["q_only"])]
+    joined = composer.concat([composer.build_plan(first), composer.build_plan(second)])
+    rows = [1, 2, 0]
+    picked = composer.select(joined, rows)
+    with torch.no_grad(), composer.use(joined):
+        out_joined = tiny_model(tokens).logits
+    with torch.no_grad(), composer.use(picked):
+        out_picked = tiny_model(tokens[rows]).logits
+    fresh = logits(tiny_model, composer, first + second, tokens)
+    torch.testing.assert_close(out_joined, fresh, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out_picked, fresh[rows], atol=ATOL, rtol=0)

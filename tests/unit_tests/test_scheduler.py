@@ -1,69 +1,98 @@
-"""The BatchingQueue alone, with a plain batch runner: batches, order, size limits, isolation."""
+"""The engine's worker thread (EngineLoop) with a real Engine on a tiny Llama: arrivals prepared
+together, joining a running batch, isolation of a failing prepare, cancellation, close."""
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import CancelledError
 
 import pytest
 
-from loraretriever.engine.scheduler import BatchingQueue
+from loraretriever import Routing
+from loraretriever.engine.engine import Engine, EngineConfig
+from loraretriever.engine.requests import GenerationConfig
+from loraretriever.engine.scheduler import EngineLoop, QueuedRequest
 
 
-class Recorder:
-    """Answers each request with its payload doubled; fails any batch holding a payload of -1."""
+class Preparer:
+    """Routes every request to the base model; fails those whose payload is "bad"; can be held."""
 
     def __init__(self) -> None:
-        self.batches: list[list[int]] = []
+        self.batches: list[list[str]] = []
         self.release = threading.Event()
         self.release.set()
 
     def __call__(self, requests) -> None:
-        self.release.wait(5)
-        payloads = [r.payload for r in requests]
-        self.batches.append(payloads)
-        if -1 in payloads:
-            raise RuntimeError("bad batch")
-        for r in requests:
-            r.push(f"{r.payload}")
-            r.finish(r.payload * 2)
+        self.release.wait(10)
+        self.batches.append([q.payload for q in requests])
+        for q in requests:
+            if q.payload == "bad":
+                q.state.fail(ValueError("bad options"))
+            else:
+                q.state.routing = Routing.base()
 
 
-def test_requests_submitted_together_form_one_batch_split_at_the_size_limit():
-    runner = Recorder()
-    q = BatchingQueue(runner, max_batch_size=4, max_wait_ms=0)
-    requests = q.submit_many(list(range(10)))
-    assert [r.future.result(5) for r in requests] == [2 * i for i in range(10)]
-    assert runner.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    q.close()
+@pytest.fixture
+def engine(tiny_lm, smol_tokenizer):
+    return Engine(tiny_lm, smol_tokenizer, None, EngineConfig(max_batch_tokens=64))
 
 
-def test_requests_arriving_while_a_batch_runs_share_the_next_one():
-    runner = Recorder()
-    q = BatchingQueue(runner, max_batch_size=8, max_wait_ms=50)
-    runner.release.clear()  # hold the first batch so that the next ones queue up behind it
-    first = q.submit(0)
-    later = [q.submit(i) for i in range(1, 6)]
-    runner.release.set()
-    assert first.future.result(5) == 0 and [r.future.result(5) for r in later] == [2, 4, 6, 8, 10]
-    assert sum(len(b) for b in runner.batches) == 6 and len(runner.batches) <= 2
-    q.close()
+def queued(engine, payload, n=4, stream=False):
+    import queue
+
+    state = engine.new_request(f"Say {payload}:", GenerationConfig(max_new_tokens=n, ignore_eos=True), payload=payload)
+    return QueuedRequest(state, deltas=queue.SimpleQueue() if stream else None)
 
 
-def test_a_failing_batch_fails_its_own_requests_and_the_worker_goes_on():
-    runner = Recorder()
-    q = BatchingQueue(runner, max_batch_size=2, max_wait_ms=0)
-    bad = q.submit_many([-1, 5])
-    with pytest.raises(RuntimeError, match="bad batch"):
-        bad[1].future.result(5)
-    streamed = q.submit(7, stream=True)
-    assert list(streamed.iter_deltas()) == ["7"] and streamed.future.result(5) == 14
-    q.close()
+def test_requests_submitted_together_are_prepared_together_and_answered(engine):
+    prepare = Preparer()
+    loop = EngineLoop(engine, prepare, max_wait_ms=0)
+    requests = loop.submit([queued(engine, str(i)) for i in range(5)])
+    assert all(r.future.result(30).completion_tokens == 4 for r in requests)
+    assert prepare.batches == [["0", "1", "2", "3", "4"]]
+    assert engine.busy_periods == 1 and max(r.state.batch_rows for r in requests) == 5
+    loop.close()
+
+
+def test_arrivals_while_the_engine_runs_join_the_running_batch(engine):
+    prepare = Preparer()
+    loop = EngineLoop(engine, prepare, max_wait_ms=0)
+    first = loop.submit([queued(engine, "first", n=40)])[0]
+    while not first.state.ids:  # it is decoding
+        pass
+    later = loop.submit([queued(engine, "later", n=3)])[0]
+    assert later.future.result(30).completion_tokens == 3
+    assert not first.future.done(), "the newcomer finished while the first request was still decoding"
+    assert later.state.batch_rows == 2
+    assert first.future.result(30).completion_tokens == 40 and engine.busy_periods == 1
+    loop.close()
+
+
+def test_a_request_that_fails_to_prepare_fails_alone(engine):
+    loop = EngineLoop(engine, Preparer(), max_wait_ms=0)
+    bad, good = loop.submit([queued(engine, "bad"), queued(engine, "good", stream=True)])
+    with pytest.raises(ValueError, match="bad options"):
+        bad.future.result(30)
+    assert "".join(good.iter_deltas()) == good.future.result(30).text
+    loop.close()
     with pytest.raises(RuntimeError, match="closed"):
-        q.submit(1)
+        loop.submit([queued(engine, "late")])
 
 
-def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="max_batch_size=0"):
-        BatchingQueue(Recorder(), max_batch_size=0)
+def test_a_cancelled_or_abandoned_request_frees_its_slot(engine):
+    loop = EngineLoop(engine, Preparer(), max_wait_ms=0)
+    long, other = loop.submit([queued(engine, "long", n=50, stream=True), queued(engine, "other", n=50)])
+    deltas = long.iter_deltas()
+    next(deltas)
+    deltas.close()  # a client that goes away mid-stream
+    with pytest.raises(CancelledError):
+        long.future.result(30)
+    other.future.cancel()  # asyncio-style cancel of the future
+    assert other.state.cancelled
+    loop.close()
+    assert engine.running is None and len(long.state.ids) < 50 and len(other.state.ids) < 50
+
+
+def test_bad_settings_are_refused(engine):
     with pytest.raises(ValueError, match="max_wait_ms=-1"):
-        BatchingQueue(Recorder(), max_wait_ms=-1)
+        EngineLoop(engine, max_wait_ms=-1)
