@@ -112,9 +112,10 @@ class Composer:
                 raise TypeError(f"routings[{i}] is a {type(routing).__name__}, not a Routing.")
             self.pool.check_names(list(routing.adapters))
             rows.append(routing.effective())
+        self.pool.follow_model()  # adapters and gates on the model's device and dtype, if it moved
+        self.gates.follow_model()
         gated = self.gates.rows(routings, self.device)
         adapters = {name: self.pool.get(name) for row in rows for name, _ in row}
-        self.pool.follow_model()  # adapters on the model's device and dtype, if it moved
         modules = sorted({m for adapter in adapters.values() for m in adapter.modules})
         modes = ["mixture" if routing.mode == "flow" else routing.mode for routing in routings]
         layers: dict[str, LayerPlan] = {}
@@ -130,8 +131,9 @@ class Composer:
 
     def select(self, plan: BatchPlan, rows: torch.Tensor | Sequence[int]) -> BatchPlan:
         """The plan of some rows of ``plan`` (e.g. when finished requests leave the batch)."""
-        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        routings = tuple(plan.routings[i] for i in index.tolist())
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        routings = tuple(plan.routings[i] for i in rows)
         return _without_idle_slots(
             BatchPlan(routings, {m: p.select(index) for m, p in plan.layers.items()}, self.gates.rows(routings, self.device))
         )

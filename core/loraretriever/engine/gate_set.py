@@ -70,6 +70,14 @@ class GateSet(Mapping[str, Gate]):
         with self._lock:
             self._gates = {**self._gates, name: gate}
 
+    def follow_model(self) -> None:
+        """Moves the gates to the model's device and dtype if the model moved since they were registered."""
+        weight = next(self.model.parameters())
+        for gate in self._gates.values():
+            own = next(gate.parameters(), None)
+            if own is not None and (own.device, own.dtype) != (weight.device, weight.dtype):
+                gate.to(device=weight.device, dtype=weight.dtype)
+
     def unregister(self, name: str) -> None:
         with self._lock:
             self._gates = {k: v for k, v in self._gates.items() if k != name}
