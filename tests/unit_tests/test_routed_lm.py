@@ -187,3 +187,37 @@ def test_add_adapter_rolls_back_when_the_router_refuses_the_card(tiny_lm, smol_t
         assert "new" in lm.pool and "new" in adapter_dirs(tmp_path)
     finally:
         lm.close()
+
+
+BAD_REQUESTS = {
+    "lone surrogate": ("bad \ud800 text", {}, "not valid Unicode"),
+    "huge max_new_tokens": (PROMPTS[0], {"max_new_tokens": 10**9}, "max_new_tokens=1000000000 is over the limit"),
+    "too long with truncation=error": (" ".join(PROMPTS), {"truncation": "error"}, "truncation='left'"),
+    "seed of the wrong type": (PROMPTS[0], {"seed": "x"}, "seed='x' must be an integer"),
+    "unknown adapter": (PROMPTS[0], {"adapters": ["ghost"]}, "ghost"),
+    "unknown option": (PROMPTS[0], {"temprature": 0.5}, "temprature"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_REQUESTS))
+def test_one_bad_request_among_eight_concurrent_good_ones_fails_alone(lm, kind):
+    prompt, options, message = BAD_REQUESTS[kind]
+    alone = {p: lm.complete(p).text for p in PROMPTS[:8]}
+    outcomes: dict[str, object] = {}
+    start = threading.Barrier(9)
+
+    def call(key: str, prompt: str, kwargs: dict) -> None:
+        start.wait(10)
+        try:
+            outcomes[key] = lm.complete(prompt, **kwargs).text
+        except Exception as error:  # noqa: BLE001 - the outcome under test
+            outcomes[key] = error
+
+    threads = [threading.Thread(target=call, args=(p, p, {})) for p in PROMPTS[:8]]
+    threads.append(threading.Thread(target=call, args=("bad", prompt, options)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert isinstance(outcomes["bad"], Exception) and message in str(outcomes["bad"])
+    assert {p: outcomes[p] for p in PROMPTS[:8]} == alone
