@@ -16,13 +16,18 @@ def run_bench(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_bench_serve_smoke(capsys):
-    result = run_bench(capsys, "serve")
+def test_bench_serve_smoke(capsys, flan48):
+    result = run_bench(capsys, "serve", "--queries", str(flan48 / "test_dev.json"))
     assert result["batch_size"] == 4 and result["new_tokens"] == 2
     methods = {"base", "ours_mixture_k3", "ours_fusion_k3", "ours_single", "paper_union_einsum", "peft_adapter_names"}
     assert methods <= set(result["tokens_per_s"])
     assert all(v > 0 for v in result["tokens_per_s"].values())
     assert set(result["ours_mixture_k3_by_pool_size"]) == {"pool_8"}
+    mixed = result["mixed"]
+    assert mixed["prompts"] == 3 and mixed["batch_vs_loop"] > 0 and mixed["same_outputs"]
+    for policy in ("continuous", "static"):
+        run = mixed[policy]["rate_0.5"]
+        assert run["requests"] == 3 and run["completion_tokens"] > 0 and run["ttft_s"]["p99"] > 0
 
 
 def test_bench_integrations_smoke(capsys):

@@ -25,9 +25,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--new-tokens", type=int, default=32)
     serve.add_argument("--pool-size", type=int, default=48)
     serve.add_argument("--pool-sizes", type=int, nargs="*", default=[10, 100, 1000])
+    serve.add_argument(
+        "--queries",
+        default="../shared/data/loraretriever-flan48/test_dev.json",
+        help="test_dev.json-style prompts for the mixed workload ('' to skip it).",
+    )
+    serve.add_argument("--mixed-prompts", type=int, default=32)
+    serve.add_argument("--mixed-max-new-tokens", type=int, default=64)
+    serve.add_argument("--rate-fractions", type=float, nargs="*", default=[0.3, 0.6, 0.9])
     _common(serve)
     serve.set_defaults(
-        handler=_run_serve, smoke_overrides={"batch_size": 4, "new_tokens": 2, "pool_size": 6, "pool_sizes": [8]}
+        handler=_run_serve,
+        smoke_overrides={
+            "batch_size": 4,
+            "new_tokens": 2,
+            "pool_size": 6,
+            "pool_sizes": [8],
+            "mixed_prompts": 3,
+            "mixed_max_new_tokens": 3,
+            "rate_fractions": [0.5],
+        },
     )
 
     integrations = benches.add_parser(
@@ -89,6 +106,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         pool_size=args.pool_size,
         pool_sizes=args.pool_sizes,
+        queries=args.queries or None,
+        mixed_prompts=args.mixed_prompts,
+        mixed_max_new_tokens=args.mixed_max_new_tokens,
+        rate_fractions=args.rate_fractions,
         log=log,
     )
     print(json.dumps(result))

@@ -40,7 +40,7 @@ from loraretriever.engine.kv import BatchKV
 from loraretriever.engine.requests import GenerationConfig, Prompt, RequestState, StreamEvent, prompt_text
 from loraretriever.engine.routing import Routing
 
-__all__ = ["Engine", "EngineConfig", "RequestError", "cancelled_error"]
+__all__ = ["Engine", "EngineConfig", "Policy", "RequestError", "cancelled_error"]
 
 logger = logging.getLogger(__name__)
 

@@ -17,14 +17,7 @@ import time
 import torch
 
 from loraretriever.engine.base_model import load_base_model
-from loraretriever.engine.pool import LoraPool
-from loraretriever.evaluation.workload import (
-    PROMPT_SUBJECTS,
-    PROMPT_TEMPLATES,
-    lora_config,
-    random_lora_state_dict,
-)
-from loraretriever.retrieval.cards import AdapterCard
+from loraretriever.evaluation.workload import PROMPT_SUBJECTS, PROMPT_TEMPLATES, task_pool
 from loraretriever.retrieval.router import Router
 from loraretriever.serving.routed_lm import RoutedLM
 
@@ -40,12 +33,7 @@ def run_integrations_benchmark(
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     model, tokenizer = load_base_model()
-    pool = LoraPool(model)
-    cards = []
-    for i, template in enumerate(PROMPT_TEMPLATES):  # one LoRA per task kind, its card from that task's prompts
-        name = f"task{i}"
-        pool.add_state_dict(name, lora_config(8), random_lora_state_dict(model, 8, generator))
-        cards.append(AdapterCard(name, [template.format(s) for s in PROMPT_SUBJECTS]))
+    pool, cards = task_pool(model, generator)
     router = Router.from_cards(cards)
     lm = RoutedLM(model, tokenizer, pool, router, max_batch_size=max(batch_size, concurrent), max_wait_ms=20)
     prompts = [rng.choice(PROMPT_TEMPLATES).format(rng.choice(PROMPT_SUBJECTS)) for _ in range(batch_size)]

@@ -8,12 +8,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from loraretriever.engine.pool import LoraPool
+from loraretriever.retrieval.cards import AdapterCard
+
 __all__ = [
     "PROMPT_SUBJECTS",
     "PROMPT_TEMPLATES",
     "TARGETS",
     "lora_config",
     "random_lora_state_dict",
+    "task_pool",
     "tokens_per_second",
 ]
 
@@ -62,3 +66,14 @@ def tokens_per_second(fn: Callable[[], int], repeats: int = 2) -> float:
         tokens = fn()
         best = max(best, tokens / (time.perf_counter() - start))
     return best
+
+
+def task_pool(model: nn.Module, generator: torch.Generator, rank: int = 8) -> tuple[LoraPool, list[AdapterCard]]:
+    """One random LoRA per prompt template (a "task"), and its card from that task's prompts."""
+    pool = LoraPool(model)
+    cards = []
+    for i, template in enumerate(PROMPT_TEMPLATES):
+        name = f"task{i}"
+        pool.add_state_dict(name, lora_config(rank), random_lora_state_dict(model, rank, generator))
+        cards.append(AdapterCard(name, [template.format(s) for s in PROMPT_SUBJECTS]))
+    return pool, cards

@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraretriever.engine.composer import Composer
-from loraretriever.engine.engine import Engine, EngineConfig
+from loraretriever.engine.engine import Engine, EngineConfig, Policy
 from loraretriever.engine.gates import Gate, gate_dirs, load_gate
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.pool_dir import load_adapters
@@ -68,6 +68,8 @@ class RoutedLM:
             A longer one is an error naming the limit, or with ``truncation="left"`` is cut.
         max_new_tokens_limit: The most ``max_new_tokens`` a call may ask for (default: the context window).
         max_wait_ms: How long the first call to an idle engine waits for others to share its step.
+        policy: ``"continuous"`` (requests join and leave between steps) or ``"static"`` (whole
+            batches, the benchmarks' reference).
 
     Example:
         >>> lm = RoutedLM.from_pretrained(pool_dir="my_pool")  # doctest: +SKIP
@@ -90,6 +92,7 @@ class RoutedLM:
         max_prompt_tokens: int | None = None,
         max_new_tokens_limit: int | None = None,
         max_wait_ms: float = 10.0,
+        policy: Policy = "continuous",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -105,6 +108,7 @@ class RoutedLM:
                 max_batch_tokens=max_batch_tokens,
                 max_prompt_tokens=max_prompt_tokens,
                 max_new_tokens_limit=max_new_tokens_limit,
+                policy=policy,
             ),
         )
         self.generation = generation or GenerationConfig()
