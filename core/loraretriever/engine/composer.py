@@ -40,11 +40,12 @@ from torch import nn
 
 from loraretriever.engine.factors import LayerPlan, build_layer_plan, concat_layer_plans, slot_index, stack_factors
 from loraretriever.engine.gate_set import GatedRows, GateSet
+from loraretriever.engine.kv import swap_moves
 from loraretriever.engine.gates import MeteoraGate, layer_index
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.routing import Routing
 
-__all__ = ["BatchPlan", "Composer"]
+__all__ = ["BatchPlan", "Composer", "RunningPlan"]
 
 
 @dataclass(frozen=True)
@@ -291,3 +292,110 @@ def _without_idle_slots(plan: BatchPlan) -> BatchPlan:
         return plan
     layers = {m: LayerPlan(p.A_t, p.B_t) for m, p in plan.layers.items()}
     return BatchPlan(plan.routings, layers, plan.gated)
+
+
+class RunningPlan:
+    """The plan of a batch whose rows change in place between steps (a persistent batch): the
+    factors of up to ``capacity`` rows in preallocated buffers, the active rows first. A newcomer's
+    rows are copied in after the last row, a leaving row is replaced by the last one, so a join
+    or a leave copies only the rows that change; :meth:`view` is the :class:`BatchPlan` to apply.
+
+    Args:
+        composer: Builds the gated rows of the view.
+        capacity: Rows to allocate (the buffers grow if more join).
+    """
+
+    def __init__(self, composer: Composer, capacity: int) -> None:
+        self.composer, self.capacity, self.n = composer, capacity, 0
+        self.routings: list[Routing] = []
+        self._A: dict[str, torch.Tensor] = {}
+        self._B: dict[str, torch.Tensor] = {}
+        self._slots: dict[str, torch.Tensor] = {}  # flow slot of each rank column; -1: the always-1 column
+        self._view: BatchPlan | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def view(self) -> BatchPlan:
+        """The active rows as a BatchPlan (views of the buffers, rebuilt only after a change)."""
+        if self._view is None:
+            n, routings = self.n, tuple(self.routings)
+            gated = self.composer.gates.rows(routings, self.composer.device)
+            layers = {}
+            for module, A in self._A.items():
+                slots = self._slots.get(module)
+                if slots is not None and gated.flow:
+                    slots = torch.where(slots[:n] < 0, gated.k_max, slots[:n])
+                else:
+                    slots = None
+                layers[module] = LayerPlan(A[:n], self._B[module][:n], slots)
+            self._view = BatchPlan(routings, layers, gated)
+        return self._view
+
+    def extend(self, plan: BatchPlan) -> None:
+        """Appends the rows of ``plan`` (copied)."""
+        m, start = len(plan), self.n
+        if start + m > self.capacity:
+            self._resize(max(start + m, 2 * self.capacity))
+        rows = slice(start, start + m)
+        for module, layer in plan.layers.items():
+            rank = layer.A_t.shape[2]
+            if module not in self._A:
+                self._A[module] = layer.A_t.new_zeros(self.capacity, layer.A_t.shape[1], rank)
+                self._B[module] = layer.B_t.new_zeros(self.capacity, rank, layer.B_t.shape[2])
+            elif rank > self._A[module].shape[2]:
+                self._widen(module, rank)
+            A, B = self._A[module], self._B[module]
+            A[rows, :, rank:] = 0
+            B[rows, rank:] = 0
+            A[rows, :, :rank] = layer.A_t
+            B[rows, :rank] = layer.B_t
+            if layer.slot_index is not None or module in self._slots:
+                slots = self._slots.setdefault(module, torch.full(A.shape[::2], -1, dtype=torch.long, device=A.device))
+                slots[rows] = -1
+                if layer.slot_index is not None:
+                    slots[rows, :rank] = torch.where(layer.slot_index == plan.gated.k_max, -1, layer.slot_index)
+        for module in self._A.keys() - plan.layers.keys():  # rows that do not adapt this module
+            self._A[module][rows] = 0
+            self._B[module][rows] = 0
+        self.routings.extend(plan.routings)
+        self.n += m
+        self._view = None
+
+    def remove(self, leaving: Sequence[int]) -> None:
+        """Drops rows; the last rows move into the holes (:func:`~loraretriever.engine.kv.swap_moves`)."""
+        destinations, sources, n = swap_moves(self.n, leaving)
+        if destinations:
+            dst = torch.tensor(destinations, device=self.composer.device)
+            src = torch.tensor(sources, device=self.composer.device)
+            for buffers in (self._A, self._B, self._slots):
+                for buffer in buffers.values():
+                    buffer[dst] = buffer[src]
+            routings = list(self.routings)
+            for d, s in zip(destinations, sources, strict=True):
+                routings[d] = self.routings[s]
+            self.routings = routings
+        self.routings = self.routings[:n]
+        self.n = n
+        self._view = None
+
+    def take(self, rows: Sequence[int]) -> RunningPlan:
+        """A new running plan holding copies of some rows."""
+        out = RunningPlan(self.composer, len(rows))
+        out.extend(self.composer.select(self.view(), list(rows)))
+        return out
+
+    def _resize(self, capacity: int) -> None:
+        for buffers in (self._A, self._B, self._slots):
+            for module, buffer in buffers.items():
+                grown = buffer.new_full((capacity, *buffer.shape[1:]), -1 if buffers is self._slots else 0)
+                grown[: self.n] = buffer[: self.n]
+                buffers[module] = grown
+        self.capacity = capacity
+
+    def _widen(self, module: str, rank: int) -> None:
+        A, B = self._A[module], self._B[module]
+        self._A[module] = torch.nn.functional.pad(A, (0, rank - A.shape[2]))
+        self._B[module] = torch.nn.functional.pad(B, (0, 0, 0, rank - B.shape[1]))
+        if module in self._slots:
+            self._slots[module] = torch.nn.functional.pad(self._slots[module], (0, rank - A.shape[2]), value=-1)

@@ -35,8 +35,8 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from loraretriever.engine.composer import BatchPlan, Composer
-from loraretriever.engine.kv import BatchKV
+from loraretriever.engine.composer import BatchPlan, Composer, RunningPlan
+from loraretriever.engine.kv import BatchKV, swap_moves
 from loraretriever.engine.requests import GenerationConfig, Prompt, RequestState, StreamEvent, prompt_text
 from loraretriever.engine.routing import Routing
 
@@ -91,18 +91,55 @@ class EngineConfig:
             raise ValueError(f"policy={self.policy!r} must be 'continuous' or 'static'.")
 
 
-@dataclass
 class _Batch:
-    """Requests that share a KV cache and a composition plan, row by row."""
+    """Requests that share a KV cache and a composition plan, row by row, changed in place."""
 
-    requests: list[RequestState]
-    kv: BatchKV
-    plan: BatchPlan | None
-    last: torch.Tensor | None = None  # (rows,) the token each row feeds next (decoding)
-    prompt: torch.Tensor | None = None  # (rows, length) left-padded prompt ids (prefill)
+    def __init__(
+        self, requests: list[RequestState], kv: BatchKV, plan: RunningPlan | None, prompt: torch.Tensor | None = None
+    ) -> None:
+        self.requests = list(requests)
+        self.kv = kv
+        self.plan = plan
+        self.prompt = prompt  # (rows, length) left-padded prompt ids (prefill)
+        self.last: torch.Tensor | None = None  # (rows,) the token each row feeds next (decoding)
 
     def __len__(self) -> int:
         return len(self.requests)
+
+    def remove(self, leaving: Sequence[int]) -> None:
+        """Drops rows: the last rows move into the holes, so only they are copied."""
+        destinations, sources, n = swap_moves(len(self.requests), leaving)
+        order = list(range(len(self.requests)))
+        for d, s in zip(destinations, sources, strict=True):
+            order[d] = s
+        order = order[:n]
+        self.requests = [self.requests[i] for i in order]
+        self.kv.remove(leaving)
+        if self.plan is not None:
+            self.plan.remove(leaving)
+        index = torch.tensor(order, dtype=torch.long, device=self.kv.device)
+        if self.last is not None:
+            self.last = self.last.index_select(0, index)
+        if self.prompt is not None:
+            self.prompt = self.prompt.index_select(0, index)
+
+    def take(self, rows: Sequence[int]) -> _Batch:
+        """A new batch holding copies of some rows (to retry them apart)."""
+        rows = list(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=self.kv.device)
+        batch = _Batch(
+            [self.requests[i] for i in rows], self.kv.take(rows), self.plan.take(rows) if self.plan else None
+        )
+        batch.last = None if self.last is None else self.last.index_select(0, index)
+        return batch
+
+    def extend(self, other: _Batch) -> None:
+        """Appends the rows of ``other`` (only they are copied)."""
+        self.requests += other.requests
+        self.kv.extend(other.kv)
+        if self.plan is not None:
+            self.plan.extend(other.plan.view())
+        self.last = other.last if self.last is None else torch.cat([self.last, other.last])
 
 
 class Engine:
@@ -134,6 +171,7 @@ class Engine:
         self.composer = composer
         self.config = config or EngineConfig()
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
+        self._layers = int(model.config.get_text_config().num_hidden_layers)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token).")
         self._pad_id = int(tokenizer.pad_token_id)
@@ -307,7 +345,7 @@ class Engine:
     def _plan(self, requests: list[RequestState]) -> tuple[list[RequestState], BatchPlan | None]:
         """The composition plan of ``requests``; a request whose routing cannot be planned (an
         adapter removed since it was routed, a gate that no longer fits) fails alone."""
-        if self.composer is None or all(r.routing.is_base for r in requests):
+        if self.composer is None:
             return requests, None
         try:
             return requests, self.composer.build_plan([r.routing for r in requests])
@@ -330,7 +368,14 @@ class Engine:
         for row, request in enumerate(requests):
             prompt[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
             request.prefilled = 0
-        return _Batch(requests, BatchKV(len(requests), device), plan, prompt=prompt.to(device))
+        return _Batch(requests, BatchKV(len(requests), self._layers, device, rows=len(requests)), self._running_plan(plan, len(requests)), prompt.to(device))
+
+    def _running_plan(self, plan: BatchPlan | None, capacity: int) -> RunningPlan | None:
+        if self.composer is None:
+            return None
+        running = RunningPlan(self.composer, capacity)
+        running.extend(plan)
+        return running
 
     def _prefill_chunk(self) -> None:
         group = self.prefilling
@@ -363,8 +408,14 @@ class Engine:
         kept = self._sample_and_advance(group, logits)
         if kept is None:
             return
-        self.running = kept if self.running is None else self._concat([self.running, kept])
+        if self.running is None:  # a batch with room for the most rows, so joins copy only themselves
+            self.running = _Batch([], BatchKV(self.config.max_batch_size, self._layers, self.model.device),
+                                  self._running_plan(self._empty_plan(), self.config.max_batch_size))
+        self.running.extend(kept)
         self.peak_rows = max(self.peak_rows, len(self.running))
+
+    def _empty_plan(self) -> BatchPlan | None:
+        return None if self.composer is None else self.composer.build_plan([])
 
     def _decode(self, batch: _Batch) -> _Batch | None:
         """One token for every row; a failing forward pass is retried on halves of the batch."""
@@ -376,27 +427,27 @@ class Engine:
                 return None
             logger.warning("a decoding step of %d rows failed (%s); splitting the batch", len(batch), error)
             half = len(batch) // 2
-            parts = [self._keep(batch, range(half)), self._keep(batch, range(half, len(batch)))]
-            return self._concat([p for p in (self._decode(part) for part in parts) if p is not None])
+            parts = [batch.take(range(half)), batch.take(range(half, len(batch)))]
+            survivors = [p for p in (self._decode(part) for part in parts) if p is not None]
+            if not survivors:
+                return None
+            for part in survivors[1:]:
+                survivors[0].extend(part)
+            return survivors[0]
         return self._sample_and_advance(batch, logits)
 
     def _forward(self, batch: _Batch, input_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         mask, positions = batch.kv.step_inputs(lengths)
-        length = batch.kv.length
-        context = self.composer.use(batch.plan) if batch.plan is not None else nullcontext()
-        try:
-            with context:
-                out = self.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=batch.kv.cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-        except Exception:
-            batch.kv.rollback(length)
-            raise
+        context = self.composer.use(batch.plan.view()) if batch.plan is not None else nullcontext()
+        with context:  # a failed pass leaves the cache as it was: new tokens count only after advance()
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=batch.kv.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         batch.kv.advance(mask)
         return out.logits[:, -1, :]
 
@@ -432,37 +483,14 @@ class Engine:
 
     # -- batch surgery -----------------------------------------------------------------------
     def _keep(self, batch: _Batch, rows: Sequence[int]) -> _Batch | None:
-        rows = list(rows)
-        if not rows:
+        """``batch`` with only ``rows`` (changed in place), or None when none are left."""
+        keep = set(rows)
+        if not keep:
             return None
-        if len(rows) == len(batch):
-            return batch
-        plan = self.composer.select(batch.plan, rows) if batch.plan is not None else None
-        index = torch.tensor(rows, dtype=torch.long, device=self.model.device)
-        return _Batch(
-            [batch.requests[i] for i in rows],
-            batch.kv.select(rows),
-            plan,
-            None if batch.last is None else batch.last.index_select(0, index),
-            None if batch.prompt is None else batch.prompt.index_select(0, index),
-        )
-
-    def _concat(self, batches: Sequence[_Batch]) -> _Batch | None:
-        batches = [b for b in batches if b is not None and len(b)]
-        if not batches:
-            return None
-        if len(batches) == 1:
-            return batches[0]
-        plan = None
-        if any(b.plan is not None for b in batches):
-            plans = [b.plan or self.composer.build_plan([r.routing for r in b.requests]) for b in batches]
-            plan = self.composer.concat(plans)
-        return _Batch(
-            [r for b in batches for r in b.requests],
-            BatchKV.concat([b.kv for b in batches]),
-            plan,
-            torch.cat([b.last for b in batches]),
-        )
+        leaving = [i for i in range(len(batch)) if i not in keep]
+        if leaving:
+            batch.remove(leaving)
+        return batch
 
 
 def cancelled_error() -> CancelledError:

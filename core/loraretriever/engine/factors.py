@@ -44,28 +44,24 @@ def concat_layer_plans(
 ) -> LayerPlan:
     """The plans of consecutive row groups as one: ranks zero-padded to the largest, groups with no
     factors at this layer (``None``) as zeros, flow slot indices re-pointed from each group's
-    always-1 column ``fillers[i]`` to the joint one ``filler``."""
+    always-1 column ``fillers[i]`` to the joint one ``filler``. Each factor is copied once."""
     present = [p for p in parts if p is not None]
     A0, B0 = present[0].A_t, present[0].B_t
-    rank = max(p.A_t.shape[2] for p in present)
+    rows, rank = sum(sizes), max(p.A_t.shape[2] for p in present)
+    A_t = A0.new_zeros(rows, A0.shape[1], rank)
+    B_t = B0.new_zeros(rows, rank, B0.shape[2])
     flow = any(p.slot_index is not None for p in present)
-    A_parts, B_parts, slot_parts = [], [], []
+    slots = A0.new_full((rows, rank), filler, dtype=torch.long) if flow else None
+    start = 0
     for part, size, own in zip(parts, sizes, fillers, strict=True):
-        if part is None:
-            A_parts.append(A0.new_zeros(size, A0.shape[1], rank))
-            B_parts.append(B0.new_zeros(size, rank, B0.shape[2]))
-            slots = None
-        else:
-            pad = rank - part.A_t.shape[2]
-            A_parts.append(torch.nn.functional.pad(part.A_t, (0, pad)) if pad else part.A_t)
-            B_parts.append(torch.nn.functional.pad(part.B_t, (0, 0, 0, pad)) if pad else part.B_t)
-            slots = part.slot_index
-            if slots is not None:
-                slots = torch.where(slots == own, filler, slots)
-                slots = torch.nn.functional.pad(slots, (0, pad), value=filler) if pad else slots
-        if flow:
-            slot_parts.append(slots if slots is not None else A0.new_full((size, rank), filler, dtype=torch.long))
-    return LayerPlan(torch.cat(A_parts), torch.cat(B_parts), torch.cat(slot_parts) if flow else None)
+        if part is not None:
+            r = part.A_t.shape[2]
+            A_t[start : start + size, :, :r] = part.A_t
+            B_t[start : start + size, :r] = part.B_t
+            if part.slot_index is not None:
+                slots[start : start + size, :r] = torch.where(part.slot_index == own, filler, part.slot_index)
+        start += size
+    return LayerPlan(A_t, B_t, slots)
 
 
 def build_layer_plan(

@@ -1,12 +1,12 @@
-"""The running batch's KV cache: rows of different lengths, left-aligned with padding, that can
-join, leave and be split between decoding steps.
+"""The KV cache of a batch of requests that join and leave between decoding steps.
 
-Every row's cached tokens end at the same column (left padding), so one decoding step is one
-forward pass of ``rows x 1`` tokens with a 2-D attention mask that hides each row's padding, and
-positions counted per row. Joining batches pads the shorter one on the left; when rows leave,
-columns that are padding in every remaining row are dropped. Each layer keeps its keys and values
-in a buffer with spare capacity and writes new tokens in place, instead of concatenating the whole
-cache at every step as ``DynamicLayer`` does.
+Rows are slots of preallocated buffers (as vLLM's persistent batch): the active rows are always
+the first ``n``, a request that leaves is replaced by the last row (one row copied), newcomers
+are written after the last row (only their rows copied). Every row's tokens end at the same
+column (padding on the left), so a decoding step is one forward pass of ``n x 1`` tokens with a
+2-D attention mask that hides each row's padding, and positions counted per row. The buffers are
+reallocated only when they run out of rows or columns, or a newcomer's history is longer than
+the batch's (everyone shifts right).
 """
 
 from __future__ import annotations
@@ -16,93 +16,91 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["BatchKV"]
+__all__ = ["BatchKV", "swap_moves"]
 
-_GROWTH = 64  # spare columns added when a buffer is full
+_GROWTH = 64  # spare columns added when the buffers are full
 
 
-class _BufferedLayer(DynamicLayer):
-    """A DynamicLayer whose ``keys``/``values`` are views of a buffer with spare columns."""
+def swap_moves(rows: int, leaving: Sequence[int]) -> tuple[list[int], list[int], int]:
+    """How to remove ``leaving`` from ``rows`` rows by moving the last rows into the holes:
+    ``(destinations, sources, rows left)``; apply ``x[destinations] = x[sources]`` then keep ``x[:rows left]``.
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        shape = (*key_states.shape[:2], 0, key_states.shape[3])
-        self._k = key_states.new_zeros(shape)
-        self._v = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[3]))
-        self._end = 0
-        self.keys, self.values = self._k, self._v
+    Example:
+        >>> swap_moves(5, [1, 4])
+        ([1], [3], 3)
+    """
+    order, n = list(range(rows)), rows
+    for row in sorted(set(leaving), reverse=True):
+        n -= 1
+        order[row] = order[n]
+    # sources are original rows, so the moves can be applied at once (reads happen before writes)
+    moved = [(i, order[i]) for i in range(n) if order[i] != i]
+    return [d for d, _ in moved], [s for _, s in moved], n
+
+
+class _SlotLayer(DynamicLayer):
+    """One decoder layer's view of a :class:`BatchKV`: writes new tokens in place, returns views."""
+
+    def __init__(self, owner: BatchKV, index: int) -> None:
+        super().__init__()
+        self.owner, self.index = owner, index
         self.is_initialized = True
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:  # pragma: no cover
+        pass
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[-2]
-        if self._end + new > self._k.shape[-2]:
-            self._reserve(self._end + new + _GROWTH)
-        self._k[..., self._end : self._end + new, :] = key_states
-        self._v[..., self._end : self._end + new, :] = value_states
-        self._end += new
-        self.keys, self.values = self._k[..., : self._end, :], self._v[..., : self._end, :]
+        self.keys, self.values = self.owner._write(self.index, key_states, value_states)
         return self.keys, self.values
 
-    def _reserve(self, columns: int) -> None:
-        k = self._k.new_zeros((*self._k.shape[:2], columns, self._k.shape[3]))
-        v = self._v.new_zeros((*self._v.shape[:2], columns, self._v.shape[3]))
-        k[..., : self._end, :] = self._k[..., : self._end, :]
-        v[..., : self._end, :] = self._v[..., : self._end, :]
-        self._k, self._v = k, v
-
     def get_seq_length(self) -> int:
-        return self._end if self.is_initialized else 0
+        return self.owner.end
 
-    def set(self, keys: torch.Tensor, values: torch.Tensor, spare: int = _GROWTH) -> None:
-        """Replaces the content (``(rows, heads, length, dim)``), leaving ``spare`` free columns."""
-        if not self.is_initialized:
-            self.lazy_initialization(keys, values)
-        self._end = 0
-        self._k, self._v = keys[..., :0, :], values[..., :0, :]
-        self._reserve(keys.shape[-2] + spare)
-        self._k[..., : keys.shape[-2], :] = keys
-        self._v[..., : keys.shape[-2], :] = values
-        self._end = keys.shape[-2]
-        self.keys, self.values = self._k[..., : self._end, :], self._v[..., : self._end, :]
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove < 0 and self.is_initialized:
-            self._end = max(0, self._end + tokens_to_remove)
-            self.keys, self.values = self._k[..., : self._end, :], self._v[..., : self._end, :]
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.set(self.keys.index_select(0, indices), self.values.index_select(0, indices))
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.end + query_length, 0
 
 
 class BatchKV:
-    """The KV cache, attention mask and next positions of a batch of rows.
+    """The KV cache, attention mask and next positions of up to ``capacity`` rows.
 
     Args:
-        rows: How many rows the batch starts with (all empty).
+        capacity: Rows to allocate (the buffers grow if more join).
+        num_layers: The model's decoder layers.
         device: Where the mask and positions live (the model's device).
+        rows: Rows present from the start, with nothing cached yet (a batch about to be prefilled).
     """
 
-    def __init__(self, rows: int, device: torch.device) -> None:
-        self.cache = Cache(layer_class_to_replicate=_BufferedLayer)
-        self.mask = torch.zeros((rows, 0), dtype=torch.long, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.long, device=device)  # next position of each row
-        self.device = device
+    def __init__(self, capacity: int, num_layers: int, device: torch.device, rows: int = 0) -> None:
+        self.capacity, self.device, self.n, self.end = max(capacity, rows), device, rows, 0
+        self._k: list[torch.Tensor | None] = [None] * num_layers
+        self._v: list[torch.Tensor | None] = [None] * num_layers
+        self._columns = 0
+        self._mask = torch.zeros((self.capacity, 0), dtype=torch.long, device=device)
+        self._positions = torch.zeros(self.capacity, dtype=torch.long, device=device)
+        self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(num_layers)])
 
     def __len__(self) -> int:
-        return self.mask.shape[0]
+        return self.n
 
     @property
     def length(self) -> int:
         """Columns of the cache (padding included)."""
-        return self.mask.shape[1]
+        return self.end
 
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._mask[: self.n, : self.end]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._positions[: self.n]
+
+    # -- a forward pass ----------------------------------------------------------------------
     def step_inputs(self, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention mask and position ids for appending ``lengths[i]`` tokens to row ``i``,
         left-padded to the longest: ``(rows, length + new)`` and ``(rows, new)``."""
         new = max(lengths)
+        self._reserve(self.capacity, self.end + new)
         pad = torch.tensor([new - n for n in lengths], device=self.device)
         columns = torch.arange(new, device=self.device)
         real = (columns[None, :] >= pad[:, None]).long()
@@ -111,53 +109,88 @@ class BatchKV:
 
     def advance(self, mask: torch.Tensor) -> None:
         """Records a forward pass made with ``mask`` (from :meth:`step_inputs`)."""
-        self.positions = self.positions + mask[:, self.length :].sum(1)
-        self.mask = mask
+        new = mask[:, self.end :]
+        self._mask[: self.n, self.end : self.end + new.shape[1]] = new
+        self._positions[: self.n] += new.sum(1)
+        self.end += new.shape[1]
 
-    def rollback(self, length: int) -> None:
-        """Forgets everything after column ``length`` (a forward pass that failed part-way)."""
-        for layer in self.cache.layers:
-            layer.crop(length - layer.get_seq_length())
+    def _write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._k[layer] is None:
+            shape = (self.capacity, keys.shape[1], self._columns, keys.shape[3])
+            self._k[layer], self._v[layer] = keys.new_zeros(shape), values.new_zeros(shape)
+        end = self.end + keys.shape[-2]
+        self._k[layer][: self.n, :, self.end : end] = keys
+        self._v[layer][: self.n, :, self.end : end] = values
+        return self._k[layer][: self.n, :, :end], self._v[layer][: self.n, :, :end]
 
-    def select(self, rows: Sequence[int]) -> BatchKV:
-        """A new batch of some rows (this one is left as it was); all-padding columns are dropped."""
+    # -- rows joining and leaving ------------------------------------------------------------
+    def remove(self, leaving: Sequence[int]) -> None:
+        """Drops rows: the last rows move into the holes (see :func:`swap_moves`)."""
+        destinations, sources, n = swap_moves(self.n, leaving)
+        if destinations:
+            dst = torch.tensor(destinations, device=self.device)
+            src = torch.tensor(sources, device=self.device)
+            for buffers in (self._k, self._v):
+                for buffer in buffers:
+                    if buffer is not None:
+                        buffer[dst, :, : self.end] = buffer[src, :, : self.end]
+            self._mask[dst] = self._mask[src]
+            self._positions[dst] = self._positions[src]
+        self.n = n
+
+    def extend(self, other: BatchKV) -> None:
+        """Appends the rows of ``other`` (copied), right-aligned with these rows."""
+        if other.end > self.end:  # the newcomers' history is longer: shift these rows right
+            self._shift(other.end - self.end)
+        rows = slice(self.n, self.n + other.n)
+        self._reserve(max(self.capacity, self.n + other.n), self.end)
+        start = self.end - other.end
+        for mine, theirs in ((self._k, other._k), (self._v, other._v)):
+            for i, buffer in enumerate(theirs):
+                if buffer is None:
+                    continue
+                if mine[i] is None:
+                    mine[i] = buffer.new_zeros((self.capacity, buffer.shape[1], self._columns, buffer.shape[3]))
+                mine[i][rows, :, start : self.end] = buffer[: other.n, :, : other.end]
+        self._mask[rows] = 0
+        self._mask[rows, start : self.end] = other._mask[: other.n, : other.end]
+        self._positions[rows] = other._positions[: other.n]
+        self.n += other.n
+
+    def take(self, rows: Sequence[int]) -> BatchKV:
+        """A new batch holding copies of some rows."""
+        out = BatchKV(len(rows), len(self._k), self.device)
         index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
-        mask = self.mask.index_select(0, index)
-        start = _first_used_column(mask)
-        out = BatchKV(0, self.device)
-        out.mask, out.positions = mask[:, start:], self.positions.index_select(0, index)
-        for layer in self.cache.layers:
-            moved = _BufferedLayer()
-            if layer.is_initialized:
-                moved.set(layer.keys.index_select(0, index)[..., start:, :], layer.values.index_select(0, index)[..., start:, :])
-            out.cache.layers.append(moved)
+        out._reserve(len(rows), self.end)
+        for mine, theirs in ((out._k, self._k), (out._v, self._v)):
+            for i, buffer in enumerate(theirs):
+                if buffer is not None:
+                    mine[i] = buffer.index_select(0, index)
+        out._columns = self._columns
+        out._mask = self._mask.index_select(0, index)
+        out._positions = self._positions.index_select(0, index)
+        out.n, out.end = len(rows), self.end
         return out
 
-    @staticmethod
-    def concat(batches: Sequence[BatchKV]) -> BatchKV:
-        """The rows of ``batches`` in order, as one batch (shorter ones padded on the left)."""
-        batches = [b for b in batches if len(b)]
-        if len(batches) == 1:
-            return batches[0]
-        length = max(b.length for b in batches)
-        out = BatchKV(0, batches[0].device)
-        out.mask = torch.cat([torch.nn.functional.pad(b.mask, (length - b.length, 0)) for b in batches])
-        out.positions = torch.cat([b.positions for b in batches])
-        for i in range(max(len(b.cache.layers) for b in batches)):
-            layers = [b.cache.layers[i] for b in batches]
-            joined = _BufferedLayer()
-            joined.set(
-                torch.cat([_left_pad(layer.keys, length) for layer in layers]),
-                torch.cat([_left_pad(layer.values, length) for layer in layers]),
-            )
-            out.cache.layers.append(joined)
-        return out
+    def _shift(self, columns: int) -> None:
+        self._reserve(self.capacity, self.end + columns, shift=columns)
+        self.end += columns
 
-
-def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.nn.functional.pad(tensor, (0, 0, length - tensor.shape[-2], 0))
-
-
-def _first_used_column(mask: torch.Tensor) -> int:
-    used = mask.any(dim=0).nonzero()
-    return int(used[0]) if len(used) else mask.shape[1]
+    def _reserve(self, rows: int, columns: int, shift: int = 0) -> None:
+        """Makes room for ``rows`` x ``columns``; with ``shift``, moves the content right."""
+        if rows <= self.capacity and columns <= self._columns and not shift:
+            return
+        rows = max(rows, self.capacity)
+        new_columns = max(columns, self._columns) + (_GROWTH if columns > self._columns else 0)
+        for buffers in (self._k, self._v):
+            for i, buffer in enumerate(buffers):
+                if buffer is None:
+                    continue
+                grown = buffer.new_zeros((rows, buffer.shape[1], new_columns, buffer.shape[3]))
+                grown[: self.n, :, shift : shift + self.end] = buffer[: self.n, :, : self.end]
+                buffers[i] = grown
+        mask = self._mask.new_zeros((rows, new_columns))
+        mask[: self.n, shift : shift + self.end] = self._mask[: self.n, : self.end]
+        positions = self._positions.new_zeros(rows)
+        positions[: self.n] = self._positions[: self.n]
+        self._mask, self._positions, self.capacity, self._columns = mask, positions, rows, new_columns
