@@ -316,6 +316,22 @@ class RunningPlan:
     def __len__(self) -> int:
         return self.n
 
+    @classmethod
+    def adopt(cls, composer: Composer, plan: BatchPlan, capacity: int) -> RunningPlan:
+        """A running plan over ``plan``'s rows; its tensors are used as they are when they fill
+        ``capacity`` (no copy), else copied into buffers with room for ``capacity`` rows."""
+        running = cls(composer, max(capacity, len(plan)))
+        if len(plan) < running.capacity:
+            running.extend(plan)
+            return running
+        for module, layer in plan.layers.items():
+            running._A[module], running._B[module] = layer.A_t, layer.B_t
+            if layer.slot_index is not None:
+                slots = layer.slot_index
+                running._slots[module] = torch.where(slots == plan.gated.k_max, -1, slots)
+        running.routings, running.n = list(plan.routings), len(plan)
+        return running
+
     def view(self) -> BatchPlan:
         """The active rows as a BatchPlan (views of the buffers, rebuilt only after a change)."""
         if self._view is None:

@@ -36,7 +36,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraretriever.engine.composer import BatchPlan, Composer, RunningPlan
-from loraretriever.engine.kv import BatchKV, swap_moves
+from loraretriever.engine.kv import PrefillKV, RunningKV, swap_moves
 from loraretriever.engine.requests import GenerationConfig, Prompt, RequestState, StreamEvent, prompt_text
 from loraretriever.engine.routing import Routing
 
@@ -95,7 +95,11 @@ class _Batch:
     """Requests that share a KV cache and a composition plan, row by row, changed in place."""
 
     def __init__(
-        self, requests: list[RequestState], kv: BatchKV, plan: RunningPlan | None, prompt: torch.Tensor | None = None
+        self,
+        requests: list[RequestState],
+        kv: PrefillKV | RunningKV,
+        plan: RunningPlan | None,
+        prompt: torch.Tensor | None = None,
     ) -> None:
         self.requests = list(requests)
         self.kv = kv
@@ -368,14 +372,13 @@ class Engine:
         for row, request in enumerate(requests):
             prompt[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
             request.prefilled = 0
-        return _Batch(requests, BatchKV(len(requests), self._layers, device, rows=len(requests)), self._running_plan(plan, len(requests)), prompt.to(device))
+        kv = PrefillKV(len(requests), length, self._layers, device)
+        return _Batch(requests, kv, self._running_plan(plan, len(requests)), prompt.to(device))
 
     def _running_plan(self, plan: BatchPlan | None, capacity: int) -> RunningPlan | None:
         if self.composer is None:
             return None
-        running = RunningPlan(self.composer, capacity)
-        running.extend(plan)
-        return running
+        return RunningPlan.adopt(self.composer, plan, capacity)
 
     def _prefill_chunk(self) -> None:
         group = self.prefilling
@@ -409,8 +412,11 @@ class Engine:
         if kept is None:
             return
         if self.running is None:  # a batch with room for the most rows, so joins copy only themselves
-            self.running = _Batch([], BatchKV(self.config.max_batch_size, self._layers, self.model.device),
-                                  self._running_plan(self._empty_plan(), self.config.max_batch_size))
+            self.running = _Batch(
+                [],
+                RunningKV(self.config.max_batch_size, self._layers, self.model.device),
+                self._running_plan(self._empty_plan(), self.config.max_batch_size),
+            )
         self.running.extend(kept)
         self.peak_rows = max(self.peak_rows, len(self.running))
 

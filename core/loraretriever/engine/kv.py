@@ -1,12 +1,13 @@
-"""The KV cache of a batch of requests that join and leave between decoding steps.
+"""KV caches of the engine's batches: a prefill batch (left padding, filled in chunks) and the
+running batch (rows that join and leave between decoding steps).
 
-Rows are slots of preallocated buffers (as vLLM's persistent batch): the active rows are always
-the first ``n``, a request that leaves is replaced by the last row (one row copied), newcomers
-are written after the last row (only their rows copied). Every row's tokens end at the same
-column (padding on the left), so a decoding step is one forward pass of ``n x 1`` tokens with a
-2-D attention mask that hides each row's padding, and positions counted per row. The buffers are
-reallocated only when they run out of rows or columns, or a newcomer's history is longer than
-the batch's (everyone shifts right).
+The running batch is a persistent batch (as vLLM's): rows are slots of preallocated buffers, the
+active rows first; a row that leaves is replaced by the last row, newcomers are written after the
+last row, so a join or a leave copies only the rows that change. Its rows are left-aligned: row
+``i`` holds its ``lengths[i]`` tokens in columns ``[0, lengths[i])`` and a decoding step writes
+each row's new token at its own column, so rows of any history length sit together without
+shifting anyone; the attention mask hides the columns past each row's length. Buffers grow by
+a quarter at a time (memory is rows x the longest row: the price of one dense attention call).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["BatchKV", "swap_moves"]
+__all__ = ["PrefillKV", "RunningKV", "swap_moves"]
 
-_GROWTH = 64  # spare columns added when the buffers are full
+
+def _grown(columns: int, needed: int) -> int:
+    """Buffer columns for ``needed``: a quarter more than now at least, so growth is rare."""
+    return max(needed + 64, columns + columns // 4)
 
 
 def swap_moves(rows: int, leaving: Sequence[int]) -> tuple[list[int], list[int], int]:
@@ -39,9 +43,9 @@ def swap_moves(rows: int, leaving: Sequence[int]) -> tuple[list[int], list[int],
 
 
 class _SlotLayer(DynamicLayer):
-    """One decoder layer's view of a :class:`BatchKV`: writes new tokens in place, returns views."""
+    """One decoder layer's view of a KV batch: writes new tokens in place, returns views."""
 
-    def __init__(self, owner: BatchKV, index: int) -> None:
+    def __init__(self, owner: PrefillKV | RunningKV, index: int) -> None:
         super().__init__()
         self.owner, self.index = owner, index
         self.is_initialized = True
@@ -60,23 +64,23 @@ class _SlotLayer(DynamicLayer):
         return self.owner.end + query_length, 0
 
 
-class BatchKV:
-    """The KV cache, attention mask and next positions of up to ``capacity`` rows.
+class PrefillKV:
+    """The cache of requests being prefilled together: prompts left-padded to ``columns``, filled
+    chunk by chunk (each chunk's real tokens right-aligned in it).
 
     Args:
-        capacity: Rows to allocate (the buffers grow if more join).
+        rows: The requests.
+        columns: The padded prompt length.
         num_layers: The model's decoder layers.
-        device: Where the mask and positions live (the model's device).
-        rows: Rows present from the start, with nothing cached yet (a batch about to be prefilled).
+        device: The model's device.
     """
 
-    def __init__(self, capacity: int, num_layers: int, device: torch.device, rows: int = 0) -> None:
-        self.capacity, self.device, self.n, self.end = max(capacity, rows), device, rows, 0
+    def __init__(self, rows: int, columns: int, num_layers: int, device: torch.device) -> None:
+        self.n, self.columns, self.end, self.device = rows, columns, 0, device
         self._k: list[torch.Tensor | None] = [None] * num_layers
         self._v: list[torch.Tensor | None] = [None] * num_layers
-        self._columns = 0
-        self._mask = torch.zeros((self.capacity, 0), dtype=torch.long, device=device)
-        self._positions = torch.zeros(self.capacity, dtype=torch.long, device=device)
+        self.mask_buffer = torch.zeros((rows, columns), dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=device)  # tokens cached per row
         self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(num_layers)])
 
     def __len__(self) -> int:
@@ -84,113 +88,146 @@ class BatchKV:
 
     @property
     def length(self) -> int:
-        """Columns of the cache (padding included)."""
         return self.end
 
-    @property
-    def mask(self) -> torch.Tensor:
-        return self._mask[: self.n, : self.end]
-
-    @property
-    def positions(self) -> torch.Tensor:
-        return self._positions[: self.n]
-
-    # -- a forward pass ----------------------------------------------------------------------
     def step_inputs(self, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention mask and position ids for appending ``lengths[i]`` tokens to row ``i``,
-        left-padded to the longest: ``(rows, length + new)`` and ``(rows, new)``."""
+        """The attention mask and position ids for the next chunk (``lengths[i]`` real tokens of
+        row ``i``, right-aligned in the chunk): ``(rows, end + chunk)`` and ``(rows, chunk)``."""
         new = max(lengths)
-        self._reserve(self.capacity, self.end + new)
         pad = torch.tensor([new - n for n in lengths], device=self.device)
         columns = torch.arange(new, device=self.device)
         real = (columns[None, :] >= pad[:, None]).long()
-        positions = self.positions[:, None] + (columns[None, :] - pad[:, None]).clamp(min=0)
-        return torch.cat([self.mask, real], dim=1), positions
+        positions = self.positions[: self.n, None] + (columns[None, :] - pad[:, None]).clamp(min=0)
+        return torch.cat([self.mask_buffer[: self.n, : self.end], real], dim=1), positions
 
     def advance(self, mask: torch.Tensor) -> None:
-        """Records a forward pass made with ``mask`` (from :meth:`step_inputs`)."""
         new = mask[:, self.end :]
-        self._mask[: self.n, self.end : self.end + new.shape[1]] = new
-        self._positions[: self.n] += new.sum(1)
+        self.mask_buffer[: self.n, self.end : self.end + new.shape[1]] = new
+        self.positions[: self.n] += new.sum(1)
         self.end += new.shape[1]
 
     def _write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._k[layer] is None:
-            shape = (self.capacity, keys.shape[1], self._columns, keys.shape[3])
+            shape = (self.n, keys.shape[1], self.columns, keys.shape[3])
             self._k[layer], self._v[layer] = keys.new_zeros(shape), values.new_zeros(shape)
-        end = self.end + keys.shape[-2]
-        self._k[layer][: self.n, :, self.end : end] = keys
-        self._v[layer][: self.n, :, self.end : end] = values
-        return self._k[layer][: self.n, :, :end], self._v[layer][: self.n, :, :end]
+        stop = self.end + keys.shape[-2]
+        self._k[layer][: self.n, :, self.end : stop] = keys
+        self._v[layer][: self.n, :, self.end : stop] = values
+        return self._k[layer][: self.n, :, :stop], self._v[layer][: self.n, :, :stop]
 
-    # -- rows joining and leaving ------------------------------------------------------------
+    def remove(self, leaving: Sequence[int]) -> None:
+        destinations, sources, n = swap_moves(self.n, leaving)
+        if destinations:
+            dst, src = torch.tensor(destinations, device=self.device), torch.tensor(sources, device=self.device)
+            for buffers in (self._k, self._v):
+                for buffer in buffers:
+                    if buffer is not None:
+                        buffer[dst] = buffer[src]
+            self.mask_buffer[dst] = self.mask_buffer[src]
+            self.positions[dst] = self.positions[src]
+        self.n = n
+
+
+class RunningKV:
+    """The cache of the running batch: up to ``capacity`` left-aligned rows (see the module docstring).
+
+    Args:
+        capacity: Rows to allocate (the buffers grow if more join).
+        num_layers: The model's decoder layers.
+        device: The model's device.
+    """
+
+    def __init__(self, capacity: int, num_layers: int, device: torch.device) -> None:
+        self.capacity, self.device, self.n = capacity, device, 0
+        self._k: list[torch.Tensor | None] = [None] * num_layers
+        self._v: list[torch.Tensor | None] = [None] * num_layers
+        self._columns = 0
+        self.lengths = torch.zeros(capacity, dtype=torch.long, device=device)  # tokens cached per row
+        self._end = 0  # columns in use: the longest row
+        self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(num_layers)])
+        self._rows = torch.arange(capacity, device=device)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def end(self) -> int:
+        return self._end
+
+    def step_inputs(self, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention mask and positions of one decoding step (one new token per row)."""
+        if any(n != 1 for n in lengths):
+            raise ValueError("the running batch decodes one token per row; prefill in a PrefillKV.")
+        if self._end + 1 > self._columns:
+            self._realloc(self.capacity, _grown(self._columns, self._end + 1))
+        own = self.lengths[: self.n]
+        mask = (torch.arange(self._end + 1, device=self.device)[None, :] <= own[:, None]).long()
+        return mask, own[:, None]
+
+    def advance(self, mask: torch.Tensor) -> None:
+        self.lengths[: self.n] += 1
+        self._end += 1
+
+    def _write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, columns = self._rows[: self.n], self.lengths[: self.n]
+        self._k[layer][rows, :, columns] = keys[:, :, 0]
+        self._v[layer][rows, :, columns] = values[:, :, 0]
+        stop = self._end + 1
+        return self._k[layer][: self.n, :, :stop], self._v[layer][: self.n, :, :stop]
+
     def remove(self, leaving: Sequence[int]) -> None:
         """Drops rows: the last rows move into the holes (see :func:`swap_moves`)."""
         destinations, sources, n = swap_moves(self.n, leaving)
         if destinations:
-            dst = torch.tensor(destinations, device=self.device)
-            src = torch.tensor(sources, device=self.device)
+            dst, src = torch.tensor(destinations, device=self.device), torch.tensor(sources, device=self.device)
             for buffers in (self._k, self._v):
                 for buffer in buffers:
-                    if buffer is not None:
-                        buffer[dst, :, : self.end] = buffer[src, :, : self.end]
-            self._mask[dst] = self._mask[src]
-            self._positions[dst] = self._positions[src]
+                    buffer[dst, :, : self._end] = buffer[src, :, : self._end]
+            self.lengths[dst] = self.lengths[src]
         self.n = n
+        self._end = int(self.lengths[:n].max()) if n else 0
 
-    def extend(self, other: BatchKV) -> None:
-        """Appends the rows of ``other`` (copied), right-aligned with these rows."""
-        if other.end > self.end:  # the newcomers' history is longer: shift these rows right
-            self._shift(other.end - self.end)
-        rows = slice(self.n, self.n + other.n)
-        self._reserve(max(self.capacity, self.n + other.n), self.end)
-        start = self.end - other.end
+    def extend(self, other: PrefillKV | RunningKV) -> None:
+        """Appends the rows of ``other`` (copied), each to the left of its row."""
+        rows_needed = self.n + other.n
+        other_lengths = (other.positions if isinstance(other, PrefillKV) else other.lengths)[: other.n].tolist()
+        longest = max(other_lengths, default=0)
+        if rows_needed > self.capacity or longest + 1 > self._columns:
+            self._realloc(max(rows_needed, self.capacity), max(self._columns, _grown(self._columns, longest + 1)))
         for mine, theirs in ((self._k, other._k), (self._v, other._v)):
             for i, buffer in enumerate(theirs):
-                if buffer is None:
-                    continue
                 if mine[i] is None:
                     mine[i] = buffer.new_zeros((self.capacity, buffer.shape[1], self._columns, buffer.shape[3]))
-                mine[i][rows, :, start : self.end] = buffer[: other.n, :, : other.end]
-        self._mask[rows] = 0
-        self._mask[rows, start : self.end] = other._mask[: other.n, : other.end]
-        self._positions[rows] = other._positions[: other.n]
-        self.n += other.n
+                for j, length in enumerate(other_lengths):
+                    # a prefill row's tokens end at its last column; a running row's start at 0
+                    start = other.end - length if isinstance(other, PrefillKV) else 0
+                    mine[i][self.n + j, :, :length] = buffer[j, :, start : start + length]
+        self.lengths[self.n : rows_needed] = torch.tensor(other_lengths, device=self.device)
+        self.n = rows_needed
+        self._end = max(self._end, longest)
 
-    def take(self, rows: Sequence[int]) -> BatchKV:
+    def take(self, rows: Sequence[int]) -> RunningKV:
         """A new batch holding copies of some rows."""
-        out = BatchKV(len(rows), len(self._k), self.device)
+        out = RunningKV(len(rows), len(self._k), self.device)
         index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
-        out._reserve(len(rows), self.end)
         for mine, theirs in ((out._k, self._k), (out._v, self._v)):
             for i, buffer in enumerate(theirs):
-                if buffer is not None:
-                    mine[i] = buffer.index_select(0, index)
+                mine[i] = buffer.index_select(0, index)
         out._columns = self._columns
-        out._mask = self._mask.index_select(0, index)
-        out._positions = self._positions.index_select(0, index)
-        out.n, out.end = len(rows), self.end
+        out.lengths = self.lengths.index_select(0, index)
+        out.n = len(rows)
+        out._end = int(out.lengths.max()) if len(rows) else 0
         return out
 
-    def _shift(self, columns: int) -> None:
-        self._reserve(self.capacity, self.end + columns, shift=columns)
-        self.end += columns
-
-    def _reserve(self, rows: int, columns: int, shift: int = 0) -> None:
-        """Makes room for ``rows`` x ``columns``; with ``shift``, moves the content right."""
-        if rows <= self.capacity and columns <= self._columns and not shift:
-            return
-        rows = max(rows, self.capacity)
-        new_columns = max(columns, self._columns) + (_GROWTH if columns > self._columns else 0)
+    def _realloc(self, rows: int, columns: int) -> None:
         for buffers in (self._k, self._v):
             for i, buffer in enumerate(buffers):
                 if buffer is None:
                     continue
-                grown = buffer.new_zeros((rows, buffer.shape[1], new_columns, buffer.shape[3]))
-                grown[: self.n, :, shift : shift + self.end] = buffer[: self.n, :, : self.end]
+                grown = buffer.new_zeros((rows, buffer.shape[1], columns, buffer.shape[3]))
+                grown[: self.n, :, : self._end] = buffer[: self.n, :, : self._end]
                 buffers[i] = grown
-        mask = self._mask.new_zeros((rows, new_columns))
-        mask[: self.n, shift : shift + self.end] = self._mask[: self.n, : self.end]
-        positions = self._positions.new_zeros(rows)
-        positions[: self.n] = self._positions[: self.n]
-        self._mask, self._positions, self.capacity, self._columns = mask, positions, rows, new_columns
+        lengths = self.lengths.new_zeros(rows)
+        lengths[: self.n] = self.lengths[: self.n]
+        self.lengths, self.capacity, self._columns = lengths, rows, columns
+        self._rows = torch.arange(rows, device=self.device)
