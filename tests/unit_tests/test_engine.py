@@ -4,7 +4,6 @@ steps, chunked prefill, limits, per-request isolation, cancellation."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from loraretriever import Composer, LoraPool, Routing
 from loraretriever.engine.engine import Engine, EngineConfig, RequestError
@@ -17,7 +16,12 @@ PROMPTS = [
     "Name a colour:",
     "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen",
 ]
-ROUTINGS = [Routing.pinned(["a"]), Routing(("b", "a"), (0.6, 0.4), mode="fusion"), Routing.base(), Routing.pinned(["a", "b"])]
+ROUTINGS = [
+    Routing.pinned(["a"]),
+    Routing(("b", "a"), (0.6, 0.4), mode="fusion"),
+    Routing.base(),
+    Routing.pinned(["a", "b"]),
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,10 @@ def texts(requests):
 
 def test_continuous_and_static_give_each_request_what_it_gets_alone(tiny_lm, smol_tokenizer, composer):
     static = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(policy="static"))
-    alone = [texts(static.run(make(static, [p], [r], [n])))[0] for p, r, n in zip(PROMPTS, ROUTINGS, (6, 12, 9, 4))]
+    alone = [
+        texts(static.run(make(static, [p], [r], [n])))[0]
+        for p, r, n in zip(PROMPTS, ROUTINGS, (6, 12, 9, 4), strict=True)
+    ]
     assert len(set(alone)) == 4
     assert texts(static.run(make(static))) == alone
     # a small token budget: the prompts are prefilled in several groups while earlier ones decode
@@ -130,7 +137,9 @@ def test_a_request_whose_forward_pass_raises_fails_alone(tiny_lm, smol_tokenizer
         assert "prompt 1" in str(requests[1].error)
         good = [r for i, r in enumerate(requests) if i != 1]
         reference = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(policy="static"))
-        expected = reference.run(make(reference, [PROMPTS[i] for i in (0, 2, 3)], [routings[i] for i in (0, 2, 3)], (5, 5, 5)))
+        expected = reference.run(
+            make(reference, [PROMPTS[i] for i in (0, 2, 3)], [routings[i] for i in (0, 2, 3)], (5, 5, 5))
+        )
         assert texts(good) == texts(expected)
     finally:
         composer.gates.unregister("broken")
@@ -161,9 +170,17 @@ def test_sampled_rows_are_seeded_per_request_whatever_joins(tiny_lm, smol_tokeni
     engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_batch_tokens=24))
     sampled = GenerationConfig(max_new_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
     alone = engine.run([engine.new_request(PROMPTS[0], sampled, ROUTINGS[0])])[0].done.text
-    crowd = [engine.new_request(p, sampled if i == 0 else GenerationConfig(max_new_tokens=4), r, index=i)
-             for i, (p, r) in enumerate(zip(PROMPTS, ROUTINGS, strict=True))]
+    crowd = [
+        engine.new_request(p, sampled if i == 0 else GenerationConfig(max_new_tokens=4), r, index=i)
+        for i, (p, r) in enumerate(zip(PROMPTS, ROUTINGS, strict=True))
+    ]
     engine.run(crowd)
     assert crowd[0].done.text == alone
-    other = engine.run([engine.new_request(PROMPTS[0], GenerationConfig(max_new_tokens=8, temperature=1.0, seed=8, ignore_eos=True), ROUTINGS[0])])
+    other = engine.run(
+        [
+            engine.new_request(
+                PROMPTS[0], GenerationConfig(max_new_tokens=8, temperature=1.0, seed=8, ignore_eos=True), ROUTINGS[0]
+            )
+        ]
+    )
     assert other[0].done.text != alone

@@ -28,7 +28,8 @@ def gated_pool(model: torch.nn.Module, adapters) -> tuple[Composer, list[Routing
     composer = Composer(model, pool)
     names = pool.names
     composer.gates.register(
-        "flow", FlowGate(FlowGateConfig(k=2, hidden_size=TINY_CONFIG.hidden_size, num_layers=TINY_CONFIG.num_hidden_layers))
+        "flow",
+        FlowGate(FlowGateConfig(k=2, hidden_size=TINY_CONFIG.hidden_size, num_layers=TINY_CONFIG.num_hidden_layers)),
     )
     modules = {m: model.get_submodule(m).in_features for n in names for m in pool.get(n).modules}
     meteora = MeteoraGate(MeteoraGateConfig(tuple(names), {n: pool.get(n).digest for n in names}, modules))

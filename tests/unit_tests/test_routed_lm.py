@@ -210,7 +210,7 @@ def test_one_bad_request_among_eight_concurrent_good_ones_fails_alone(lm, kind):
         start.wait(10)
         try:
             outcomes[key] = lm.complete(prompt, **kwargs).text
-        except Exception as error:  # noqa: BLE001 - the outcome under test
+        except Exception as error:
             outcomes[key] = error
 
     threads = [threading.Thread(target=call, args=(p, p, {})) for p in PROMPTS[:8]]

@@ -9,7 +9,6 @@ per adapted ``nn.Linear``, ``A`` (r × in), ``B`` (out × r) and the scaling ``a
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import math

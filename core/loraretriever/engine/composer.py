@@ -40,8 +40,8 @@ from torch import nn
 
 from loraretriever.engine.factors import LayerPlan, build_layer_plan, concat_layer_plans, slot_index, stack_factors
 from loraretriever.engine.gate_set import GatedRows, GateSet
-from loraretriever.engine.kv import swap_moves
 from loraretriever.engine.gates import MeteoraGate, layer_index
+from loraretriever.engine.kv import swap_moves
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.routing import Routing
 
@@ -136,7 +136,9 @@ class Composer:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         routings = tuple(plan.routings[i] for i in rows)
         return _without_idle_slots(
-            BatchPlan(routings, {m: p.select(index) for m, p in plan.layers.items()}, self.gates.rows(routings, self.device))
+            BatchPlan(
+                routings, {m: p.select(index) for m, p in plan.layers.items()}, self.gates.rows(routings, self.device)
+            )
         )
 
     def concat(self, plans: Sequence[BatchPlan]) -> BatchPlan:
@@ -339,11 +341,9 @@ class RunningPlan:
             gated = self.composer.gates.rows(routings, self.composer.device)
             layers = {}
             for module, A in self._A.items():
-                slots = self._slots.get(module)
-                if slots is not None and gated.flow:
+                slots = self._slots.get(module) if gated.flow else None
+                if slots is not None:  # -1 marks the always-1 column, which is k_max here
                     slots = torch.where(slots[:n] < 0, gated.k_max, slots[:n])
-                else:
-                    slots = None
                 layers[module] = LayerPlan(A[:n], self._B[module][:n], slots)
             self._view = BatchPlan(routings, layers, gated)
         return self._view

@@ -57,13 +57,13 @@ class EngineConfig:
     """Limits and policy of the engine.
 
     Example:
-        >>> EngineConfig(max_batch_tokens=256).max_batch_size
+        >>> EngineConfig(max_batch_tokens=512).max_batch_size
         32
     """
 
     max_batch_size: int = field(default=32, metadata={"help": "The most requests decoding at once."})
     max_batch_tokens: int = field(
-        default=256,
+        default=512,
         metadata={"help": "Tokens per step: one per decoding request plus the prefill chunk of new ones."},
     )
     max_prompt_tokens: int | None = field(
@@ -336,7 +336,9 @@ class Engine:
             budget = max(self.config.max_batch_tokens - running, _MIN_CHUNK)
             room = self.config.max_batch_size - running
             take, longest = 1, len(self.waiting[0].prompt_ids)
-            while take < min(room, len(self.waiting)) and not {id(self.waiting[0]), id(self.waiting[take])} & self._solo:
+            while (
+                take < min(room, len(self.waiting)) and not {id(self.waiting[0]), id(self.waiting[take])} & self._solo
+            ):
                 longest_next = max(longest, len(self.waiting[take].prompt_ids))
                 if (take + 1) * longest_next > budget:
                     break

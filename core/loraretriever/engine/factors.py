@@ -64,9 +64,7 @@ def concat_layer_plans(
     return LayerPlan(A_t, B_t, slots)
 
 
-def build_layer_plan(
-    parts: list[list[tuple[LoraWeights, float]]], modes: Sequence[str], layer: nn.Linear
-) -> LayerPlan:
+def build_layer_plan(parts: list[list[tuple[LoraWeights, float]]], modes: Sequence[str], layer: nn.Linear) -> LayerPlan:
     """One layer's plan for rows given as ``(weights, weight)`` pairs, one mode per row (flow rows
     are mixtures at weight 1: their gate scales them per token)."""
     shared = modes[0] if len(set(modes)) == 1 else None

@@ -258,5 +258,3 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
                 hold = max(hold, size)
                 break
     return hold
-
-

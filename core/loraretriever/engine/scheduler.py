@@ -191,4 +191,3 @@ class EngineLoop:
         engine.running = engine.prefilling = None
         for state in held:
             state.fail(error)
-

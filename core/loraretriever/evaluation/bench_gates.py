@@ -23,8 +23,8 @@ from loraretriever.engine.base_model import load_base_model
 from loraretriever.engine.composer import Composer
 from loraretriever.engine.gates import FlowGate, FlowGateConfig, MeteoraGate, MeteoraGateConfig
 from loraretriever.engine.generation import Generator
-from loraretriever.engine.requests import GenerationConfig
 from loraretriever.engine.pool import LoraPool
+from loraretriever.engine.requests import GenerationConfig
 from loraretriever.engine.routing import Routing
 from loraretriever.evaluation.workload import (
     PROMPT_SUBJECTS,

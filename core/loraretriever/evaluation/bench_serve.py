@@ -27,11 +27,11 @@ from torch import nn
 
 from loraretriever.engine.base_model import load_base_model
 from loraretriever.engine.composer import BatchPlan, Composer
-from loraretriever.engine.factors import LayerPlan, stack_factors
 from loraretriever.engine.engine import EngineConfig
+from loraretriever.engine.factors import LayerPlan, stack_factors
 from loraretriever.engine.generation import Generator
-from loraretriever.engine.requests import GenerationConfig
 from loraretriever.engine.pool import LoraPool
+from loraretriever.engine.requests import GenerationConfig
 from loraretriever.engine.routing import Routing
 from loraretriever.evaluation.bench_mixed import run_mixed_benchmark
 from loraretriever.evaluation.workload import (

@@ -19,9 +19,7 @@ _FIELD_OPERATORS = {"$eq", "$ne", "$in", "$nin"}
 _LOGICAL_OPERATORS = {"$and", "$or"}
 
 
-def chroma_where(
-    filter: Mapping[str, Any] | None, known_keys: Callable[[bool], set[str]]
-) -> dict[str, Any] | None:
+def chroma_where(filter: Mapping[str, Any] | None, known_keys: Callable[[bool], set[str]]) -> dict[str, Any] | None:
     """Translates ``filter`` to a Chroma ``where``.
 
     Args:

@@ -88,7 +88,7 @@ class RoutedLM:
         generation: GenerationConfig | None = None,
         route_defaults: RouteOptions | Mapping[str, Any] | None = None,
         max_batch_size: int = 32,
-        max_batch_tokens: int = 256,
+        max_batch_tokens: int = 512,
         max_prompt_tokens: int | None = None,
         max_new_tokens_limit: int | None = None,
         max_wait_ms: float = 10.0,
