@@ -184,3 +184,19 @@ def test_sampled_rows_are_seeded_per_request_whatever_joins(tiny_lm, smol_tokeni
         ]
     )
     assert other[0].done.text != alone
+
+
+def test_admission_starts_with_the_oldest_and_groups_close_prompt_lengths(tiny_lm, smol_tokenizer, composer):
+    engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_batch_tokens=40))
+    words = [3, 12, 3, 4]  # prompt lengths, in arrival order
+    requests = [
+        engine.new_request(" ".join(["cat"] * n), GenerationConfig(max_new_tokens=2), Routing.base(), index=i)
+        for i, n in enumerate(words)
+    ]
+    engine.add(requests)
+    engine.step()
+    first = [r.index for r in engine.running.requests] if engine.running else []
+    assert 0 in first and 1 not in first, "the oldest goes first and takes the short ones, not the long one"
+    assert sorted(first) == [0, 2, 3]
+    engine.run(requests)
+    assert all(r.done.completion_tokens == 2 for r in requests)

@@ -9,10 +9,13 @@ vLLM). One :meth:`Engine.step` is
 3. one prefill chunk for the requests being admitted, within the step's token budget
    (``max_batch_tokens`` minus the decoding rows): short prompts are prefilled together in one
    chunk, a long prompt alone over several steps (chunked prefill), so it never stalls the
-   others' decoding. Admission is first come, first served.
+   others' decoding. The oldest waiting request is admitted first; it takes along the waiting
+   requests (among the next ``max_batch_size``) whose prompt lengths are closest to its own, so little
+   of a prefill is padding and a request can be overtaken only by that window.
 
-Requests that finish their prefill join the running batch (KV rows padded on the left, plan rows
-concatenated: :mod:`loraretriever.engine.kv`). A forward pass that raises is retried on halves of
+Requests that finish their prefill join the running batch, and finished ones leave it; the KV
+cache and the plan are persistent batches, so only the rows that change are copied
+(:mod:`loraretriever.engine.kv`, :class:`~loraretriever.engine.composer.RunningPlan`). A forward pass that raises is retried on halves of
 the batch until only the request that causes it fails; a row whose logits are not finite fails
 alone. ``policy="static"`` keeps the old behaviour for benchmarks: admit a whole batch only when
 nothing runs, prefill it in one pass, decode it to the end.
@@ -324,29 +327,41 @@ class Engine:
                 setattr(self, name, self._keep(batch, [i for i, r in enumerate(batch.requests) if not r.cancelled]))
 
     def _admit(self) -> _Batch | None:
-        """The next requests to prefill, first come first served, within the step's token budget."""
+        """The next requests to prefill: the oldest waiting one first, within the step's token budget."""
         running = len(self.running) if self.running is not None else 0
         if not self.waiting or running >= self.config.max_batch_size:
             return None
         if self.config.policy == "static":
             if running:
                 return None
-            take = min(len(self.waiting), self.config.max_batch_size)
+            group = list(self.waiting)[: self.config.max_batch_size]
         else:
-            budget = max(self.config.max_batch_tokens - running, _MIN_CHUNK)
-            room = self.config.max_batch_size - running
-            take, longest = 1, len(self.waiting[0].prompt_ids)
-            while (
-                take < min(room, len(self.waiting)) and not {id(self.waiting[0]), id(self.waiting[take])} & self._solo
-            ):
-                longest_next = max(longest, len(self.waiting[take].prompt_ids))
-                if (take + 1) * longest_next > budget:
-                    break
-                take, longest = take + 1, longest_next
-        group = [self.waiting.popleft() for _ in range(take)]
-        self._solo.difference_update(id(r) for r in group)
+            group = self._continuous_group(running)
+        picked = {id(r) for r in group}
+        self.waiting = deque(r for r in self.waiting if id(r) not in picked)
+        self._solo.difference_update(picked)
         group, plan = self._plan(group)
         return self._new_batch(group, plan) if group else None
+
+    def _continuous_group(self, running: int) -> list[RequestState]:
+        """The oldest waiting request, and with it, from the next ``max_batch_size`` waiting ones,
+        those of the closest prompt lengths while the padded group fits the step's budget (so
+        little of the prefill is padding, and a request is overtaken only by that window)."""
+        budget = max(self.config.max_batch_tokens - running, _MIN_CHUNK)
+        room = self.config.max_batch_size - running
+        head = self.waiting[0]
+        group, longest = [head], len(head.prompt_ids)
+        if id(head) in self._solo:
+            return group
+        window = [r for r in list(self.waiting)[1 : self.config.max_batch_size] if id(r) not in self._solo]
+        for request in sorted(window, key=lambda r: abs(len(r.prompt_ids) - len(head.prompt_ids))):
+            if len(group) >= room:
+                break
+            widest = max(longest, len(request.prompt_ids))
+            if (len(group) + 1) * widest <= budget:
+                group.append(request)
+                longest = widest
+        return group
 
     def _plan(self, requests: list[RequestState]) -> tuple[list[RequestState], BatchPlan | None]:
         """The composition plan of ``requests``; a request whose routing cannot be planned (an
