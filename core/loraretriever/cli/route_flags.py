@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loraretriever.engine.routing import MODES
+from loraretriever.retrieval.cards import RetrievalError
 from loraretriever.retrieval.options import ROUTE_OPTIONS, WEIGHTINGS, RouteOptions
 
 __all__ = ["add_route_arguments", "route_options_from"]
@@ -44,8 +45,6 @@ def route_options_from(args: argparse.Namespace) -> dict[str, Any]:
     """
     given = {name: getattr(args, name) for name in ROUTE_OPTIONS if getattr(args, name, None) is not None}
     if "filter" in given:
-        from loraretriever.retrieval.cards import RetrievalError
-
         where = {}
         for item in given["filter"]:
             key, sep, value = item.partition("=")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from loraretriever.engine.requests import GenerationConfig
 from loraretriever.retrieval.queries import load_queries
 from loraretriever.serving.routed_lm import RoutedLM
 
@@ -56,14 +57,17 @@ def run_mixed_benchmark(
     looped = [llm.invoke(p) for p in chosen]
     loop_s = time.perf_counter() - start
     log(f"mixed: invoke loop {loop_s:.2f} s ({loop_s / batch_s:.2f}x)")
-    lengths = [len(lm.tokenizer(p)["input_ids"]) for p in chosen]
+    templated = GenerationConfig(chat_template=True)
+    lengths = [len(lm.engine.encode(p, templated)) for p in chosen]
+    answers = [len(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in batched]
     lm.close()
 
     capacity = prompts / batch_s  # requests per second the engine served in the .batch()
     out: dict[str, Any] = {
         "prompts": prompts,
         "prompt_chars": _summary([len(p) for p in chosen]),
-        "prompt_tokens": _summary(lengths),
+        "prompt_tokens": {**_summary(lengths), "total": sum(lengths)},
+        "answer_tokens": {**_summary(answers), "total": sum(answers)},  # the answers re-tokenized
         "max_new_tokens": max_new_tokens,
         "batch_s": round(batch_s, 3),
         "invoke_loop_s": round(loop_s, 3),
