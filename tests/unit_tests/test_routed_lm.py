@@ -221,3 +221,23 @@ def test_one_bad_request_among_eight_concurrent_good_ones_fails_alone(lm, kind):
         thread.join(60)
     assert isinstance(outcomes["bad"], Exception) and message in str(outcomes["bad"])
     assert {p: outcomes[p] for p in PROMPTS[:8]} == alone
+
+
+def test_an_abandoned_async_stream_cancels_its_request(lm):
+    from concurrent.futures import CancelledError
+
+    from loraretriever.serving.bridge import iterate_in_thread
+
+    deltas, queued = lm.stream_with_result(PROMPTS[3], max_new_tokens=40, ignore_eos=True)
+
+    async def first_delta_then_leave():
+        stream = iterate_in_thread(deltas)
+        first = await stream.__anext__()
+        await stream.aclose()
+        return first
+
+    assert asyncio.run(first_delta_then_leave())
+    assert queued.state.cancelled
+    with pytest.raises(CancelledError):
+        queued.future.result(10)
+    assert len(queued.state.ids) < 40

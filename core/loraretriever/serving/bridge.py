@@ -21,5 +21,12 @@ async def iterate_in_thread(items: Iterator[T]) -> AsyncIterator[T]:
         >>> asyncio.run(collect())
         ['a', 'b', 'c']
     """
-    while (item := await asyncio.to_thread(next, items, _DONE)) is not _DONE:
-        yield item  # type: ignore[misc]
+    finished = False
+    try:
+        while (item := await asyncio.to_thread(next, items, _DONE)) is not _DONE:
+            yield item  # type: ignore[misc]
+        finished = True
+    finally:
+        close = getattr(items, "close", None)
+        if not finished and close is not None:  # a consumer that stopped early (or was cancelled)
+            await asyncio.to_thread(close)  # e.g. cancels the request behind a stream of deltas
