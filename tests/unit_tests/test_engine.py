@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from loraretriever import Composer, LoraPool, Routing
-from loraretriever.engine.engine import Engine, EngineConfig, RequestError
+from loraretriever.engine.engine import Engine, EngineConfig
 from loraretriever.engine.gates import FlowGate, FlowGateConfig
-from loraretriever.engine.requests import GenerationConfig
+from loraretriever.engine.requests import GenerationConfig, RequestError
 
 PROMPTS = [
     "Translate to French: the cat sleeps.",
@@ -125,10 +125,11 @@ class _RaisingGate(FlowGate):
         raise RuntimeError("gate bug")
 
 
-def test_a_request_whose_forward_pass_raises_fails_alone(tiny_lm, smol_tokenizer, composer):
+@pytest.mark.parametrize("policy", ["continuous", "static"])
+def test_a_request_whose_forward_pass_raises_fails_alone(tiny_lm, smol_tokenizer, composer, policy):
     composer.gates.register("broken", _RaisingGate(FlowGateConfig(k=2, hidden_size=32, num_layers=2)))
     try:
-        engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_batch_tokens=256))
+        engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_batch_tokens=256, policy=policy))
         bad = Routing(("a", "b"), (0.5, 0.5), mode="flow", gate="broken")
         routings = [ROUTINGS[0], bad, ROUTINGS[1], ROUTINGS[2]]
         requests = make(engine, PROMPTS, routings, (5, 5, 5, 5))

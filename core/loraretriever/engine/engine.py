@@ -27,9 +27,8 @@ there and never reaches a shared batch.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import CancelledError
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -39,20 +38,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraretriever.engine.composer import BatchPlan, Composer, RunningPlan
+from loraretriever.engine.intake import RequestIntake
 from loraretriever.engine.kv import PrefillKV, RunningKV, swap_moves
-from loraretriever.engine.requests import GenerationConfig, Prompt, RequestState, StreamEvent, prompt_text
+from loraretriever.engine.requests import GenerationConfig, Prompt, RequestError, RequestState
 from loraretriever.engine.routing import Routing
 
-__all__ = ["Engine", "EngineConfig", "Policy", "RequestError", "cancelled_error"]
+__all__ = ["Engine", "EngineConfig", "Policy", "cancelled_error"]
 
 logger = logging.getLogger(__name__)
 
 Policy = Literal["continuous", "static"]
 _MIN_CHUNK = 16  # prefill tokens per step even when decoding rows use the whole budget
-
-
-class RequestError(ValueError):
-    """One request cannot be served (bad prompt, settings or limits); other requests are unaffected."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +178,13 @@ class Engine:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token).")
         self._pad_id = int(tokenizer.pad_token_id)
+        self.intake = RequestIntake(
+            tokenizer,
+            self.context_window,
+            max_prompt_tokens=self.config.max_prompt_tokens,
+            max_new_tokens_limit=self.config.max_new_tokens_limit,
+            device=model.device,
+        )
         self._eos_ids = _eos_token_ids(model, tokenizer)
         self.waiting: deque[RequestState] = deque()
         self.running: _Batch | None = None
@@ -192,87 +195,13 @@ class Engine:
         self._solo: set[int] = set()  # requests whose shared prefill failed: prefilled alone
 
     # -- requests ----------------------------------------------------------------------------
-    def new_request(
-        self,
-        prompt: Prompt,
-        config: GenerationConfig,
-        routing: Routing | None = None,
-        *,
-        index: int = 0,
-        on_event: Callable[[StreamEvent], None] | None = None,
-        on_error: Callable[[BaseException], None] | None = None,
-        payload: Any = None,
-    ) -> RequestState:
-        """Tokenizes and checks one request against the limits; it has not been queued yet.
-
-        Raises:
-            RequestError: an unencodable or empty prompt, a prompt over ``max_prompt_tokens`` with
-                ``truncation="error"``, ``max_new_tokens`` over the limit; naming the value and the fix.
-        """
-        if not isinstance(config, GenerationConfig):
-            raise TypeError(f"config is a {type(config).__name__}, not a GenerationConfig.")
-        ids = self.encode(prompt, config, index)
-        limit = self.config.max_new_tokens_limit or self.context_window - 1
-        if config.max_new_tokens > limit:
-            raise RequestError(
-                f"prompt {index}: max_new_tokens={config.max_new_tokens} is over the limit of {limit} "
-                f"(the {self.context_window}-token context window or max_new_tokens_limit); lower it."
-            )
-        budget = min(self.config.max_prompt_tokens or self.context_window, self.context_window - config.max_new_tokens)
-        truncated = len(ids) > budget
-        if truncated:
-            message = (
-                f"prompt {index} has {len(ids)} tokens but the limit is {budget} (max_prompt_tokens, or the "
-                f"{self.context_window}-token context window minus max_new_tokens={config.max_new_tokens})"
-            )
-            if config.truncation == "error":
-                raise RequestError(message + "; shorten it or set truncation='left'.")
-            warnings.warn(message + "; its oldest tokens were dropped.", stacklevel=3)
-            ids = ids[-budget:]
-        rng = None
-        if config.temperature > 0:
-            rng = torch.Generator(device=self.model.device)
-            rng.manual_seed(config.seed if config.seed is not None else int(torch.randint(2**62, ()).item()))
-        return RequestState(
-            prompt_ids=ids,
-            config=config,
-            routing=routing,
-            on_event=on_event,
-            on_error=on_error,
-            truncated=truncated,
-            index=index,
-            payload=payload,
-            rng=rng,
-        )
+    def new_request(self, prompt: Prompt, config: GenerationConfig, routing: Routing | None = None, **kwargs: Any):
+        """:meth:`RequestIntake.new_request <loraretriever.engine.intake.RequestIntake.new_request>`."""
+        return self.intake.new_request(prompt, config, routing, **kwargs)
 
     def encode(self, prompt: Prompt, config: GenerationConfig, index: int = 0) -> list[int]:
-        """The prompt's token ids (through the chat template for chats or ``chat_template=True``)."""
-        prompt_text(prompt, index)  # raises for an empty prompt or malformed messages
-        texts = [prompt] if isinstance(prompt, str) else [str(m["content"]) for m in prompt]
-        for text in texts:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise RequestError(
-                    f"prompt {index} is not valid Unicode text: {err.reason} at character {err.start} "
-                    f"({text[err.start : err.end]!r}). Fix: remove lone surrogates (e.g. decode bytes with "
-                    "errors='replace')."
-                ) from None
-        if isinstance(prompt, str) and not config.chat_template:
-            ids = self.tokenizer(prompt)["input_ids"]
-        else:
-            if self.tokenizer.chat_template is None:
-                raise RequestError(
-                    "chat messages or chat_template=True need a tokenizer with a chat template; this one has none."
-                )
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-            if config.system_prompt and messages[0]["role"] != "system":
-                messages.insert(0, {"role": "system", "content": config.system_prompt})
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise RequestError(f"prompt {index} encodes to no tokens; pass some text.")
-        return ids
+        """:meth:`RequestIntake.encode <loraretriever.engine.intake.RequestIntake.encode>`."""
+        return self.intake.encode(prompt, config, index)
 
     def add(self, requests: Sequence[RequestState]) -> None:
         """Queues routed requests (first come, first served)."""
@@ -335,6 +264,8 @@ class Engine:
             if running:
                 return None
             group = list(self.waiting)[: self.config.max_batch_size]
+            solo = [r for r in group if id(r) in self._solo]
+            group = solo[:1] or group  # requests whose shared prefill failed go one by one
         else:
             group = self._continuous_group(running)
         picked = {id(r) for r in group}

@@ -24,6 +24,7 @@ __all__ = [
     "FinishReason",
     "GenerationConfig",
     "Prompt",
+    "RequestError",
     "RequestState",
     "StreamEvent",
     "prompt_text",
@@ -35,6 +36,10 @@ Prompt = str | ChatMessages
 formatted with the model's chat template."""
 
 FinishReason = Literal["stop", "length"]
+
+
+class RequestError(ValueError):
+    """One request cannot be served (bad prompt, settings or limits); other requests are unaffected."""
 
 
 @dataclass(frozen=True)

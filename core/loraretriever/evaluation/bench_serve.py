@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 from loraretriever.engine.base_model import load_base_model
 from loraretriever.engine.composer import BatchPlan, Composer
 from loraretriever.engine.engine import EngineConfig
-from loraretriever.engine.factors import LayerPlan, stack_factors
+from loraretriever.engine.factors import stack_factors
 from loraretriever.engine.generation import Generator
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.requests import GenerationConfig
@@ -49,45 +48,49 @@ from loraretriever.serving.routed_lm import RoutedLM
 __all__ = ["UnionEinsumComposer", "run_serve_benchmark"]
 
 
-@dataclass(frozen=True)
-class _UnionPlan(BatchPlan):
-    mapping: torch.Tensor | None = None  # (rows, union): each row's weight of each adapter
-
-
 class UnionEinsumComposer(Composer):
-    """The paper's batched mixture, a baseline: per layer, every row against every adapter in the
-    batch's union, ``sum_u M[b, u] * B_u A_u x_b``. Its cost grows with the union, not with k.
-    Run it with the static policy (rows leave, none join)."""
+    """The paper's batched mixture, a baseline: per layer, every row against every adapter,
+    ``sum_u M[b, u] * B_u A_u x_b``, combined by a mapping matrix. Its cost grows with the number
+    of adapters, not with k. Here the adapters are the whole pool (for 32 rows of 3 of 48 LoRAs,
+    the batch's union is about 42 of them), stacked once."""
 
     def build_plan(self, routings: Sequence[Routing]) -> BatchPlan:
-        union = sorted({name for r in routings for name in r.adapters})
-        mapping = torch.zeros(len(routings), len(union))
-        for row, routing in enumerate(routings):
-            for name, weight in routing.effective():
-                mapping[row, union.index(name)] = weight
-        adapters = [self.pool.get(n) for n in union]
-        layers = {}
-        for module in sorted({m for a in adapters for m in a.modules}):
-            A, B = stack_factors([a.modules.get(module) for a in adapters], self._linear[module])
-            layers[module] = LayerPlan(A, B)  # the union's factors, not per-row ones
-        gated = self.gates.rows(routings, self.device)
-        return _UnionPlan(tuple(routings), layers, gated, mapping.to(self.device, self.model.dtype))
+        for routing in routings:
+            self.pool.check_names(list(routing.adapters))
+        return BatchPlan(tuple(routings), {}, self.gates.rows(routings, self.device))
 
-    def select(self, plan: BatchPlan, rows: Sequence[int]) -> BatchPlan:
-        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
-        routings = tuple(plan.routings[i] for i in index.tolist())
-        return _UnionPlan(routings, plan.layers, plan.gated, plan.mapping.index_select(0, index))
+    def _install_hooks(self, plan: BatchPlan) -> None:
+        for module in self._stacks():
+            if module not in self._hooks:
+                self._hooks[module] = self._linear[module].register_forward_hook(self._make_hook(module))
+
+    def _stacks(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if getattr(self, "_stacked", None) is None:
+            adapters = [self.pool.get(n) for n in self.pool.names]
+            modules = sorted({m for a in adapters for m in a.modules})
+            self._stacked = {m: stack_factors([a.modules.get(m) for a in adapters], self._linear[m]) for m in modules}
+        return self._stacked
+
+    def _mapping(self, plan: BatchPlan) -> torch.Tensor:
+        cached = getattr(self, "_mapped", None)
+        if cached is None or cached[0] is not plan.routings:
+            names = self.pool.names
+            mapping = torch.zeros(len(plan), len(names))
+            for row, routing in enumerate(plan.routings):
+                for name, weight in routing.effective():
+                    mapping[row, names.index(name)] = weight
+            self._mapped = (plan.routings, mapping.to(self.device, self.model.dtype))
+        return self._mapped[1]
 
     def _make_hook(self, module: str):
         def hook(_layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             plan = self._active
-            if plan is None or module not in plan.layers:
+            if plan is None or not len(plan):
                 return output
-            A, B = plan.layers[module].A_t, plan.layers[module].B_t
-            x = args[0]
-            hidden = torch.einsum("bti,uri->btur", x, A)
+            A, B = self._stacks()[module]
+            hidden = torch.einsum("bti,uri->btur", args[0], A)
             per_adapter = torch.einsum("btur,uor->btuo", hidden, B)
-            return output + torch.einsum("btuo,bu->bto", per_adapter, plan.mapping)
+            return output + torch.einsum("btuo,bu->bto", per_adapter, self._mapping(plan))
 
         return hook
 
