@@ -6,13 +6,15 @@ Start here: :class:`RoutedLM` routes and generates (``RoutedLM.from_pretrained(p
 * :class:`LoraPool` holds PEFT LoRA adapters of one base model, changed at run time;
 * :class:`Routing` says which adapters serve a prompt, with which weights and mode;
 * :class:`Composer` applies a different routing to every row of one forward pass;
-* :class:`Generator` runs batched generation (and streaming) over routed rows;
+* :class:`Engine` serves requests with continuous batching (:class:`EngineConfig` for its limits),
+  :class:`Generator` steps it inline for a list of prompts (and streams);
 * :class:`Router` gives every prompt its LoRAs from :class:`AdapterCard` vectors in a Chroma index.
 """
 
 from loraretriever.engine.adapter import AdapterError, LoraAdapter, LoraWeights
 from loraretriever.engine.base_model import DEFAULT_MODEL, load_base_model
 from loraretriever.engine.composer import Composer
+from loraretriever.engine.engine import Engine, EngineConfig
 from loraretriever.engine.gates import (
     FlowGate,
     FlowGateConfig,
@@ -22,7 +24,9 @@ from loraretriever.engine.gates import (
     load_gate,
     save_gate,
 )
+from loraretriever.engine.generation import Generator
 from loraretriever.engine.pool import LoraPool
+from loraretriever.engine.requests import Completion, GenerationConfig, RequestError
 from loraretriever.engine.routing import MODES, Mode, Routing
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
 from loraretriever.retrieval.embedder import DEFAULT_EMBEDDER, DEFAULT_INSTRUCTION, Embedder, EmbedderError
@@ -39,12 +43,17 @@ __all__ = [
     "AdapterCard",
     "AdapterError",
     "CardStore",
+    "Completion",
     "Composer",
     "Embedder",
     "EmbedderError",
+    "Engine",
+    "EngineConfig",
     "FlowGate",
     "FlowGateConfig",
     "GateError",
+    "GenerationConfig",
+    "Generator",
     "LoraAdapter",
     "LoraIndex",
     "LoraPool",
@@ -52,6 +61,7 @@ __all__ = [
     "MeteoraGate",
     "MeteoraGateConfig",
     "Mode",
+    "RequestError",
     "Result",
     "RetrievalError",
     "RouteOptions",
