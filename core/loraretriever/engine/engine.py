@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 Policy = Literal["continuous", "static"]
 _MIN_CHUNK = 16  # prefill tokens per step even when decoding rows use the whole budget
+_RESERVE = 256  # answer tokens of a request that the running KV cache reserves columns for
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,10 @@ class _Batch:
         batch.last = None if self.last is None else self.last.index_select(0, index)
         return batch
 
-    def extend(self, other: _Batch) -> None:
-        """Appends the rows of ``other`` (only they are copied)."""
+    def extend(self, other: _Batch, reserve: int = 0) -> None:
+        """Appends the rows of ``other`` (only they are copied); ``reserve``: KV columns to make room for."""
         self.requests += other.requests
-        self.kv.extend(other.kv)
+        self.kv.extend(other.kv, reserve)
         if self.plan is not None:
             self.plan.extend(other.plan.view())
         self.last = other.last if self.last is None else torch.cat([self.last, other.last])
@@ -365,7 +366,10 @@ class Engine:
                 RunningKV(self.config.max_batch_size, self._layers, self.model.device),
                 self._running_plan(self._empty_plan(), self.config.max_batch_size),
             )
-        self.running.extend(kept)
+        # KV room for the newcomers' and the next waiting requests' prompts and answers (up to
+        # _RESERVE answer tokens), so that neither decoding nor the next joins regrow the cache
+        soon = kept.requests + list(self.waiting)[: self.config.max_batch_size]
+        self.running.extend(kept, max(len(r.prompt_ids) + min(r.config.max_new_tokens, _RESERVE) for r in soon))
         self.peak_rows = max(self.peak_rows, len(self.running))
 
     def _empty_plan(self) -> BatchPlan | None:

@@ -187,13 +187,20 @@ class RunningKV:
         self.n = n
         self._end = int(self.lengths[:n].max()) if n else 0
 
-    def extend(self, other: PrefillKV | RunningKV) -> None:
-        """Appends the rows of ``other`` (copied), each to the left of its row."""
+    def extend(self, other: PrefillKV | RunningKV, reserve: int = 0) -> None:
+        """Appends the rows of ``other`` (copied), each to the left of its row.
+
+        Args:
+            other: The rows to add.
+            reserve: Columns the newcomers are expected to reach (prompt and answer); reserved
+                now, so the buffers are not regrown while they decode.
+        """
         rows_needed = self.n + other.n
         other_lengths = (other.positions if isinstance(other, PrefillKV) else other.lengths)[: other.n].tolist()
+        needed = max(max(other_lengths, default=0) + 1, reserve)
         longest = max(other_lengths, default=0)
-        if rows_needed > self.capacity or longest + 1 > self._columns:
-            self._realloc(max(rows_needed, self.capacity), max(self._columns, _grown(self._columns, longest + 1)))
+        if rows_needed > self.capacity or needed > self._columns:
+            self._realloc(max(rows_needed, self.capacity), max(self._columns, _grown(self._columns, needed)))
         for mine, theirs in ((self._k, other._k), (self._v, other._v)):
             for i, buffer in enumerate(theirs):
                 if mine[i] is None:
