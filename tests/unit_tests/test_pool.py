@@ -197,3 +197,40 @@ def test_hub_id_that_cannot_be_fetched_is_a_clear_error(pool_with_one):
     with pytest.raises(AdapterError, match="'someone/missing-lora' is not a local directory and could not be fetched"):
         pool_with_one.add("someone/missing-lora")
     assert pool_with_one.names == ["kept"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lora_alpha": float("nan")}, "lora_alpha=nan must be a finite number"),
+        ({"lora_alpha": float("inf")}, "lora_alpha=inf must be a finite number"),
+        ({"lora_alpha": 1e9}, "scaling .* the limits are 1000"),
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\]=0 must be a positive integer"),
+        ({"alpha_pattern": {"v_proj": float("nan")}}, "alpha_pattern.*must be a finite number"),
+    ],
+)
+def test_out_of_bounds_configs_are_refused(pool_with_one, tiny_adapters, tmp_path, change, message):
+    path = shutil.copytree(tiny_adapters["qv"], tmp_path / "bad")
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    fingerprint = pool_with_one.fingerprint()
+    with pytest.raises(AdapterError, match=message):
+        pool_with_one.add(path)
+    _assert_unchanged(pool_with_one, fingerprint)
+
+
+def test_huge_weights_oversize_ranks_and_files_are_refused(pool_with_one, tiny_model, tiny_adapters, tmp_path):
+    fingerprint = pool_with_one.fingerprint()
+    scaled = shutil.copytree(tiny_adapters["qv"], tmp_path / "scaled")
+    weights = load_file(scaled / "adapter_model.safetensors")
+    save_file({k: v * 1e30 if "lora_B" in k else v for k, v in weights.items()}, scaled / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="largest scaled weight .* the limits"):
+        pool_with_one.add(scaled)
+    wide = save_peft_adapter(tiny_model, tmp_path / "wide", r=40, targets=["q_proj"])  # q_proj is 32 -> 32
+    with pytest.raises(AdapterError, match="rank 40, over the limit of 32"):
+        pool_with_one.add(wide)
+    small = LoraPool(tiny_model, max_adapter_bytes=1000)
+    with pytest.raises(AdapterError, match="bytes, over the limit of 1,000"):
+        small.add(tiny_adapters["qv"])
+    assert len(small) == 0
+    _assert_unchanged(pool_with_one, fingerprint)

@@ -38,6 +38,10 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=:+\-]{0,127}$")
 _KEY_PATTERN = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 
 
+MAX_SCALING = 1e3  # |lora_alpha / r| (or / sqrt(r)): trained adapters use ~0.1 to 64
+MAX_WEIGHT = 1e4  # the largest |A| and |scaling * B| entry: trained adapters stay near 1
+
+
 class AdapterError(ValueError):
     """An adapter could not be read or does not fit the base model. Nothing was changed."""
 
@@ -159,8 +163,22 @@ class LoraAdapter:
                     f"{where}: module {module_name!r} has rank {rank} but the config says r={pattern_rank}. "
                     "Fix: the config and the weights must come from the same save."
                 )
+            if rank > min(layer.in_features, layer.out_features):
+                raise AdapterError(
+                    f"{where}: module {module_name!r} has rank {rank}, over the limit of "
+                    f"{min(layer.in_features, layer.out_features)} (the smaller side of the "
+                    f"{layer.in_features} -> {layer.out_features} layer: a larger rank adds nothing but cost). "
+                    "Fix: train the adapter with a smaller r."
+                )
             alpha = float(_pattern_value(alpha_pattern, module_name, alpha_default))
             scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+            largest = max(float(A.abs().max()), float(B.abs().max()) * abs(scaling))
+            if abs(scaling) > MAX_SCALING or largest > MAX_WEIGHT:
+                raise AdapterError(
+                    f"{where}: module {module_name!r} has scaling {scaling:g} and largest scaled weight "
+                    f"{largest:g}; the limits are {MAX_SCALING:g} and {MAX_WEIGHT:g} (a trained LoRA is far "
+                    "below both; beyond them its rows are garbage). Fix: check lora_alpha and the weights."
+                )
             modules[module_name] = LoraWeights(
                 A=A.detach().to(dtype).contiguous(), B=B.detach().to(dtype).contiguous(), scaling=scaling
             )
@@ -194,16 +212,19 @@ def check_adapter_name(name: object) -> str:
     return name
 
 
-def read_adapter_files(directory: str | Path, *, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter_files(
+    directory: str | Path, *, allow_pickle: bool = False, max_bytes: int | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """Reads ``adapter_config.json`` and the weights of a PEFT adapter directory.
 
     Args:
         directory: A local directory as written by ``PeftModel.save_pretrained``.
         allow_pickle: Read ``adapter_model.bin`` (a pickle, which can run code) when there is no
             safetensors file. Off by default: such files are refused, never unpickled.
+        max_bytes: Refuse weight files larger than this, before reading them.
 
     Raises:
-        AdapterError: for a missing directory, missing or corrupt files, or a refused pickle.
+        AdapterError: for a missing directory, missing, corrupt or oversize files, or a refused pickle.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -218,6 +239,13 @@ def read_adapter_files(directory: str | Path, *, allow_pickle: bool = False) -> 
     if not isinstance(config, dict):
         raise AdapterError(f"{str(config_path)!r} must hold a JSON object, not {type(config).__name__}.")
 
+    for weights_file in (directory / SAFETENSORS_FILE, directory / PICKLE_FILE):
+        if max_bytes is not None and weights_file.is_file() and weights_file.stat().st_size > max_bytes:
+            raise AdapterError(
+                f"{str(weights_file)!r} is {weights_file.stat().st_size:,} bytes, over the limit of {max_bytes:,} "
+                "(max_adapter_bytes; by default the size of the base model's weights). Fix: check that this is a "
+                "LoRA adapter, or raise the limit."
+            )
     weights_path = directory / SAFETENSORS_FILE
     if weights_path.is_file():
         try:
@@ -249,8 +277,16 @@ def _check_config(config: dict[str, Any], where: str) -> None:
     if config.get("fan_in_fan_out"):
         raise AdapterError(f"{where}: fan_in_fan_out=True (Conv1D layers) is not supported.")
     r = config.get("r", 8)
-    if not isinstance(r, int) or r <= 0:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise AdapterError(f"{where}: r={r!r} in the config must be a positive integer.")
+    for name, value in (config.get("rank_pattern") or {}).items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise AdapterError(f"{where}: rank_pattern[{name!r}]={value!r} must be a positive integer.")
+    alphas = [("lora_alpha", config.get("lora_alpha", r))]
+    alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in (config.get("alpha_pattern") or {}).items()]
+    for name, value in alphas:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise AdapterError(f"{where}: {name}={value!r} must be a finite number. Fix: re-save the adapter.")
 
 
 def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:

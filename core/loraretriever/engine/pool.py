@@ -34,6 +34,11 @@ class LoraPool:
     and held once, in the model's dtype. A failed add leaves the pool exactly as it was. The base
     model is never modified: composition happens in :class:`loraretriever.Composer`.
 
+    Args:
+        model: The base model every adapter must fit.
+        max_adapter_bytes: Weight files larger than this are refused before they are read
+            (default: the size of the base model's weights).
+
     Example:
         >>> pool = LoraPool(model)  # doctest: +SKIP
         >>> pool.add("adapters/sst2")  # name defaults to the directory name  # doctest: +SKIP
@@ -42,8 +47,10 @@ class LoraPool:
         ['sst2']
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, max_adapter_bytes: int | None = None) -> None:
         self.model = model
+        # an adapter file larger than its base model's weights is not a LoRA of it
+        self.max_adapter_bytes = max_adapter_bytes or sum(p.numel() * p.element_size() for p in model.parameters())
         self._adapters: dict[str, LoraAdapter] = {}
         self._listeners: list[PoolListener] = []
         self._lock = threading.RLock()
@@ -134,7 +141,7 @@ class LoraPool:
         directory = _resolve_source(source, revision=revision)
         name = name if name is not None else Path(str(source).rstrip("/")).name
         self._check_free(name)
-        config, state_dict = read_adapter_files(directory, allow_pickle=allow_pickle)
+        config, state_dict = read_adapter_files(directory, allow_pickle=allow_pickle, max_bytes=self.max_adapter_bytes)
         adapter = LoraAdapter.from_state_dict(name, config, state_dict, self.model, source=str(source))
         return self.add_adapter(adapter)
 
