@@ -6,8 +6,23 @@ import json
 
 import pytest
 
-from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError, load_paper_cards
+from loraretriever.retrieval.cards import (
+    MAX_CARD_SAMPLES,
+    MAX_SAMPLE_CHARS,
+    AdapterCard,
+    CardStore,
+    RetrievalError,
+    load_paper_cards,
+)
 from loraretriever.retrieval.queries import load_queries
+
+
+def test_card_samples_are_bounded_in_count_and_length():
+    assert len(AdapterCard("ok", ["x" * MAX_SAMPLE_CHARS] * MAX_CARD_SAMPLES).samples) == MAX_CARD_SAMPLES
+    with pytest.raises(RetrievalError, match=f"100,000|100000 samples, over the limit of {MAX_CARD_SAMPLES}"):
+        AdapterCard("many", ["a sample"] * 100_000)
+    with pytest.raises(RetrievalError, match="sample 1 has 8,001 characters, over the limit of 8,000"):
+        AdapterCard("long", ["short", "y" * (MAX_SAMPLE_CHARS + 1)])
 
 
 def test_card_checks_name_samples_and_tags():

@@ -22,12 +22,17 @@ from typing import Any
 from loraretriever.engine.adapter import AdapterError, check_adapter_name
 
 __all__ = [
+    "MAX_CARD_SAMPLES",
+    "MAX_SAMPLE_CHARS",
     "AdapterCard",
     "CardStore",
     "RetrievalError",
     "load_paper_cards",
     "read_json",
 ]
+
+MAX_CARD_SAMPLES = 256  # embedding them all keeps adding a card to a few seconds on a CPU
+MAX_SAMPLE_CHARS = 8_000  # the embedder truncates far below this; longer text only costs time
 
 _TAG_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
 RESERVED_TAG_KEYS = frozenset({"name", "domain", "card_digest"})
@@ -69,9 +74,19 @@ class AdapterCard:
             raise RetrievalError(
                 f"card {self.name!r} has no samples; a card needs at least one sample input (the paper uses 20)."
             )
+        if len(samples) > MAX_CARD_SAMPLES:
+            raise RetrievalError(
+                f"card {self.name!r} has {len(samples)} samples, over the limit of {MAX_CARD_SAMPLES} (every sample "
+                "is embedded when the card is added; the paper uses 20). Fix: keep a representative subset."
+            )
         for i, sample in enumerate(samples):
             if not isinstance(sample, str) or not sample.strip():
                 raise RetrievalError(f"card {self.name!r}: sample {i} ({sample!r:.60}) must be a non-empty string.")
+            if len(sample) > MAX_SAMPLE_CHARS:
+                raise RetrievalError(
+                    f"card {self.name!r}: sample {i} has {len(sample):,} characters, over the limit of "
+                    f"{MAX_SAMPLE_CHARS:,} (the embedder reads only its first few hundred tokens). Fix: shorten it."
+                )
         object.__setattr__(self, "samples", samples)
         for attr in ("description", "domain"):
             value = getattr(self, attr)
