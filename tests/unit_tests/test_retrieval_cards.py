@@ -115,3 +115,18 @@ def test_real_paper_files(flan48):
     queries = load_queries(flan48 / "test_dev.json")
     assert len(cards) == 48 and all(len(card.samples) == 20 for card in cards)
     assert {q["task"] for q in queries} == {card.name for card in cards}
+
+
+def test_pool_files_get_the_modes_of_plain_files_not_private_ones(tmp_path, tiny_adapters):
+    import stat
+
+    from loraretriever.engine.pool_dir import store_adapter
+
+    store = CardStore(tmp_path / "pool" / "cards")
+    store.put(AdapterCard("sst2", ["a"]))
+    stored = store_adapter(tmp_path / "pool", tiny_adapters["qv"], "qv")
+    (tmp_path / "plain.json").write_text("{}")  # what open() and mkdir() give under this umask
+    (tmp_path / "plain").mkdir()
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "pool" / "cards" / "sst2.json") == mode(tmp_path / "plain.json")
+    assert mode(stored) == mode(tmp_path / "plain")

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from loraretriever.engine.adapter import CONFIG_FILE, SAFETENSORS_FILE, AdapterError, check_adapter_name
+from loraretriever.engine.home import with_umask
 from loraretriever.engine.pool import LoraPool
 
 __all__ = ["ADAPTERS_DIR", "adapter_dirs", "delete_adapter", "load_adapters", "store_adapter"]
@@ -61,6 +62,7 @@ def store_adapter(pool_dir: str | Path, source: str | Path, name: str) -> Path:
     try:
         for file in (CONFIG_FILE, SAFETENSORS_FILE):
             shutil.copy2(source / file, staging / file)
+        with_umask(staging)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

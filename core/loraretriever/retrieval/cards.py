@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loraretriever.engine.adapter import AdapterError, check_adapter_name
+from loraretriever.engine.home import with_umask
 
 __all__ = [
     "MAX_CARD_SAMPLES",
@@ -289,6 +290,7 @@ class CardStore:
                 json.dump(card.to_dict(), handle, indent=1, ensure_ascii=False)
                 handle.flush()
                 os.fsync(handle.fileno())
+            with_umask(tmp)
             os.replace(tmp, path)
             self._listing = None
         except BaseException:
