@@ -41,7 +41,7 @@ from torch import nn
 from loraretriever.engine.factors import LayerPlan, build_layer_plan, concat_layer_plans, slot_index, stack_factors
 from loraretriever.engine.gate_set import GatedRows, GateSet
 from loraretriever.engine.gates import MeteoraGate, layer_index
-from loraretriever.engine.kv import swap_moves
+from loraretriever.engine.kv import move_rows, swap_moves
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.routing import Routing
 
@@ -381,17 +381,11 @@ class RunningPlan:
     def remove(self, leaving: Sequence[int]) -> None:
         """Drops rows; the last rows move into the holes (:func:`~loraretriever.engine.kv.swap_moves`)."""
         destinations, sources, n = swap_moves(self.n, leaving)
-        if destinations:
-            dst = torch.tensor(destinations, device=self.composer.device)
-            src = torch.tensor(sources, device=self.composer.device)
-            for buffers in (self._A, self._B, self._slots):
-                for buffer in buffers.values():
-                    buffer[dst] = buffer[src]
-            routings = list(self.routings)
-            for d, s in zip(destinations, sources, strict=True):
-                routings[d] = self.routings[s]
-            self.routings = routings
-        self.routings = self.routings[:n]
+        move_rows([*self._A.values(), *self._B.values(), *self._slots.values()], destinations, sources)
+        routings = list(self.routings)
+        for d, s in zip(destinations, sources, strict=True):
+            routings[d] = self.routings[s]
+        self.routings = routings[:n]
         self.n = n
         self._view = None
 

@@ -12,12 +12,12 @@ a quarter at a time (memory is rows x the longest row: the price of one dense at
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["PrefillKV", "RunningKV", "swap_moves"]
+__all__ = ["PrefillKV", "RunningKV", "move_rows", "swap_moves"]
 
 
 def _grown(columns: int, needed: int) -> int:
@@ -40,6 +40,25 @@ def swap_moves(rows: int, leaving: Sequence[int]) -> tuple[list[int], list[int],
     # sources are original rows, so the moves can be applied at once (reads happen before writes)
     moved = [(i, order[i]) for i in range(n) if order[i] != i]
     return [d for d, _ in moved], [s for _, s in moved], n
+
+
+def move_rows(
+    buffers: Iterable[torch.Tensor | None], destinations: list[int], sources: list[int], columns: int | None = None
+) -> None:
+    """Applies the moves of :func:`swap_moves` to every buffer (rows on dim 0; with ``columns``,
+    only the first ``columns`` entries of dim 2 are copied)."""
+    if not destinations:
+        return
+    moved = [b for b in buffers if b is not None]
+    if not moved:
+        return
+    dst = torch.tensor(destinations, device=moved[0].device)
+    src = torch.tensor(sources, device=moved[0].device)
+    for buffer in moved:
+        if columns is None:
+            buffer[dst] = buffer[src]
+        else:
+            buffer[dst, :, :columns] = buffer[src, :, :columns]
 
 
 class _SlotLayer(DynamicLayer):
@@ -116,16 +135,9 @@ class PrefillKV:
         return self._k[layer][: self.n, :, :stop], self._v[layer][: self.n, :, :stop]
 
     def remove(self, leaving: Sequence[int]) -> None:
-        destinations, sources, n = swap_moves(self.n, leaving)
-        if destinations:
-            dst, src = torch.tensor(destinations, device=self.device), torch.tensor(sources, device=self.device)
-            for buffers in (self._k, self._v):
-                for buffer in buffers:
-                    if buffer is not None:
-                        buffer[dst] = buffer[src]
-            self.mask_buffer[dst] = self.mask_buffer[src]
-            self.positions[dst] = self.positions[src]
-        self.n = n
+        """Drops rows: the last rows move into the holes (see :func:`swap_moves`)."""
+        destinations, sources, self.n = swap_moves(self.n, leaving)
+        move_rows([*self._k, *self._v, self.mask_buffer, self.positions], destinations, sources)
 
 
 class RunningKV:
@@ -178,12 +190,8 @@ class RunningKV:
     def remove(self, leaving: Sequence[int]) -> None:
         """Drops rows: the last rows move into the holes (see :func:`swap_moves`)."""
         destinations, sources, n = swap_moves(self.n, leaving)
-        if destinations:
-            dst, src = torch.tensor(destinations, device=self.device), torch.tensor(sources, device=self.device)
-            for buffers in (self._k, self._v):
-                for buffer in buffers:
-                    buffer[dst, :, : self._end] = buffer[src, :, : self._end]
-            self.lengths[dst] = self.lengths[src]
+        move_rows([*self._k, *self._v], destinations, sources, columns=self._end)
+        move_rows([self.lengths], destinations, sources)
         self.n = n
         self._end = int(self.lengths[:n].max()) if n else 0
 
