@@ -8,6 +8,7 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from loraretriever import Composer, Routing
+from loraretriever.engine.composer import RunningPlan
 from tests.conftest import TINY_CONFIG
 
 ATOL = 1e-5
@@ -215,13 +216,19 @@ def test_selected_and_concatenated_plans_equal_plans_built_from_scratch(tiny_mod
     """The engine keeps plans as rows leave and join; that must compose exactly like a fresh build."""
     first = [Routing(("all", "q_only"), (0.5, 0.5)), Routing.base()]
     second = [Routing(("qv", "all"), (0.4, 0.6), mode="fusion"), Routing.pinned(["q_only"])]
-    joined = composer.concat([composer.build_plan(first), composer.build_plan(second)])
+    running = RunningPlan.adopt(composer, composer.build_plan(first), capacity=4)
+    running.extend(composer.build_plan(second))  # newcomers join
+    joined = running.view()
     rows = [1, 2, 0]
     picked = composer.select(joined, rows)
     with torch.no_grad(), composer.use(joined):
         out_joined = tiny_model(tokens).logits
     with torch.no_grad(), composer.use(picked):
         out_picked = tiny_model(tokens[rows]).logits
+    running.remove([0])  # a row leaves: the last one takes its slot
+    with torch.no_grad(), composer.use(running.view()):
+        out_left = tiny_model(tokens[[3, 1, 2]]).logits
     fresh = logits(tiny_model, composer, first + second, tokens)
     torch.testing.assert_close(out_joined, fresh, atol=ATOL, rtol=0)
     torch.testing.assert_close(out_picked, fresh[rows], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out_left, fresh[[3, 1, 2]], atol=ATOL, rtol=0)

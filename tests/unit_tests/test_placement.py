@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM
 
 from loraretriever import Composer, LoraPool, Routing
 from loraretriever.engine.base_model import resolve_device, resolve_dtype
+from loraretriever.engine.composer import RunningPlan
 from loraretriever.engine.engine import Engine, EngineConfig
 from loraretriever.engine.gates import FlowGate, FlowGateConfig, MeteoraGate, MeteoraGateConfig
 from loraretriever.engine.requests import GenerationConfig
@@ -58,8 +59,12 @@ def test_every_mode_runs_on_the_meta_device(tiny_model, tiny_adapters):
         out = model(tokens).logits
     assert out.device.type == "meta" and out.shape[:2] == (len(routings), 5)
     # plans kept by the engine (rows leaving and joining) stay on the device too
-    plan = composer.concat([composer.build_plan(routings[:3]), composer.build_plan(routings[3:])])
-    with torch.no_grad(), composer.use(composer.select(plan, [3, 0, 4])):
+    running = RunningPlan.adopt(composer, composer.build_plan(routings[:3]), capacity=len(routings))
+    running.extend(composer.build_plan(routings[3:]))
+    running.remove([1])
+    with torch.no_grad(), composer.use(running.view()):
+        assert model(tokens[:5]).logits.device.type == "meta"
+    with torch.no_grad(), composer.use(composer.select(running.view(), [3, 0, 4])):
         assert model(tokens[:3]).logits.device.type == "meta"
 
 

@@ -13,8 +13,8 @@ or with the union of adapters in the batch. Routing is fixed for a whole generat
 are built once per batch and reused at every decoding step. In the common case (every row has the
 same number of adapters of one rank at a layer, one mode) they are built with a few whole-batch
 tensor operations per layer rather than per row. A plan (:class:`BatchPlan`) is a value: the engine
-builds one per group of requests when they are admitted, and selects rows from or concatenates
-plans as requests leave or join the running batch, without rebuilding factors.
+builds one per group of requests when they are admitted; the running batch keeps its rows in a
+:class:`RunningPlan`, which requests join and leave without factors being rebuilt.
 
 Learned gates (:mod:`loraretriever.engine.gates`) ride on the same pass:
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraretriever.engine.factors import LayerPlan, build_layer_plan, concat_layer_plans, slot_index, stack_factors
+from loraretriever.engine.factors import LayerPlan, build_layer_plan, slot_index, stack_factors
 from loraretriever.engine.gate_set import GatedRows, GateSet
 from loraretriever.engine.gates import MeteoraGate, layer_index
 from loraretriever.engine.kv import move_rows, swap_moves
@@ -140,21 +140,6 @@ class Composer:
                 routings, {m: p.select(index) for m, p in plan.layers.items()}, self.gates.rows(routings, self.device)
             )
         )
-
-    def concat(self, plans: Sequence[BatchPlan]) -> BatchPlan:
-        """One plan for the rows of ``plans`` in order (e.g. when new requests join the batch)."""
-        plans = [p for p in plans if len(p)]
-        if len(plans) == 1:
-            return plans[0]
-        routings = tuple(r for p in plans for r in p.routings)
-        gated = self.gates.rows(routings, self.device)
-        sizes = [len(p) for p in plans]
-        fillers = [p.gated.k_max for p in plans]
-        layers = {
-            module: concat_layer_plans([p.layers.get(module) for p in plans], sizes, fillers, gated.k_max)
-            for module in sorted({m for p in plans for m in p.layers})
-        }
-        return _without_idle_slots(BatchPlan(routings, layers, gated))
 
     @contextmanager
     def use(self, plan: BatchPlan) -> Iterator[None]:

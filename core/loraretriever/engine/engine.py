@@ -192,7 +192,6 @@ class Engine:
         self.prefilling: _Batch | None = None
         self.steps = 0
         self.busy_periods = 0  # times the engine went from idle to busy
-        self.peak_rows = 0
         self._solo: set[int] = set()  # requests whose shared prefill failed: prefilled alone
 
     # -- requests ----------------------------------------------------------------------------
@@ -370,7 +369,6 @@ class Engine:
         # _RESERVE answer tokens), so that neither decoding nor the next joins regrow the cache
         soon = kept.requests + list(self.waiting)[: self.config.max_batch_size]
         self.running.extend(kept, max(len(r.prompt_ids) + min(r.config.max_new_tokens, _RESERVE) for r in soon))
-        self.peak_rows = max(self.peak_rows, len(self.running))
 
     def _empty_plan(self) -> BatchPlan | None:
         return None if self.composer is None else self.composer.build_plan([])

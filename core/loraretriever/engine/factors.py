@@ -17,7 +17,7 @@ from torch import nn
 from loraretriever.engine.adapter import LoraWeights
 from loraretriever.engine.routing import Routing
 
-__all__ = ["LayerPlan", "build_layer_plan", "concat_layer_plans", "slot_index", "stack_factors"]
+__all__ = ["LayerPlan", "build_layer_plan", "slot_index", "stack_factors"]
 
 
 @dataclass(frozen=True)
@@ -37,31 +37,6 @@ class LayerPlan:
         """The plan of some rows only (``index`` on the plan's device)."""
         slots = None if self.slot_index is None else self.slot_index.index_select(0, index)
         return LayerPlan(self.A_t.index_select(0, index), self.B_t.index_select(0, index), slots)
-
-
-def concat_layer_plans(
-    parts: Sequence[LayerPlan | None], sizes: Sequence[int], fillers: Sequence[int], filler: int
-) -> LayerPlan:
-    """The plans of consecutive row groups as one: ranks zero-padded to the largest, groups with no
-    factors at this layer (``None``) as zeros, flow slot indices re-pointed from each group's
-    always-1 column ``fillers[i]`` to the joint one ``filler``. Each factor is copied once."""
-    present = [p for p in parts if p is not None]
-    A0, B0 = present[0].A_t, present[0].B_t
-    rows, rank = sum(sizes), max(p.A_t.shape[2] for p in present)
-    A_t = A0.new_zeros(rows, A0.shape[1], rank)
-    B_t = B0.new_zeros(rows, rank, B0.shape[2])
-    flow = any(p.slot_index is not None for p in present)
-    slots = A0.new_full((rows, rank), filler, dtype=torch.long) if flow else None
-    start = 0
-    for part, size, own in zip(parts, sizes, fillers, strict=True):
-        if part is not None:
-            r = part.A_t.shape[2]
-            A_t[start : start + size, :, :r] = part.A_t
-            B_t[start : start + size, :r] = part.B_t
-            if part.slot_index is not None:
-                slots[start : start + size, :r] = torch.where(part.slot_index == own, filler, part.slot_index)
-        start += size
-    return LayerPlan(A_t, B_t, slots)
 
 
 def build_layer_plan(parts: list[list[tuple[LoraWeights, float]]], modes: Sequence[str], layer: nn.Linear) -> LayerPlan:
