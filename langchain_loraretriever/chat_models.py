@@ -19,7 +19,6 @@ from pydantic import PrivateAttr
 
 from langchain_loraretriever.params import RoutedLMParams, generation_info
 from loraretriever.engine.requests import prompt_text
-from loraretriever.serving.bridge import iterate_in_thread
 from loraretriever.serving.routed_lm import Result
 
 __all__ = ["ChatLoraRetriever"]
@@ -135,8 +134,8 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        deltas, request = self.lm.stream_with_result(to_chat_messages(messages), **self._chat_kwargs(stop, kwargs))
-        async for delta in iterate_in_thread(deltas):
+        deltas, request = self.lm.astream_with_result(to_chat_messages(messages), **self._chat_kwargs(stop, kwargs))
+        async for delta in deltas:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)

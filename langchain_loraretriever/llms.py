@@ -14,7 +14,6 @@ from langchain_core.runnables.config import get_config_list
 
 from langchain_loraretriever.params import RoutedLMParams, generation_info, token_usage
 from loraretriever.engine.requests import prompt_text
-from loraretriever.serving.bridge import iterate_in_thread
 
 __all__ = ["LoraRetrieverLLM"]
 
@@ -82,8 +81,8 @@ class LoraRetrieverLLM(RoutedLMParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        deltas, request = self.lm.stream_with_result(prompt, **self._call_kwargs(stop, kwargs))
-        async for delta in iterate_in_thread(deltas):
+        deltas, request = self.lm.astream_with_result(prompt, **self._call_kwargs(stop, kwargs))
+        async for delta in deltas:
             chunk = GenerationChunk(text=delta)
             if run_manager:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)

@@ -22,7 +22,6 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import Field, PrivateAttr
 
-from loraretriever.serving.bridge import iterate_in_thread
 from loraretriever.serving.fields import CallDefaults
 from loraretriever.serving.routed_lm import Result, RoutedLM, split_load_options
 
@@ -106,11 +105,11 @@ class LoraRetrieverLLM(CallDefaults, CustomLLM):
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        deltas, request = self._lm.stream_with_result(prompt, **self._kwargs(kwargs))
+        deltas, request = self._lm.astream_with_result(prompt, **self._kwargs(kwargs))
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""
-            async for delta in iterate_in_thread(deltas):
+            async for delta in deltas:
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
             yield _completion(await asyncio.wrap_future(request.future), delta="")
@@ -141,11 +140,11 @@ class LoraRetrieverLLM(CallDefaults, CustomLLM):
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        deltas, request = self._lm.stream_with_result(_messages(messages), **self._kwargs(kwargs))
+        deltas, request = self._lm.astream_with_result(_messages(messages), **self._kwargs(kwargs))
 
         async def gen() -> ChatResponseAsyncGen:
             text = ""
-            async for delta in iterate_in_thread(deltas):
+            async for delta in deltas:
                 text += delta
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
             yield _chat(await asyncio.wrap_future(request.future), delta="")

@@ -226,17 +226,14 @@ def test_one_bad_request_among_eight_concurrent_good_ones_fails_alone(lm, kind):
 def test_an_abandoned_async_stream_cancels_its_request(lm):
     from concurrent.futures import CancelledError
 
-    from loraretriever.serving.bridge import iterate_in_thread
-
-    deltas, queued = lm.stream_with_result(PROMPTS[3], max_new_tokens=40, ignore_eos=True)
-
     async def first_delta_then_leave():
-        stream = iterate_in_thread(deltas)
-        first = await stream.__anext__()
-        await stream.aclose()
-        return first
+        deltas, queued = lm.astream_with_result(PROMPTS[3], max_new_tokens=40, ignore_eos=True)
+        first = await deltas.__anext__()
+        await deltas.aclose()
+        return first, queued
 
-    assert asyncio.run(first_delta_then_leave())
+    first, queued = asyncio.run(first_delta_then_leave())
+    assert first
     assert queued.state.cancelled
     with pytest.raises(CancelledError):
         queued.future.result(10)

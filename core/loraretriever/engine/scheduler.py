@@ -10,11 +10,13 @@ join the running batch at the next step. When the engine is idle, the first arri
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 from loraretriever.engine.engine import Engine, cancelled_error
 from loraretriever.engine.requests import RequestState, StreamEvent
 
-__all__ = ["EngineLoop", "Prepare", "QueuedRequest"]
+__all__ = ["EngineLoop", "LoopDeltas", "Prepare", "QueuedRequest"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +34,30 @@ Prepare = Callable[[Sequence["QueuedRequest"]], None]
 """Readies newly arrived requests (sets ``state.routing``) or fails them (``state.fail``)."""
 
 
+class LoopDeltas:
+    """A queue of text deltas that the engine's thread fills and an asyncio event loop drains
+    (no thread is parked per stream, so thousands of streams cost nothing while they wait).
+
+    Args:
+        loop: The event loop of the consumer (default: the running one).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the consumer's loop has closed: nobody listens any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
 @dataclass(eq=False)
 class QueuedRequest:
     """One caller's request: the engine's state, a future for its result, and streamed text."""
 
     state: RequestState
     future: Future = field(default_factory=Future)
-    deltas: queue.SimpleQueue | None = None  # set for streaming callers
+    deltas: queue.SimpleQueue | LoopDeltas | None = None  # set for streaming callers (threads / asyncio)
     enqueued_at: float = field(default_factory=time.perf_counter)
     make_result: Callable[[QueuedRequest], Any] | None = None  # the future's value from the state
     admitted_at: float | None = None  # when it was prepared and handed to the engine
@@ -62,10 +81,24 @@ class QueuedRequest:
     def iter_deltas(self) -> Iterator[str]:
         """Yields the text deltas, then raises the request's error if it failed. Closing the
         iterator early cancels the request."""
-        assert self.deltas is not None
+        assert isinstance(self.deltas, queue.SimpleQueue), "a LoopDeltas stream is read with aiter_deltas()"
         finished = False
         try:
             while (item := self.deltas.get()) is not _DONE:
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                self.cancel()
+        self.future.result()  # re-raises a failure
+
+    async def aiter_deltas(self) -> AsyncIterator[str]:
+        """:meth:`iter_deltas` for a :class:`LoopDeltas` stream: awaits each delta on the event
+        loop. Closing it early (or cancelling its task) cancels the request."""
+        assert isinstance(self.deltas, LoopDeltas), "a thread-queue stream is read with iter_deltas()"
+        finished = False
+        try:
+            while (item := await self.deltas.queue.get()) is not _DONE:
                 yield item
             finished = True
         finally:

@@ -30,10 +30,9 @@ from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.pool_dir import load_adapters
 from loraretriever.engine.requests import GenerationConfig, Prompt, prompt_text
 from loraretriever.engine.routing import Routing
-from loraretriever.engine.scheduler import EngineLoop, QueuedRequest
+from loraretriever.engine.scheduler import EngineLoop, LoopDeltas, QueuedRequest
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.serving import adapters as pool_changes
-from loraretriever.serving.bridge import iterate_in_thread
 from loraretriever.serving.calls import GENERATION_OPTIONS, Request, split_call_options
 from loraretriever.serving.gating import plan_gated, warn_if_mismatched
 from loraretriever.serving.runner import BatchRunner, Result, Timings
@@ -292,6 +291,12 @@ class RoutedLM:
         queued = self._submit([prompt], kwargs, stream=True)[0]
         return queued.iter_deltas(), queued
 
+    def astream_with_result(self, prompt: Prompt, **kwargs: Any) -> tuple[AsyncIterator[str], QueuedRequest]:
+        """Like :meth:`stream_with_result` for an asyncio caller (call it inside the running loop):
+        the deltas are awaited on the loop, no thread waits for them."""
+        queued = self._submit([prompt], kwargs, stream="async")[0]
+        return queued.aiter_deltas(), queued
+
     async def acomplete(self, prompt: Prompt, **kwargs: Any) -> Result:
         """Async :meth:`complete`: never blocks the event loop; concurrent calls share batches."""
         return await asyncio.wrap_future(self.submit(prompt, **kwargs).future)
@@ -302,8 +307,8 @@ class RoutedLM:
 
     async def astream(self, prompt: Prompt, **kwargs: Any) -> AsyncIterator[str]:
         """Async :meth:`stream`."""
-        deltas, _ = self.stream_with_result(prompt, **kwargs)
-        async for delta in iterate_in_thread(deltas):
+        deltas, _ = self.astream_with_result(prompt, **kwargs)
+        async for delta in deltas:
             yield delta
 
     def close(self) -> None:
@@ -318,7 +323,7 @@ class RoutedLM:
         return self.engine.busy_periods
 
     def _submit(
-        self, prompts: Sequence[Prompt], kwargs: Mapping[str, Any], stream: bool = False
+        self, prompts: Sequence[Prompt], kwargs: Mapping[str, Any], stream: bool | str = False
     ) -> list[QueuedRequest]:
         """Validates the whole call (so a bad one fails here, alone), then queues one request per prompt."""
         prompts = _check_prompts(prompts)
@@ -333,16 +338,14 @@ class RoutedLM:
             ]
         return self._enqueue([Request(p, config, o) for p, o in zip(prompts, per_prompt, strict=True)], stream)
 
-    def _enqueue(self, requests: Sequence[Request], stream: bool = False) -> list[QueuedRequest]:
+    def _enqueue(self, requests: Sequence[Request], stream: bool | str = False) -> list[QueuedRequest]:
         """Tokenizes and checks each request against the engine's limits (a bad one raises here,
-        before anything is queued), then hands them to the engine's worker together."""
+        before anything is queued), then hands them to the engine's worker together. ``stream``:
+        False, True (deltas for a thread) or ``"async"`` (deltas for the running event loop)."""
         states = [
             self.engine.new_request(r.prompt, r.config, r.routing, index=i, payload=r) for i, r in enumerate(requests)
         ]
-        queued = [
-            QueuedRequest(state, deltas=queue.SimpleQueue() if stream else None, make_result=BatchRunner.result)
-            for state in states
-        ]
+        queued = [QueuedRequest(state, deltas=_deltas(stream), make_result=BatchRunner.result) for state in states]
         return self._loop.submit(queued)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -353,6 +356,12 @@ class RoutedLM:
             "generation": dataclasses.asdict(self.generation),
             "routing": json.loads(json.dumps(self.route_defaults.given(), default=str)),
         }
+
+
+def _deltas(stream: bool | str) -> queue.SimpleQueue | LoopDeltas | None:
+    if stream == "async":
+        return LoopDeltas()
+    return queue.SimpleQueue() if stream else None
 
 
 def _check_prompts(prompts: Sequence[Prompt]) -> list[Prompt]:
