@@ -312,3 +312,65 @@ def start_chroma_server(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+class ServeProcess:
+    """A real `loraretriever serve` process on 127.0.0.1, waited for until /health says ok."""
+
+    def __init__(self, pool_dir: Path, log_dir: Path, *args: str, api_key: str | None = "sk-test") -> None:
+        import shutil
+        import subprocess
+        import sys
+
+        command = shutil.which("loraretriever", path=str(Path(sys.executable).parent))
+        if command is None:
+            pytest.fail("the `loraretriever` command is not installed next to this Python")
+        self.port, self.api_key = _free_port(), api_key
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"serve-{self.port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
+        key = ["--api-key", api_key] if api_key else []
+        self.process = subprocess.Popen(
+            [command, "serve", "--pool", str(pool_dir), "--port", str(self.port), *key, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "LORARETRIEVER_API_KEY": ""},
+        )
+        self.wait_until_ready()
+
+    def wait_until_ready(self, timeout: float = 240) -> None:
+        import time
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return
+            except (OSError, urllib.error.HTTPError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"`loraretriever serve` did not become ready: {self.log_path.read_text()[-3000:]}")
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def copy_pool(source: Path, target: Path) -> Path:
+    """A pool directory's adapters and cards copied (its index is rebuilt by the first opener)."""
+    import shutil
+
+    for part in ("adapters", "cards"):
+        shutil.copytree(source / part, target / part)
+    return target

@@ -15,6 +15,7 @@ _COMMAND_MODULES = [
     "loraretriever.cli.tasks",
     "loraretriever.cli.train",
     "loraretriever.cli.bench",
+    "loraretriever.cli.serve",
 ]
 
 

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from loraretriever.engine.requests import (
     GenerationConfig,
     Prompt,
+    PromptTooLong,
     RequestError,
     RequestState,
     StreamEvent,
@@ -83,7 +84,7 @@ class RequestIntake:
                 f"{self.context_window}-token context window minus max_new_tokens={config.max_new_tokens})"
             )
             if config.truncation == "error":
-                raise RequestError(message + "; shorten it or set truncation='left'.")
+                raise PromptTooLong(message + "; shorten it or set truncation='left'.")
             warnings.warn(message + "; its oldest tokens were dropped.", stacklevel=3)
             ids = ids[-budget:]
         rng = None

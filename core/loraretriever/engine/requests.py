@@ -24,6 +24,7 @@ __all__ = [
     "FinishReason",
     "GenerationConfig",
     "Prompt",
+    "PromptTooLong",
     "RequestError",
     "RequestState",
     "StreamEvent",
@@ -40,6 +41,10 @@ FinishReason = Literal["stop", "length"]
 
 class RequestError(ValueError):
     """One request cannot be served (bad prompt, settings or limits); other requests are unaffected."""
+
+
+class PromptTooLong(RequestError):
+    """A prompt over ``max_prompt_tokens`` (or the context window) with ``truncation="error"``."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,95 @@
+"""``loraretriever serve``: the OpenAI-compatible server over a pool directory.
+
+The server listens at once and answers 503 (``GET /health``: ``loading``) until the model and
+pool are loaded, so an orchestrator can tell a loading replica from a dead one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+from loraretriever.cli.route_flags import add_route_arguments, route_options_from
+from loraretriever.retrieval.cards import RetrievalError
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from loraretriever.server.app import ServerConfig
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="An OpenAI-compatible server (chat and text completions, streaming) that routes every prompt.",
+        description="Serves /v1/chat/completions, /v1/completions, /v1/models, /v1/adapters, /health and "
+        "/metrics. model='auto' routes each prompt; model='<adapter>' pins one.",
+    )
+    parser.add_argument("--pool", required=True, help="The pool directory (adapters/, cards/, index/, gates/).")
+    parser.add_argument("--model", default=None, help="Base model: hub id or directory (default: the packaged one).")
+    parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 for every one).")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LORARETRIEVER_API_KEY") or None,
+        help="Bearer key for every /v1 call; enables pool admin (default: $LORARETRIEVER_API_KEY).",
+    )
+    parser.add_argument("--chroma-host", default=None, help="Share the index on a `chroma run` server.")
+    parser.add_argument("--chroma-port", type=int, default=8000)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="The most requests decoding at once.")
+    parser.add_argument("--max-batch-tokens", type=int, default=512, help="Tokens per engine step.")
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(ServerConfig)}
+    parser.add_argument("--max-pending", type=int, default=ServerConfig.max_pending, help=helps["max_pending"])
+    parser.add_argument(
+        "--default-max-tokens", type=int, default=ServerConfig.default_max_tokens, help=helps["default_max_tokens"]
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_route_arguments(parser)
+    parser.set_defaults(handler=_run)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from loraretriever.server.app import ServerConfig, create_app
+    from loraretriever.serving.routed_lm import RoutedLM
+
+    pool = Path(args.pool).expanduser()
+    if not pool.is_dir():
+        return _fail(f"--pool {args.pool!r} is not a directory; pass a pool directory (adapters/, cards/).")
+    if not 0 < args.port < 65536:
+        return _fail(f"--port {args.port} is not a port number (1-65535).")
+    try:
+        route_defaults = route_options_from(args)
+        config = ServerConfig(
+            api_key=args.api_key, max_pending=args.max_pending, default_max_tokens=args.default_max_tokens
+        )
+    except (RetrievalError, ValueError) as error:
+        return _fail(str(error))
+
+    def load() -> RoutedLM:
+        return RoutedLM.from_pretrained(
+            args.model,
+            pool_dir=pool,
+            device=args.device,
+            dtype=args.dtype,
+            chroma_host=args.chroma_host,
+            chroma_port=args.chroma_port,
+            max_batch_size=args.max_batch_size,
+            max_batch_tokens=args.max_batch_tokens,
+            route_defaults=route_defaults,
+        )
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(load, config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0

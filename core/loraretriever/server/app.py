@@ -1,0 +1,473 @@
+"""The OpenAI-compatible HTTP server: a thin layer over :class:`~loraretriever.serving.routed_lm.RoutedLM`.
+
+Each choice of each request is one engine request, so concurrent HTTP requests share the running
+batch (continuous batching) and a bad one fails alone. ``model="auto"`` routes each prompt,
+``model="<adapter>"`` pins that adapter, and the extra body field ``routing`` takes
+:class:`~loraretriever.retrieval.options.RouteOptions` by name; every choice says how it was
+routed in its own ``routing`` field.
+
+Example:
+    >>> app = create_app(lambda: RoutedLM.from_pretrained(pool_dir="pools/bigbench"))  # doctest: +SKIP
+    >>> uvicorn.run(app, port=8000)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from loraretriever.engine.adapter import AdapterError
+from loraretriever.engine.scheduler import QueuedRequest
+from loraretriever.retrieval.options import ROUTE_OPTIONS
+from loraretriever.server.errors import APIError, from_library_error
+from loraretriever.server.metrics import ServerMetrics
+from loraretriever.server.protocol import (
+    AUTO_MODEL,
+    AdapterRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    unsupported_fields,
+)
+from loraretriever.serving.routed_lm import Result, RoutedLM
+
+__all__ = ["ServerConfig", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server treats its callers.
+
+    Example:
+        >>> ServerConfig(max_pending=64).default_max_tokens
+        256
+    """
+
+    api_key: str | None = field(
+        default=None, metadata={"help": "Bearer key every /v1 call must carry; also enables pool admin."}
+    )
+    max_pending: int = field(
+        default=256, metadata={"help": "Choices queued or decoding at once; beyond it a request gets 429."}
+    )
+    default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request sets none."})
+    retry_after_s: int = field(default=1, metadata={"help": "The Retry-After of a 429."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_pending", "default_max_tokens", "retry_after_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty; pass a real key or None.")
+
+
+class _State:
+    """The loaded LM (or why it is not there yet) and the requests in flight."""
+
+    def __init__(self, source: RoutedLM | Callable[[], RoutedLM], config: ServerConfig) -> None:
+        self.config = config
+        self.lm: RoutedLM | None = source if isinstance(source, RoutedLM) else None
+        self._load = None if isinstance(source, RoutedLM) else source
+        self.load_error: BaseException | None = None
+        self.pending = 0
+        self._lock = threading.Lock()
+        self.metrics = ServerMetrics(self._queue_depth, self._running)
+
+    def start_loading(self) -> None:
+        if self.lm is not None or self._load is None:
+            return
+
+        def load() -> None:
+            try:
+                self.lm = self._load()
+            except BaseException as error:  # reported by /health and every call
+                logger.exception("loading the model failed")
+                self.load_error = error
+
+        threading.Thread(target=load, name="loraretriever-load", daemon=True).start()
+
+    def ready(self) -> RoutedLM:
+        if self.lm is not None:
+            return self.lm
+        if self.load_error is not None:
+            raise APIError(503, f"the model failed to load: {self.load_error}. Fix the server's options and restart.")
+        raise APIError(503, "the model is loading; retry shortly.", headers={"Retry-After": "5"})
+
+    def reserve(self, count: int) -> None:
+        with self._lock:
+            if self.pending + count > self.config.max_pending:
+                raise APIError(
+                    429,
+                    f"the server holds {self.pending} requests (max_pending={self.config.max_pending}); retry later.",
+                    headers={"Retry-After": str(self.config.retry_after_s)},
+                )
+            self.pending += count
+
+    def release(self, count: int = 1) -> None:
+        with self._lock:
+            self.pending -= count
+
+    def _running(self) -> float:
+        running = self.lm.engine.running if self.lm is not None else None
+        return float(len(running)) if running is not None else 0.0
+
+    def _queue_depth(self) -> float:
+        return max(float(self.pending) - self._running(), 0.0)
+
+
+def create_app(source: RoutedLM | Callable[[], RoutedLM], config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``source`` (a RoutedLM, or a function that loads one: the server
+    answers 503 until it returns).
+
+    Args:
+        source: The LM, or its loader (run in a thread at start-up).
+        config: API key, queue bound, defaults.
+    """
+    state = _State(source, config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        state.start_loading()
+        yield
+        if state.lm is not None:
+            await asyncio.to_thread(state.lm.close)
+
+    app = FastAPI(title="loraretriever", lifespan=lifespan)
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(_request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where or 'body'}: {first.get('msg', 'invalid request body')}"
+        if first.get("type") == "extra_forbidden":
+            message = f"unknown field {where!r}; this server takes OpenAI's fields plus 'routing'."
+        return JSONResponse(APIError(400, message, param=where or None).body(), status_code=400)
+
+    @app.middleware("http")
+    async def _auth_and_count(request: Request, call_next: Callable) -> Response:
+        key = state.config.api_key
+        if key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                error = APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'.")
+                response: Response = JSONResponse(error.body(), status_code=401)
+                state.metrics.responses.labels(endpoint=request.url.path, status="401").inc()
+                return response
+        response = await call_next(request)
+        endpoint = request.scope.get("route").path if request.scope.get("route") is not None else "other"
+        state.metrics.responses.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.lm is not None:
+            return JSONResponse({"status": "ok"})
+        if state.load_error is not None:
+            return JSONResponse({"status": "failed", "error": str(state.load_error)}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        lm = state.ready()
+        created = int(time.time())
+        base = getattr(lm.model.config, "_name_or_path", type(lm.model).__name__)
+        entries = [{"id": AUTO_MODEL, "object": "model", "created": created, "owned_by": "loraretriever", "root": base}]
+        entries += [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "loraretriever",
+                "root": base,
+                "parent": base,
+            }
+            for name in lm.pool.names
+        ]
+        return {"object": "list", "data": entries}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        lm = state.ready()
+        for message in body.messages:
+            if message.role == "assistant" and message.content is None:
+                raise APIError(400, "an assistant message without content (tool calls) is not supported yet.")
+        chat = [{"role": _role(m.role), "content": m.text()} for m in body.messages]
+        return await _serve(state, lm, body, [chat], request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        lm = state.ready()
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            raise APIError(400, "prompt is an empty list; send at least one prompt.", param="prompt")
+        return await _serve(state, lm, body, prompts, request, chat=False)
+
+    @app.post("/v1/adapters", status_code=201)
+    async def add_adapter(body: AdapterRequest) -> dict[str, Any]:
+        lm = _admin(state)
+        try:
+            name = await asyncio.to_thread(lm.add_adapter, body.source, body.card, name=body.name)
+        except AdapterError as error:
+            status = 409 if "already exists" in str(error) else 400
+            raise APIError(status, str(error), param="name" if status == 409 else "source") from None
+        except Exception as error:
+            raise from_library_error(error) from None
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "loraretriever"}
+
+    @app.delete("/v1/adapters/{name}")
+    async def remove_adapter(name: str) -> dict[str, Any]:
+        lm = _admin(state)
+        if name not in lm.pool:
+            raise APIError(404, f"no adapter named {name!r}; GET /v1/models lists them.", param="name")
+        try:
+            await asyncio.to_thread(lm.remove_adapter, name)
+        except Exception as error:
+            raise from_library_error(error) from None
+        return {"id": name, "object": "model", "deleted": True}
+
+    return app
+
+
+def _admin(state: _State) -> RoutedLM:
+    if state.config.api_key is None:
+        raise APIError(403, "pool admin is off: start the server with --api-key to add or remove adapters.")
+    return state.ready()
+
+
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+# -- generation ------------------------------------------------------------------------------
+def _call_kwargs(lm: RoutedLM, body: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> dict:
+    """The library call of a request body: generation settings plus routing options."""
+    unsupported = unsupported_fields(body)
+    if unsupported:
+        raise APIError(400, f"{unsupported[0]} is not supported by this server; leave it unset.", param=unsupported[0])
+    routing = dict(body.routing or {})
+    unknown = sorted(set(routing) - set(ROUTE_OPTIONS))
+    if unknown:
+        raise APIError(
+            400, f"routing has unknown option(s) {unknown}; it takes {list(ROUTE_OPTIONS)}.", param="routing"
+        )
+    if body.model != AUTO_MODEL:
+        if body.model not in lm.pool:
+            raise APIError(
+                404,
+                f"the model {body.model!r} does not exist: use 'auto' to route, or an adapter GET /v1/models lists.",
+                param="model",
+                code="model_not_found",
+            )
+        if "adapters" in routing:
+            raise APIError(
+                400, "routing.adapters and an adapter as model both pin adapters; pass one.", param="routing"
+            )
+        routing["adapters"] = [body.model]
+    return {
+        **routing,
+        "max_new_tokens": body.token_limit() or default_max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "stop": body.stop_strings(),
+        "truncation": "error",
+    }
+
+
+def _submit_all(
+    state: _State, lm: RoutedLM, prompts: Sequence[Any], kwargs: dict, n: int, seed: int | None, stream: bool
+) -> list[tuple[Any, QueuedRequest]]:
+    """One engine request per (prompt, choice); all are validated before any is queued."""
+    state.reserve(len(prompts) * n)
+    submitted: list[tuple[Any, QueuedRequest]] = []
+    try:
+        for prompt in prompts:
+            for choice in range(n):
+                call = {**kwargs, "seed": None if seed is None else seed + choice}
+                if stream:
+                    submitted.append(lm.astream_with_result(prompt, **call))
+                else:
+                    submitted.append((None, lm.submit(prompt, **call)))
+    except BaseException as error:
+        for _, queued in submitted:
+            queued.cancel()
+        state.release(len(prompts) * n)
+        raise from_library_error(error) from None
+    for _, queued in submitted:
+        queued.future.add_done_callback(lambda _f: state.release())
+    return submitted
+
+
+async def _serve(
+    state: _State,
+    lm: RoutedLM,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompts: list[Any],
+    request: Request,
+    *,
+    chat: bool,
+) -> Response:
+    kwargs = _call_kwargs(lm, body, state.config.default_max_tokens)
+    submitted = _submit_all(state, lm, prompts, kwargs, body.n, body.seed, body.stream)
+    reply = _Reply(body.model, chat, body.n)
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(
+            _stream(state, reply, submitted, usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    results = await _wait([queued for _, queued in submitted], request)
+    for result in results:
+        state.metrics.observe(result)
+    return JSONResponse(reply.whole(results))
+
+
+async def _wait(queued: list[QueuedRequest], request: Request) -> list[Result]:
+    """The results; a client that hangs up cancels its requests (their slots free at the next step)."""
+    together = asyncio.gather(*(asyncio.wrap_future(q.future) for q in queued))
+    try:
+        while True:
+            try:
+                return list(await asyncio.wait_for(asyncio.shield(together), timeout=1.0))
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError from None
+    except asyncio.CancelledError:
+        for q in queued:
+            q.cancel()
+        raise
+    except Exception as error:
+        for q in queued:
+            q.cancel()
+        raise from_library_error(error) from None
+
+
+@dataclass
+class _Reply:
+    """Builds the response bodies of one request (whole, or as stream chunks)."""
+
+    model: str
+    chat: bool
+    n: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        prefix = "chatcmpl-" if self.chat else "cmpl-"
+        return {"id": prefix + self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def usage(self, results: Sequence[Result]) -> dict[str, int]:
+        prompt = sum(r.prompt_tokens for i, r in enumerate(results) if i % self.n == 0)  # once per prompt
+        completion = sum(r.completion_tokens for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def whole(self, results: Sequence[Result]) -> dict[str, Any]:
+        choices = []
+        for index, result in enumerate(results):
+            choice: dict[str, Any] = {"index": index, "finish_reason": result.finish_reason, "logprobs": None}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": result.text}
+            else:
+                choice["text"] = result.text
+            choice["routing"] = result.routing.to_dict()
+            choices.append(choice)
+        return {**self._head(self.object), "choices": choices, "usage": self.usage(results)}
+
+    def chunk(self, index: int, delta: str, *, first: bool = False, routing: Any = None, finish: str | None = None):
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+        if self.chat and first:
+            choice["delta"] = {"role": "assistant", "content": delta}
+        elif self.chat:
+            choice["delta"] = {"content": delta} if delta else {}
+        else:
+            choice["text"] = delta
+        if routing is not None:
+            choice["routing"] = routing.to_dict()
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(obj), "choices": [choice]}
+
+    def usage_chunk(self, results: Sequence[Result]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": self.usage(results)}
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(
+    state: _State, reply: _Reply, submitted: list[tuple[Any, QueuedRequest]], include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events of every choice as its tokens come; a failure ends the stream with an
+    error event. Closing the stream (the client hung up) cancels every choice's request."""
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, deltas: AsyncIterator[str], queued: QueuedRequest) -> None:
+        try:
+            async for delta in deltas:
+                await events.put((index, "delta", delta, queued))
+            await events.put((index, "done", queued.future.result(), queued))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            await events.put((index, "error", error, queued))
+
+    tasks = [asyncio.create_task(pump(i, d, q)) for i, (d, q) in enumerate(submitted)]
+    started: set[int] = set()
+    results: dict[int, Result] = {}
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, kind, value, queued = await events.get()
+            if kind == "error":
+                yield _sse(from_library_error(value).body())
+                break
+            first = index not in started
+            started.add(index)
+            if kind == "delta":
+                yield _sse(reply.chunk(index, value, first=first, routing=queued.state.routing if first else None))
+                continue
+            remaining -= 1
+            results[index] = value
+            state.metrics.observe(value)
+            if first:
+                yield _sse(reply.chunk(index, "", first=True, routing=value.routing))
+            yield _sse(reply.chunk(index, "", finish=value.finish_reason))
+        else:
+            if include_usage:
+                yield _sse(reply.usage_chunk([results[i] for i in sorted(results)]))
+            yield _sse("[DONE]")
+    finally:
+        for task in tasks:
+            task.cancel()
+        for _, queued in submitted:
+            if not queued.future.done():
+                queued.cancel()
