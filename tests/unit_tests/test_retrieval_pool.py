@@ -88,17 +88,19 @@ def test_live_pool_updates_the_index_at_once(tmp_path, minilm, toy_cards, tiny_m
     router.register(cards["translate_de"])
     assert router.route(GERMAN, top_k=1)[0].adapters == ("translate_de",)
 
-    pool.remove("translate_de")  # the index forgets it at once; the card stays for a later re-add
-    assert router.index.names() == {"sentiment"}
+    pool.remove("translate_de")  # unroutable at once; its card (and vector) stay for a later re-add
+    assert router.index.names() == {"sentiment", "translate_de"}
     assert router.route(GERMAN, top_k=3)[0].adapters == ("sentiment",)
     pool.add(tiny_adapters["all"], name="translate_de")
-    assert router.index.names() == {"sentiment", "translate_de"}
+    assert router.route(GERMAN, top_k=1)[0].adapters == ("translate_de",)
 
-    # A fresh process: the pool is rebuilt, the router reconciles its index against it.
+    # Another process with fewer adapters loaded: it routes to its own, and its reconcile keeps
+    # the vectors of the adapters it lacks (they may be another process's).
     pool2 = LoraPool(tiny_model)
     pool2.add(tiny_adapters["qv"], name="sentiment")
     router2 = Router.open(tmp_path / "pool", embedder=minilm, pool=pool2)
-    assert router2.index.names() == {"sentiment"} and router2.routable() == {"sentiment"}
+    assert router2.routable() == {"sentiment"} and router2.route(GERMAN, top_k=3)[0].adapters == ("sentiment",)
+    assert router2.reconcile()["removed"] == [] and router2.index.names() == {"sentiment", "translate_de"}
 
 
 def test_failed_index_write_never_loses_a_registration(tmp_path, minilm, toy_cards, tiny_model, tiny_adapters):
@@ -121,4 +123,4 @@ def test_failed_index_write_never_loses_a_registration(tmp_path, minilm, toy_car
     router.index.upsert, router.index.delete = real_upsert, real_delete
     # The next routing reconciles first: the registered adapter is routable, the removed one gone.
     assert router.route(GERMAN, top_k=3)[0].adapters == ("translate_de",)
-    assert router.index.names() == {"translate_de"}
+    assert router.index.names() == {"sentiment", "translate_de"}  # a card's vector goes with the card

@@ -6,24 +6,78 @@
       adapters/<name>/adapter_config.json, adapter_model.safetensors   (PEFT's own format)
       cards/<name>.json                                               (loraretriever.retrieval.cards)
       index/                                                          (Chroma, rebuilt from the cards)
+      .generation, .pool.lock                                         (changes across processes)
 
 Adapters are copied in through a temporary directory renamed into place, so a crash never leaves
-a half-written adapter under its name.
+a half-written adapter under its name. Several processes may share a pool directory: each change
+holds ``.pool.lock`` (:func:`pool_change`) and then bumps ``.generation``, which the others poll
+(:func:`generation`) to pick up what changed.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock
 
 from loraretriever.engine.adapter import CONFIG_FILE, SAFETENSORS_FILE, AdapterError, check_adapter_name
 from loraretriever.engine.home import with_umask
 from loraretriever.engine.pool import LoraPool
 
-__all__ = ["ADAPTERS_DIR", "adapter_dirs", "delete_adapter", "load_adapters", "store_adapter"]
+__all__ = [
+    "ADAPTERS_DIR",
+    "adapter_dirs",
+    "delete_adapter",
+    "generation",
+    "load_adapters",
+    "pool_change",
+    "store_adapter",
+]
 
 ADAPTERS_DIR = "adapters"
+GENERATION_FILE = ".generation"
+LOCK_FILE = ".pool.lock"
+
+
+@functools.cache
+def _lock(root: Path) -> FileLock:
+    # one instance per directory, so that a thread holding it may take it again (nested changes)
+    return FileLock(root / LOCK_FILE)
+
+
+@contextmanager
+def pool_change(pool_dir: str | Path) -> Iterator[None]:
+    """Holds the pool directory's lock (across processes and threads) for one change, then bumps
+    its :func:`generation` so that other processes pick the change up. Nested uses are one change."""
+    root = Path(pool_dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = _lock(root)
+    with lock:
+        try:
+            yield
+        finally:
+            if lock.lock_counter == 1:  # the outermost change
+                _bump(root)
+
+
+def generation(pool_dir: str | Path) -> int:
+    """How many changes the pool directory has seen (0 for a new one); cheap enough to poll."""
+    try:
+        return int((Path(pool_dir).expanduser() / GENERATION_FILE).read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _bump(root: Path) -> None:
+    staging = root / f"{GENERATION_FILE}.{os.getpid()}.tmp"
+    staging.write_text(str(generation(root) + 1))
+    staging.replace(root / GENERATION_FILE)
 
 
 def adapter_dirs(pool_dir: str | Path) -> dict[str, Path]:
@@ -57,16 +111,21 @@ def store_adapter(pool_dir: str | Path, source: str | Path, name: str) -> Path:
     missing = [f for f in (CONFIG_FILE, SAFETENSORS_FILE) if not (source / f).is_file()]
     if missing:
         raise AdapterError(f"{str(source)!r} lacks {missing}; save the adapter with PEFT's save_pretrained.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        for file in (CONFIG_FILE, SAFETENSORS_FILE):
-            shutil.copy2(source / file, staging / file)
-        with_umask(staging)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with pool_change(pool_dir):
+        if target.exists():  # stored by another process meanwhile
+            raise AdapterError(
+                f"{str(target)!r} already exists. Fix: remove adapter {name!r} first, or pick another name."
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            for file in (CONFIG_FILE, SAFETENSORS_FILE):
+                shutil.copy2(source / file, staging / file)
+            with_umask(staging)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return target
 
 
@@ -76,6 +135,7 @@ def delete_adapter(pool_dir: str | Path, name: str) -> None:
     target = Path(pool_dir).expanduser() / ADAPTERS_DIR / name
     if not target.is_dir():
         raise KeyError(f"no stored adapter named {name!r} in {str(target.parent)!r}.")
-    trash = target.with_name(f".{name}.deleting")
-    target.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    with pool_change(pool_dir):
+        trash = target.with_name(f".{name}.deleting")
+        target.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)

@@ -21,11 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from loraretriever.retrieval.cards import AdapterCard, RetrievalError
 from loraretriever.retrieval.filters import BUILTIN_KEYS, chroma_where
 
-__all__ = ["DEFAULT_COLLECTION", "DISTANCE", "LoraIndex", "open_chroma_client", "throwaway_collection_name"]
+__all__ = [
+    "DEFAULT_COLLECTION",
+    "DISTANCE",
+    "LoraIndex",
+    "claim_embedded_index",
+    "open_chroma_client",
+    "throwaway_collection_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +41,7 @@ DEFAULT_COLLECTION = "loraretriever-adapters"
 DISTANCE = "cosine"
 INDEX_FORMAT = 1
 _CHUNK = 2048  # rows per Chroma write; stays under its max batch size
+_CLAIMED: dict[Path, FileLock] = {}  # embedded index directories this process holds
 
 
 def open_chroma_client(
@@ -88,6 +97,7 @@ def open_chroma_client(
                 "the cards with `loraretriever reindex`."
             )
         directory.mkdir(parents=True, exist_ok=True)
+    claim_embedded_index(directory)
     try:
         client = chromadb.PersistentClient(path=str(directory), settings=settings)
         client.heartbeat()
@@ -99,6 +109,31 @@ def open_chroma_client(
             "(the index is rebuilt from the cards, which are the source of truth)."
         ) from err
     return client
+
+
+def claim_embedded_index(directory: Path) -> None:
+    """Claims an embedded index for this process, for as long as it lives.
+
+    Chroma's embedded index serves one process: each process caches the vectors in memory, so a
+    second one would route on a stale index and write over the first one's changes. Processes that
+    share a pool share its index through a Chroma server instead (``chroma run``).
+
+    Raises:
+        RetrievalError: another process holds it, naming the fix.
+    """
+    key = directory.resolve()
+    if key in _CLAIMED:
+        return
+    lock = FileLock(key.parent / f".{key.name}.lock", timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RetrievalError(
+            f"the index {str(directory)!r} is open in another process, and Chroma's embedded index serves one "
+            f"process. Fix: share it through a Chroma server (`chroma run --path {directory}`, then "
+            "chroma_host= / --chroma-host), or stop the other process."
+        ) from None
+    _CLAIMED[key] = lock
 
 
 class LoraIndex:

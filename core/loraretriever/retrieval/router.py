@@ -39,10 +39,10 @@ class Router:
         embedder: Embeds prompts and cards.
         index: The Chroma index of card vectors (built with this embedder).
         store: The cards, the source of truth the index follows.
-        pool: If given, only adapters in the pool are routable, cards must name pool adapters, and
-            the index follows the pool's ``added`` / ``removed`` events.
+        pool: If given, only adapters in the pool are routable and new cards must name pool
+            adapters (the index still holds every card: processes that share a pool share it).
         options: Routing defaults.
-        reconcile: Bring the index in line with the cards (and pool) now.
+        reconcile: Bring the index in line with the cards now.
 
     Example:
         >>> router = Router.from_cards([AdapterCard("sst2", ["a great movie", "dull and boring"]),
@@ -157,25 +157,17 @@ class Router:
 
     # -- the pool ----------------------------------------------------------------------------
     def attach(self, pool: LoraPool, *, reconcile: bool = True) -> None:
-        """Follows ``pool``: only its adapters are routable, and its changes reach the index at once."""
+        """Follows ``pool``: only its adapters are routable, from the moment they are added or removed."""
         self.pool = pool
         pool.subscribe(self._on_pool_event)
         if reconcile:
             self.reconcile()
 
     def _on_pool_event(self, event: str, name: str) -> None:
-        # Never raise into the pool: its change has happened; a failed index write is retried
-        # by reconcile() before the next routing (and routing never returns a missing adapter).
-        try:
-            if event == "added" and name in self.store:
-                self._index_cards([self.store.get(name)])
-            elif event == "added":
-                logger.info("adapter %r has no card yet, so it is not routable until Router.register(card)", name)
-            elif event == "removed":
-                self.index.delete([name])
-        except Exception as err:
-            self._stale = True
-            logger.error("index update after %s %r failed (%s); it will be reconciled before routing", event, name, err)
+        # The index holds every card (processes that share a pool share its index); the pool only
+        # decides what this process may route to, so its changes never touch the index.
+        if event == "added" and name not in self.store:
+            logger.info("adapter %r has no card yet, so it is not routable until Router.register(card)", name)
 
     def routable(self) -> set[str]:
         """The adapters the router may return: those with a card (and in the pool, if it follows one)."""
@@ -213,17 +205,18 @@ class Router:
         self.store.remove(name)
 
     def reconcile(self) -> dict[str, list[str]]:
-        """Makes the index hold exactly the routable cards, each from its current version.
+        """Makes the index hold exactly the cards, each from its current version. Only a card's
+        removal removes its vector: an adapter this process has not loaded may be another's.
 
         Returns:
             ``{"added": [...], "updated": [...], "removed": [...]}`` (adapter names).
         """
-        routable = self.routable()
+        names = set(self.store.names)
         indexed = self.index.digests()
-        cards = {name: self.store.get(name) for name in routable}
-        added = sorted(name for name in routable if name not in indexed)
-        updated = sorted(name for name in routable if name in indexed and indexed[name] != cards[name].digest)
-        removed = sorted(name for name in indexed if name not in routable)
+        cards = {name: self.store.get(name) for name in names}
+        added = sorted(name for name in names if name not in indexed)
+        updated = sorted(name for name in names if name in indexed and indexed[name] != cards[name].digest)
+        removed = sorted(name for name in indexed if name not in names)
         if removed:
             self.index.delete(removed)
         todo = [cards[name] for name in added + updated]

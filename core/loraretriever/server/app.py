@@ -193,6 +193,7 @@ def create_app(source: RoutedLM | Callable[[], RoutedLM], config: ServerConfig |
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         lm = state.ready()
+        await asyncio.to_thread(lm.sync_pool)  # what other processes sharing the pool changed
         created = int(time.time())
         base = getattr(lm.model.config, "_name_or_path", type(lm.model).__name__)
         entries = [{"id": AUTO_MODEL, "object": "model", "created": created, "owned_by": "loraretriever", "root": base}]
@@ -241,6 +242,7 @@ def create_app(source: RoutedLM | Callable[[], RoutedLM], config: ServerConfig |
     @app.delete("/v1/adapters/{name}")
     async def remove_adapter(name: str) -> dict[str, Any]:
         lm = _admin(state)
+        await asyncio.to_thread(lm.sync_pool)
         if name not in lm.pool:
             raise APIError(404, f"no adapter named {name!r}; GET /v1/models lists them.", param="name")
         try:
@@ -275,6 +277,8 @@ def _call_kwargs(lm: RoutedLM, body: ChatCompletionRequest | CompletionRequest, 
             400, f"routing has unknown option(s) {unknown}; it takes {list(ROUTE_OPTIONS)}.", param="routing"
         )
     if body.model != AUTO_MODEL:
+        if body.model not in lm.pool:
+            lm.sync_pool()  # stored by another process sharing the pool?
         if body.model not in lm.pool:
             raise APIError(
                 404,

@@ -35,6 +35,7 @@ from loraretriever.retrieval.options import RouteOptions
 from loraretriever.serving import adapters as pool_changes
 from loraretriever.serving.calls import GENERATION_OPTIONS, Request, split_call_options
 from loraretriever.serving.gating import plan_gated, warn_if_mismatched
+from loraretriever.serving.pool_sync import PoolSync
 from loraretriever.serving.runner import BatchRunner, Result, Timings
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class RoutedLM:
         self._runner = BatchRunner(pool, router, self.composer)
         self._loop = EngineLoop(self.engine, self._runner.prepare, max_wait_ms=max_wait_ms)
         self.pool_dir: Path | None = None  # set by from_pretrained(pool_dir=...)
+        self._sync: PoolSync | None = None
 
     @classmethod
     def from_pretrained(
@@ -189,6 +191,8 @@ class RoutedLM:
         lm = cls(model, tokenizer, pool, router, **kwargs)
         lm.pool_dir = Path(pool_dir).expanduser() if pool_dir is not None else None
         if pool_dir is not None:
+            lm._sync = PoolSync(pool, pool_dir, extra=(adapters or {}).keys())
+            lm._runner.refresh = lm.sync_pool
             for name, directory in gate_dirs(pool_dir).items():
                 lm.register_gate(name, load_gate(directory))
         return lm
@@ -222,6 +226,15 @@ class RoutedLM:
         """Removes an adapter: its card and index entry first (so it is never routed while missing),
         then the pool entry and the stored files."""
         pool_changes.remove_adapter(self.pool, self.router, self.pool_dir, name)
+
+    def sync_pool(self) -> dict[str, list[str]]:
+        """Loads the adapters other processes stored in the pool directory and drops those they
+        removed (done before every routing; cheap when nothing changed).
+
+        Returns:
+            ``{"added": [...], "removed": [...]}`` (empty without a pool directory).
+        """
+        return self._sync.refresh() if self._sync is not None else {"added": [], "removed": []}
 
     # -- routing -----------------------------------------------------------------------------
     def route(

@@ -10,8 +10,9 @@ its caller's :class:`Result`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,8 @@ from loraretriever.retrieval.options import RouteOptions
 from loraretriever.serving.gating import plan_gated
 
 __all__ = ["BatchRunner", "Result", "Timings"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class BatchRunner:
         self.pool = pool
         self.router = router
         self.composer = composer
+        self.refresh: Callable[[], Any] | None = None  # brings the pool up to date before each routing
 
     def route(self, texts: Sequence[str], options: RouteOptions) -> list[Routing]:
         """The routings of ``texts`` under ``options``: pinned, retrieved, or gated.
@@ -94,6 +98,11 @@ class BatchRunner:
     def prepare(self, requests: Sequence[QueuedRequest]) -> None:
         """Sets every request's routing, or fails the group whose routing failed."""
         started = time.perf_counter()
+        if self.refresh is not None:
+            try:
+                self.refresh()
+            except Exception:  # a pool directory that cannot be read now: serve the pool as it is
+                logger.exception("refreshing the pool from its directory failed")
         groups: dict[tuple, list[QueuedRequest]] = {}
         for queued in requests:
             if queued.state.routing is None:
