@@ -269,3 +269,42 @@ def test_pool_admin_needs_a_configured_key(tmp_path):
         assert "tense" in [m["id"] for m in httpx.get(f"{keyless.url}/v1/models").json()["data"]]
     finally:
         keyless.stop()
+
+
+@pytest.fixture(scope="module")
+def router_only(server, tmp_path_factory):
+    """`serve --backend`: routes over its own copy of the pool's cards, generates on `server`."""
+    root = tmp_path_factory.mktemp("router_only")
+    front = ServeProcess(
+        copy_pool(DEMO_POOL, root / "pool"), root, "--backend", server.url, "--backend-api-key", KEY, "--top-k", "1"
+    )
+    yield front
+    front.stop()
+
+
+def test_router_only_forwards_with_the_routed_adapter_as_model(router_only, client, library_router):
+    front = openai.OpenAI(base_url=f"{router_only.url}/v1", api_key=KEY, max_retries=0)
+    for prompt, expected in zip(PROMPTS, library_router.route(PROMPTS, top_k=1), strict=True):
+        reply = chat(front, prompt, model="auto")
+        adapter = expected.adapters[0]
+        assert reply.choices[0].routing["adapters"] == [adapter] and reply.choices[0].routing["mode"] == "single"
+        # the backend served it as that adapter, pinned: the same text as asking the backend for it
+        direct = chat(client, prompt, model=adapter)
+        assert reply.choices[0].message.content == direct.choices[0].message.content
+        assert direct.choices[0].routing["adapters"] == [adapter]
+    streamed = list(chat(front, PROMPTS[1], model="auto", stream=True))
+    assert streamed[0].choices[0].routing["adapters"] == [library_router.route([PROMPTS[1]], top_k=1)[0].adapters[0]]
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in streamed)
+        == chat(front, PROMPTS[1], model="auto").choices[0].message.content
+    )
+
+
+def test_router_only_refuses_what_one_adapter_engines_cannot_do(router_only):
+    front = openai.OpenAI(base_url=f"{router_only.url}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="mode='mixture'"):
+        chat(front, PROMPTS[0], model="auto", extra_body={"routing": {"mode": "mixture"}})
+    with pytest.raises(openai.NotFoundError):
+        chat(front, PROMPTS[0], model="no_such_adapter")
+    stored = sorted(p.name for p in (DEMO_POOL / "adapters").iterdir())
+    assert [m.id for m in front.models.list()] == ["auto", *stored]

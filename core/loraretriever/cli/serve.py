@@ -48,6 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--default-max-tokens", type=int, default=ServerConfig.default_max_tokens, help=helps["default_max_tokens"]
     )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        metavar="URL",
+        help="Route only: forward each request to this OpenAI-compatible engine (vLLM --enable-lora, LoRAX, "
+        "another serve) with model set to the routed adapter; loads no model here.",
+    )
+    parser.add_argument("--backend-model", default=None, help="The backend's base model name (default: its first).")
+    parser.add_argument("--backend-api-key", default=os.environ.get("LORARETRIEVER_BACKEND_API_KEY") or None)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_route_arguments(parser)
     parser.set_defaults(handler=_run)
@@ -61,7 +70,9 @@ def _fail(message: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from loraretriever.retrieval.router import Router
     from loraretriever.server.app import ServerConfig, create_app
+    from loraretriever.server.backend import Forwarder
     from loraretriever.serving.routed_lm import RoutedLM
 
     pool = Path(args.pool).expanduser()
@@ -69,6 +80,8 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(f"--pool {args.pool!r} is not a directory; pass a pool directory (adapters/, cards/).")
     if not 0 < args.port < 65536:
         return _fail(f"--port {args.port} is not a port number (1-65535).")
+    if args.backend is not None and not args.backend.startswith(("http://", "https://")):
+        return _fail(f"--backend {args.backend!r} is not a URL; pass e.g. http://127.0.0.1:8001.")
     try:
         route_defaults = route_options_from(args)
         config = ServerConfig(
@@ -76,6 +89,17 @@ def _run(args: argparse.Namespace) -> int:
         )
     except (RetrievalError, ValueError) as error:
         return _fail(str(error))
+
+    def forwarder() -> Forwarder:
+        router = Router.open(pool, host=args.chroma_host, port=args.chroma_port)
+        return Forwarder(
+            router,
+            pool,
+            args.backend,
+            base_model=args.backend_model,
+            api_key=args.backend_api_key,
+            route_defaults=route_defaults,
+        )
 
     def load() -> RoutedLM:
         return RoutedLM.from_pretrained(
@@ -91,5 +115,6 @@ def _run(args: argparse.Namespace) -> int:
         )
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(load, config), host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(forwarder if args.backend else load, config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

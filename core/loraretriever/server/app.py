@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from loraretriever.engine.adapter import AdapterError
 from loraretriever.engine.scheduler import QueuedRequest
 from loraretriever.retrieval.options import ROUTE_OPTIONS
+from loraretriever.server.backend import Forwarder
 from loraretriever.server.errors import APIError, from_library_error
 from loraretriever.server.metrics import ServerMetrics
 from loraretriever.server.protocol import (
@@ -46,6 +47,9 @@ from loraretriever.serving.routed_lm import Result, RoutedLM
 __all__ = ["ServerConfig", "create_app"]
 
 logger = logging.getLogger(__name__)
+
+Served = RoutedLM | Forwarder
+"""What a server answers with: this engine, or a router in front of another engine."""
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,10 @@ class ServerConfig:
 class _State:
     """The loaded LM (or why it is not there yet) and the requests in flight."""
 
-    def __init__(self, source: RoutedLM | Callable[[], RoutedLM], config: ServerConfig) -> None:
+    def __init__(self, source: Served | Callable[[], Served], config: ServerConfig) -> None:
         self.config = config
-        self.lm: RoutedLM | None = source if isinstance(source, RoutedLM) else None
-        self._load = None if isinstance(source, RoutedLM) else source
+        self.lm: Served | None = source if isinstance(source, RoutedLM | Forwarder) else None
+        self._load = None if self.lm is not None else source
         self.load_error: BaseException | None = None
         self.pending = 0
         self._lock = threading.Lock()
@@ -100,7 +104,7 @@ class _State:
 
         threading.Thread(target=load, name="loraretriever-load", daemon=True).start()
 
-    def ready(self) -> RoutedLM:
+    def ready(self) -> Served:
         if self.lm is not None:
             return self.lm
         if self.load_error is not None:
@@ -121,20 +125,27 @@ class _State:
         with self._lock:
             self.pending -= count
 
+    def engine(self) -> RoutedLM:
+        lm = self.ready()
+        if isinstance(lm, Forwarder):
+            raise APIError(400, "this server only routes (--backend); pool admin runs on a server without --backend.")
+        return lm
+
     def _running(self) -> float:
-        running = self.lm.engine.running if self.lm is not None else None
+        running = self.lm.engine.running if isinstance(self.lm, RoutedLM) else None
         return float(len(running)) if running is not None else 0.0
 
     def _queue_depth(self) -> float:
         return max(float(self.pending) - self._running(), 0.0)
 
 
-def create_app(source: RoutedLM | Callable[[], RoutedLM], config: ServerConfig | None = None) -> FastAPI:
+def create_app(source: Served | Callable[[], Served], config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app serving ``source`` (a RoutedLM, or a function that loads one: the server
-    answers 503 until it returns).
+    answers 503 until it returns). A :class:`~loraretriever.server.backend.Forwarder` instead
+    routes here and generates on another engine.
 
     Args:
-        source: The LM, or its loader (run in a thread at start-up).
+        source: The LM (or forwarder), or its loader (run in a thread at start-up).
         config: API key, queue bound, defaults.
     """
     state = _State(source, config or ServerConfig())
@@ -143,7 +154,9 @@ def create_app(source: RoutedLM | Callable[[], RoutedLM], config: ServerConfig |
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.start_loading()
         yield
-        if state.lm is not None:
+        if isinstance(state.lm, Forwarder):
+            await state.lm.close()
+        elif state.lm is not None:
             await asyncio.to_thread(state.lm.close)
 
     app = FastAPI(title="loraretriever", lifespan=lifespan)
@@ -193,26 +206,21 @@ def create_app(source: RoutedLM | Callable[[], RoutedLM], config: ServerConfig |
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         lm = state.ready()
-        await asyncio.to_thread(lm.sync_pool)  # what other processes sharing the pool changed
+        if isinstance(lm, Forwarder):
+            base, names = lm.base_model, lm.names
+        else:
+            await asyncio.to_thread(lm.sync_pool)  # what other processes sharing the pool changed
+            base, names = getattr(lm.model.config, "_name_or_path", type(lm.model).__name__), lm.pool.names
         created = int(time.time())
-        base = getattr(lm.model.config, "_name_or_path", type(lm.model).__name__)
-        entries = [{"id": AUTO_MODEL, "object": "model", "created": created, "owned_by": "loraretriever", "root": base}]
-        entries += [
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "loraretriever",
-                "root": base,
-                "parent": base,
-            }
-            for name in lm.pool.names
-        ]
+        entry = {"object": "model", "created": created, "owned_by": "loraretriever", "root": base}
+        entries = [{"id": AUTO_MODEL, **entry}, *({"id": name, **entry, "parent": base} for name in names)]
         return {"object": "list", "data": entries}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         lm = state.ready()
+        if isinstance(lm, Forwarder):
+            return await lm.forward("/v1/chat/completions", body)
         for message in body.messages:
             if message.role == "assistant" and message.content is None:
                 raise APIError(400, "an assistant message without content (tool calls) is not supported yet.")
@@ -222,6 +230,8 @@ def create_app(source: RoutedLM | Callable[[], RoutedLM], config: ServerConfig |
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         lm = state.ready()
+        if isinstance(lm, Forwarder):
+            return await lm.forward("/v1/completions", body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
             raise APIError(400, "prompt is an empty list; send at least one prompt.", param="prompt")
@@ -257,7 +267,7 @@ def create_app(source: RoutedLM | Callable[[], RoutedLM], config: ServerConfig |
 def _admin(state: _State) -> RoutedLM:
     if state.config.api_key is None:
         raise APIError(403, "pool admin is off: start the server with --api-key to add or remove adapters.")
-    return state.ready()
+    return state.engine()
 
 
 def _role(role: str) -> str:
