@@ -44,3 +44,8 @@ def test_bench_gates_smoke(capsys):
 def test_bench_retrieval_smoke(capsys):
     result = run_bench(capsys, "retrieval")
     assert result["loras"] == 50 and result["batch"] == 4 and result["route_ms"] > 0
+
+
+def test_bench_load_smoke(capsys):
+    result = run_bench(capsys, "load")
+    assert result["requests"] == 4 and result["failed"] == 0 and result["all_complete_and_routed"]

@@ -308,3 +308,12 @@ def test_router_only_refuses_what_one_adapter_engines_cannot_do(router_only):
         chat(front, PROMPTS[0], model="no_such_adapter")
     stored = sorted(p.name for p in (DEMO_POOL / "adapters").iterdir())
     assert [m.id for m in front.models.list()] == ["auto", *stored]
+
+
+def test_concurrent_streaming_clients_all_complete_and_correctly_routed(server, pool_dir):
+    from loraretriever.evaluation.bench_load import run_load_benchmark
+
+    result = run_load_benchmark(pool_dir, url=server.url, api_key=KEY, clients=8, requests=12, max_tokens=4)
+    assert result["failed"] == 0, result["errors"]
+    assert result["complete"] == result["correctly_routed"] == 12 and result["all_complete_and_routed"]
+    assert result["ttft_s"]["p99"] >= result["ttft_s"]["p50"] > 0 and result["tokens_per_s"] > 0

@@ -1,4 +1,4 @@
-"""``loraretriever bench serve | integrations | gates | retrieval``: benchmarks that print JSON.
+"""``loraretriever bench serve | integrations | gates | retrieval | load``: benchmarks that print JSON.
 
 Progress goes to stderr with ``--json``; the JSON result is the last line of stdout. ``--smoke``
 runs the smallest workload that still exercises every method (CI runs each command so).
@@ -82,6 +82,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retrieval.set_defaults(
         handler=_run_retrieval, smoke_overrides={"loras": 50, "batch": 4, "repeats": 1, "ephemeral": True}
     )
+
+    load = benches.add_parser(
+        "load", help="Concurrent streaming clients against `loraretriever serve`: TTFT, tokens/s, correctness."
+    )
+    load.add_argument("--pool", default="pools/bigbench", help="The pool served (its cards give the routing).")
+    load.add_argument("--url", default=None, help="A running server (default: start one on 127.0.0.1).")
+    load.add_argument("--api-key", default="sk-bench")
+    load.add_argument("--clients", type=int, default=64)
+    load.add_argument("--requests", type=int, default=128)
+    load.add_argument("--max-tokens", type=int, default=32)
+    _common(load)
+    load.set_defaults(handler=_run_load, smoke_overrides={"clients": 4, "requests": 4, "max_tokens": 2})
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    from loraretriever.evaluation.bench_load import run_load_benchmark
+
+    log = _prepare(args)
+    result = run_load_benchmark(
+        args.pool,
+        url=args.url,
+        api_key=args.api_key,
+        clients=args.clients,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        log=log,
+    )
+    print(json.dumps(result))
+    return 0 if result["failed"] == 0 else 1
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
