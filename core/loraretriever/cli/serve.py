@@ -57,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--backend-model", default=None, help="The backend's base model name (default: its first).")
     parser.add_argument("--backend-api-key", default=os.environ.get("LORARETRIEVER_BACKEND_API_KEY") or None)
+    parser.add_argument("--ray", action="store_true", help="Serve through Ray Serve replicas (see --replicas).")
+    parser.add_argument("--replicas", type=int, default=1, help="With --ray: copies of the server, one process each.")
+    parser.add_argument("--ray-address", default=None, help="With --ray: a running cluster (default: a local one).")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="With --ray: CPUs reserved per replica.")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_route_arguments(parser)
     parser.set_defaults(handler=_run)
@@ -82,6 +86,13 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(f"--port {args.port} is not a port number (1-65535).")
     if args.backend is not None and not args.backend.startswith(("http://", "https://")):
         return _fail(f"--backend {args.backend!r} is not a URL; pass e.g. http://127.0.0.1:8001.")
+    if args.replicas < 1 or (args.replicas > 1 and not args.ray):
+        return _fail(f"--replicas {args.replicas} needs --ray and a positive count.")
+    if args.ray and args.replicas > 1 and args.chroma_host is None:
+        return _fail(
+            "replicas share the pool's index through a Chroma server (an embedded index serves one process). "
+            f"Fix: `chroma run --path {pool / 'index'} --port 8001` and pass --chroma-host 127.0.0.1 --chroma-port 8001."
+        )
     try:
         route_defaults = route_options_from(args)
         config = ServerConfig(
@@ -115,6 +126,19 @@ def _run(args: argparse.Namespace) -> int:
         )
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(forwarder if args.backend else load, config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    source = forwarder if args.backend else load
+    if args.ray:
+        from loraretriever.server.ray_serve import serve_replicas
+
+        serve_replicas(
+            source,
+            config,
+            replicas=args.replicas,
+            host=args.host,
+            port=args.port,
+            num_cpus=args.replica_cpus,
+            address=args.ray_address,
+        )
+        return 0
+    uvicorn.run(create_app(source, config), host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -17,6 +17,8 @@ import asyncio
 import hmac
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -47,6 +49,8 @@ from loraretriever.serving.routed_lm import Result, RoutedLM
 __all__ = ["ServerConfig", "create_app"]
 
 logger = logging.getLogger(__name__)
+
+_REPLICA = f"{socket.gethostname()}:{os.getpid()}"
 
 Served = RoutedLM | Forwarder
 """What a server answers with: this engine, or a router in front of another engine."""
@@ -187,6 +191,7 @@ def create_app(source: Served | Callable[[], Served], config: ServerConfig | Non
                 state.metrics.responses.labels(endpoint=request.url.path, status="401").inc()
                 return response
         response = await call_next(request)
+        response.headers["x-loraretriever-replica"] = _REPLICA  # which process answered (several behind a proxy)
         endpoint = request.scope.get("route").path if request.scope.get("route") is not None else "other"
         state.metrics.responses.labels(endpoint=endpoint, status=str(response.status_code)).inc()
         return response
