@@ -201,3 +201,23 @@ def test_admission_starts_with_the_oldest_and_groups_close_prompt_lengths(tiny_l
     assert sorted(first) == [0, 2, 3]
     engine.run(requests)
     assert all(r.done.completion_tokens == 2 for r in requests)
+
+
+def test_a_waiting_request_keeps_an_adapter_removed_before_it_runs(tiny_lm, smol_tokenizer, tiny_lm_adapters):
+    pool = LoraPool(tiny_lm)
+    for name, path in tiny_lm_adapters.items():
+        pool.add(path, name=name)
+    composer = Composer(tiny_lm, pool)
+    try:
+        engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig())
+        expected = texts(engine.run(make(engine, PROMPTS[:1], ROUTINGS[:1], (6,))))
+        waiting = make(engine, PROMPTS[:1], ROUTINGS[:1], (6,))
+        engine.add(waiting)  # queued with adapter "a" ...
+        pool.remove("a")  # ... which leaves the pool before the request is admitted
+        assert texts(engine.run(waiting)) == expected
+        late = make(engine, PROMPTS[:1], ROUTINGS[:1], (6,))
+        engine.add(late)  # added after the removal: it fails alone, naming the adapter
+        engine.run(late)
+        assert isinstance(late[0].error, KeyError) and "'a'" in str(late[0].error)
+    finally:
+        composer.remove_hooks()

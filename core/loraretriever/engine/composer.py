@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from loraretriever.engine.adapter import LoraAdapter
 from loraretriever.engine.factors import LayerPlan, build_layer_plan, slot_index, stack_factors
 from loraretriever.engine.gate_set import GatedRows, GateSet
 from loraretriever.engine.gates import MeteoraGate, layer_index
@@ -100,23 +101,29 @@ class Composer:
         return next(self.model.parameters()).device
 
     # -- plans -------------------------------------------------------------------------------
-    def build_plan(self, routings: Sequence[Routing]) -> BatchPlan:
+    def build_plan(self, routings: Sequence[Routing], held: Mapping[str, LoraAdapter] | None = None) -> BatchPlan:
         """The per-layer factors of a batch of routings (one per row), on the model's device.
+
+        Args:
+            routings: One per row.
+            held: Adapters the rows hold by name (taken from the pool when they were admitted),
+                used even if the pool has dropped them since.
 
         Raises:
             TypeError: a row that is not a Routing. AdapterError: an adapter not in the pool.
             GateError: a gate that is unknown or cannot serve its row.
         """
+        held = held or {}
         rows: list[list[tuple[str, float]]] = []
         for i, routing in enumerate(routings):
             if not isinstance(routing, Routing):
                 raise TypeError(f"routings[{i}] is a {type(routing).__name__}, not a Routing.")
-            self.pool.check_names(list(routing.adapters))
+            self.pool.check_names([n for n in routing.adapters if n not in held])
             rows.append(routing.effective())
         self.pool.follow_model()  # adapters and gates on the model's device and dtype, if it moved
         self.gates.follow_model()
         gated = self.gates.rows(routings, self.device)
-        adapters = {name: self.pool.get(name) for row in rows for name, _ in row}
+        adapters = {name: held.get(name) or self.pool.get(name) for row in rows for name, _ in row}
         modules = sorted({m for adapter in adapters.values() for m in adapter.modules})
         modes = ["mixture" if routing.mode == "flow" else routing.mode for routing in routings]
         layers: dict[str, LayerPlan] = {}

@@ -216,6 +216,9 @@ class Engine:
             self.busy_periods += 1
         for request in requests:
             request.queued = True
+            if self.composer is not None:  # held: an adapter removed while it waits stays its until it ends
+                pool = self.composer.pool
+                request.adapters = {n: pool.get(n) for n in request.routing.adapters if n in pool}
         self.waiting.extend(requests)
 
     @property
@@ -295,23 +298,29 @@ class Engine:
         return group
 
     def _plan(self, requests: list[RequestState]) -> tuple[list[RequestState], BatchPlan | None]:
-        """The composition plan of ``requests``; a request whose routing cannot be planned (an
-        adapter removed since it was routed, a gate that no longer fits) fails alone."""
+        """The composition plan of ``requests``, with the adapters each held since :meth:`add`; a
+        request whose routing cannot be planned (an adapter already gone when it was added, a gate
+        that no longer fits) fails alone."""
         if self.composer is None:
             return requests, None
+
+        def plan(group: list[RequestState]) -> BatchPlan:
+            held = {n: a for r in group for n, a in (r.adapters or {}).items()}
+            return self.composer.build_plan([r.routing for r in group], held=held)
+
         try:
-            return requests, self.composer.build_plan([r.routing for r in requests])
+            return requests, plan(requests)
         except Exception:
             good = []
             for request in requests:
                 try:
-                    self.composer.build_plan([request.routing])
+                    plan([request])
                     good.append(request)
                 except Exception as error:
                     request.fail(error)
             if not good:
                 return [], None
-            return good, self.composer.build_plan([r.routing for r in good])
+            return good, plan(good)
 
     def _new_batch(self, requests: list[RequestState], plan: BatchPlan | None) -> _Batch:
         device = self.model.device

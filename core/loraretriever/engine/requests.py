@@ -135,6 +135,7 @@ class RequestState:
     index: int = 0  # the row number a caller knows it by (its place in a generate() call)
     payload: Any = None  # the upper layer's request (e.g. its routing options)
     rng: torch.Generator | None = None
+    adapters: dict[str, Any] | None = None  # its routing's adapters, held from admission to the end
     arrived_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
