@@ -1,0 +1,76 @@
+"""The server app in process (Starlette's TestClient runs its lifespan) on the tiny Llama: 503 while
+the model loads or after it failed to load, and the `serve` command's refusals before loading."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
+from loraretriever.cli import main
+from loraretriever.server.app import ServerConfig, create_app
+from loraretriever.serving.routed_lm import RoutedLM
+
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "Name a colour:"}], "max_tokens": 2}
+
+
+def test_503_while_loading_then_served(tiny_lm, smol_tokenizer):
+    release = threading.Event()
+
+    def load() -> RoutedLM:
+        release.wait(30)
+        return RoutedLM.from_model(tiny_lm, smol_tokenizer)
+
+    with TestClient(create_app(load)) as client:
+        assert client.get("/health").json() == {"status": "loading"}
+        waiting = client.post("/v1/chat/completions", json=CHAT)
+        assert waiting.status_code == 503 and waiting.headers["retry-after"] == "5"
+        assert "loading" in waiting.json()["error"]["message"]
+        release.set()
+        for _ in range(300):
+            if client.get("/health").status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        reply = client.post("/v1/chat/completions", json={**CHAT, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["routing"]["fallback"]  # no router: base
+
+
+def test_a_failed_load_is_reported(tiny_lm):
+    def load() -> RoutedLM:
+        raise FileNotFoundError("no model at /nowhere")
+
+    with TestClient(create_app(load)) as client:
+        for _ in range(100):
+            if client.get("/health").json()["status"] != "loading":
+                break
+            threading.Event().wait(0.05)
+        health = client.get("/health")
+        assert health.status_code == 503 and "no model at /nowhere" in health.json()["error"]
+        assert "failed to load" in client.get("/v1/models").json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [({"max_pending": 0}, "max_pending=0"), ({"api_key": " "}, "api_key is empty"), ({"retry_after_s": 1.5}, "1.5")],
+)
+def test_server_config_checks(config, match):
+    with pytest.raises(ValueError, match=match):
+        ServerConfig(**config)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--pool", "/no/such/pool"], "is not a directory"),
+        (["--port", "70000"], "not a port number"),
+        (["--replicas", "2"], "needs --ray"),
+        (["--ray", "--replicas", "2"], "chroma run"),
+        (["--backend", "gpu-1:8000"], "not a URL"),
+        (["--top-k", "0"], "top_k=0"),
+    ],
+)
+def test_serve_refuses_bad_flags_before_loading(args, match, tmp_path, capsys):
+    pool = ["--pool", str(tmp_path)] if "--pool" not in args else []
+    assert main(["serve", *pool, *args]) == 2
+    assert match in capsys.readouterr().err
