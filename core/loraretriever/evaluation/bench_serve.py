@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,8 +55,8 @@ class UnionEinsumComposer(Composer):
     of adapters, not with k. Here the adapters are the whole pool (for 32 rows of 3 of 48 LoRAs,
     the batch's union is about 42 of them), stacked once."""
 
-    def build_plan(self, routings: Sequence[Routing]) -> BatchPlan:
-        for routing in routings:
+    def build_plan(self, routings: Sequence[Routing], held: Mapping[str, Any] | None = None) -> BatchPlan:
+        for routing in routings:  # the baseline composes the whole pool; held adapters are not kept
             self.pool.check_names(list(routing.adapters))
         return BatchPlan(tuple(routings), {}, self.gates.rows(routings, self.device))
 
