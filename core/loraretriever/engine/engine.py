@@ -419,14 +419,24 @@ class Engine:
     def _sample_and_advance(self, batch: _Batch, logits: torch.Tensor) -> _Batch | None:
         """Chooses each row's next token, hands it to its request; returns the unfinished rows."""
         finite = torch.isfinite(logits).all(dim=-1).tolist()
+        constrained = [(row, r.matcher) for row, r in enumerate(batch.requests) if r.matcher is not None]
+        if constrained:
+            self.intake.grammars.mask(logits, [row for row, _ in constrained], [m for _, m in constrained])
         chosen = logits.argmax(dim=-1)
         for row, request in enumerate(batch.requests):
             if request.config.temperature > 0 and finite[row]:
                 cfg = request.config
                 chosen[row] = _sample(logits[row], cfg.temperature, cfg.top_p, request.rng)
         tokens = chosen.tolist()
+        for row, matcher in constrained:
+            if finite[row] and not matcher.consume_token(tokens[row]):
+                batch.requests[row].fail(
+                    RequestError(f"the grammar refused token {tokens[row]}: {matcher.get_error()}")
+                )
         keep = []
         for row, request in enumerate(batch.requests):
+            if request.finished:  # failed above
+                continue
             request.batch_rows = max(request.batch_rows, len(batch))
             if not finite[row]:
                 request.fail(

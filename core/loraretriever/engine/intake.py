@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from loraretriever.engine.constraints import Grammars
 from loraretriever.engine.requests import (
     GenerationConfig,
     Prompt,
@@ -49,6 +50,7 @@ class RequestIntake:
         self.max_prompt_tokens = max_prompt_tokens
         self.max_new_tokens_limit = max_new_tokens_limit
         self.device = device
+        self.grammars = Grammars(tokenizer)
 
     def new_request(
         self,
@@ -87,6 +89,12 @@ class RequestIntake:
                 raise PromptTooLong(message + "; shorten it or set truncation='left'.")
             warnings.warn(message + "; its oldest tokens were dropped.", stacklevel=3)
             ids = ids[-budget:]
+        matcher = None
+        if config.grammar is not None:
+            try:
+                matcher = self.grammars.matcher(config.grammar)
+            except ValueError as error:
+                raise RequestError(f"prompt {index}: {error}. Fix: check the schema or Lark text.") from None
         rng = None
         if config.temperature > 0:
             rng = torch.Generator(device=self.device)
@@ -101,6 +109,7 @@ class RequestIntake:
             index=index,
             payload=payload,
             rng=rng,
+            matcher=matcher,
         )
 
     def encode(self, prompt: Prompt, config: GenerationConfig, index: int = 0) -> list[int]:

@@ -53,7 +53,7 @@ class GenerationConfig:
 
     Example:
         >>> GenerationConfig(max_new_tokens=16, stop=("\\n",))
-        GenerationConfig(max_new_tokens=16, temperature=0.0, top_p=1.0, seed=None, stop=('\\n',), chat_template=False, system_prompt=None, ignore_eos=False, truncation='left')
+        GenerationConfig(max_new_tokens=16, temperature=0.0, top_p=1.0, seed=None, stop=('\\n',), chat_template=False, system_prompt=None, ignore_eos=False, truncation='left', grammar=None)
     """
 
     max_new_tokens: int = field(default=64, metadata={"help": "The most tokens to generate."})
@@ -69,6 +69,10 @@ class GenerationConfig:
         metadata={
             "help": "A prompt too long for the context window: drop its oldest tokens (with a warning), or raise."
         },
+    )
+    grammar: str | None = field(
+        default=None,
+        metadata={"help": "An llguidance grammar the text must follow (loraretriever.engine.constraints)."},
     )
 
     def __post_init__(self) -> None:
@@ -89,6 +93,10 @@ class GenerationConfig:
             raise ValueError(f"stop={self.stop!r} must hold non-empty strings.")
         if self.truncation not in ("left", "error"):
             raise ValueError(f"truncation={self.truncation!r} must be 'left' or 'error'.")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError(
+                f"grammar is a {type(self.grammar).__name__}; pass a grammar string, e.g. json_schema_grammar(schema)."
+            )
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,7 @@ class RequestState:
     payload: Any = None  # the upper layer's request (e.g. its routing options)
     rng: torch.Generator | None = None
     adapters: dict[str, Any] | None = None  # its routing's adapters, held from admission to the end
+    matcher: Any = None  # its grammar's matcher (constrained decoding), if it has a grammar
     arrived_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
