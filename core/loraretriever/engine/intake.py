@@ -133,6 +133,13 @@ class RequestIntake:
                     "chat messages or chat_template=True need a tokenizer with a chat template; this one has none."
                 )
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+            if "tool" not in self.tokenizer.chat_template:  # a template without a tool role: the Hermes form
+                messages = [
+                    {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
+                    if m["role"] == "tool"
+                    else m
+                    for m in messages
+                ]
             if config.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": config.system_prompt})
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -15,11 +15,12 @@ from typing import Any
 from loraretriever.engine.requests import GenerationConfig, Prompt
 from loraretriever.engine.routing import Routing
 from loraretriever.retrieval.options import ROUTE_OPTIONS, RouteOptions
+from loraretriever.serving.tools import TOOL_OPTIONS, ToolSpec
 
 __all__ = ["CALL_OPTIONS", "GENERATION_OPTIONS", "Request", "split_call_options"]
 
 GENERATION_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(GenerationConfig))
-CALL_OPTIONS: tuple[str, ...] = GENERATION_OPTIONS + ROUTE_OPTIONS
+CALL_OPTIONS: tuple[str, ...] = GENERATION_OPTIONS + ROUTE_OPTIONS + TOOL_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Request:
     config: GenerationConfig
     options: RouteOptions
     routing: Routing | None = None  # given by the caller (generate_routed): not routed again
+    tools: ToolSpec | None = None  # its answer is parsed for tool calls
 
 
 def split_call_options(
@@ -44,8 +46,8 @@ def split_call_options(
     unknown = sorted(set(kwargs) - set(CALL_OPTIONS))
     if unknown:
         raise TypeError(
-            f"unknown argument(s) {unknown}; generation takes {list(GENERATION_OPTIONS)} and routing takes "
-            f"{list(ROUTE_OPTIONS)}."
+            f"unknown argument(s) {unknown}; generation takes {list(GENERATION_OPTIONS)}, routing takes "
+            f"{list(ROUTE_OPTIONS)} and tools take {list(TOOL_OPTIONS)}."
         )
     settings = {k: v for k, v in kwargs.items() if k in GENERATION_OPTIONS and v is not None}
     if "stop" in settings:

@@ -37,6 +37,7 @@ from loraretriever.serving.calls import GENERATION_OPTIONS, Request, split_call_
 from loraretriever.serving.gating import plan_gated, warn_if_mismatched
 from loraretriever.serving.pool_sync import PoolSync
 from loraretriever.serving.runner import BatchRunner, Result, Timings
+from loraretriever.serving.tools import TOOL_OPTIONS, with_tools
 
 logger = logging.getLogger(__name__)
 
@@ -349,7 +350,16 @@ class RoutedLM:
             per_prompt = [
                 dataclasses.replace(options, exclude=tuple(names)) for names in options.excludes_for(len(prompts))
             ]
-        return self._enqueue([Request(p, config, o) for p, o in zip(prompts, per_prompt, strict=True)], stream)
+        tool_options = {k: kwargs[k] for k in TOOL_OPTIONS if kwargs.get(k) is not None}
+        requests = []
+        for prompt, opts in zip(prompts, per_prompt, strict=True):
+            if tool_options:  # described in the prompt, forced by a grammar, parsed in the result
+                prompt, grammar, spec = with_tools(prompt, tool_options)
+                call = dataclasses.replace(config, grammar=grammar) if grammar is not None else config
+                requests.append(Request(prompt, call, opts, tools=spec))
+            else:
+                requests.append(Request(prompt, config, opts))
+        return self._enqueue(requests, stream)
 
     def _enqueue(self, requests: Sequence[Request], stream: bool | str = False) -> list[QueuedRequest]:
         """Tokenizes and checks each request against the engine's limits (a bad one raises here,

@@ -23,6 +23,7 @@ from loraretriever.engine.routing import Routing
 from loraretriever.engine.scheduler import QueuedRequest
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.serving.gating import plan_gated
+from loraretriever.serving.tools import parse_tool_calls
 
 __all__ = ["BatchRunner", "Result", "Timings"]
 
@@ -53,6 +54,8 @@ class Result:
     truncated_prompt: bool = False
     timings: Timings = field(default_factory=Timings)
     batch_size: int = 1  # the most requests it was decoded together with (itself included)
+    tool_calls: tuple[dict[str, Any], ...] = ()  # {"name", "args", "id"} when the call had tools
+    invalid_tool_calls: tuple[dict[str, Any], ...] = ()  # calls that did not parse, with the error
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -133,10 +136,18 @@ class BatchRunner:
             first_token_s=(state.first_token_at or admitted) - admitted,
             generate_s=(state.finished_at or admitted) - admitted,
         )
+        text, finish, calls, invalid = completion.text, completion.finish_reason, (), ()
+        spec = getattr(queued.payload, "tools", None)
+        if spec is not None:
+            parsed = parse_tool_calls(text, spec)
+            text, calls, invalid = parsed.content, parsed.calls, parsed.invalid
+            finish = "tool_calls" if calls else finish
         return Result(
-            text=completion.text,
+            text=text,
             routing=completion.routing,
-            finish_reason=completion.finish_reason,
+            finish_reason=finish,
+            tool_calls=calls,
+            invalid_tool_calls=invalid,
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
             stop_sequence=completion.stop_sequence,

@@ -1,0 +1,123 @@
+"""Tool calls and structured output through RoutedLM on the tiny random Llama: forced calls and
+response formats always validate (the grammar), free answers are parsed, routing ignores tool JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraretriever.retrieval.router import Router
+from loraretriever.serving.routed_lm import RoutedLM
+from loraretriever.serving.tools import ToolSpec, parse_tool_calls
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Oslo", "Lima"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+QUESTION = "Translate to German: what is the weather like in Paris this week?"
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm, smol_tokenizer, minilm, tmp_path_factory):
+    """The tiny Llama with a 1,024-token window (tool descriptions are long), a real LoRA per toy card."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraretriever.retrieval.cards import AdapterCard
+    from tests.conftest import TOY_CARDS, save_peft_adapter
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**tiny_lm.config.to_dict(), "max_position_embeddings": 1024})).eval()
+    cards = [AdapterCard(name, samples, domain=domain) for name, (domain, samples) in TOY_CARDS.items()]
+    router = Router.from_cards(cards, embedder=minilm)
+    lm = RoutedLM.from_model(model, smol_tokenizer, router=router, max_wait_ms=0)
+    root = tmp_path_factory.mktemp("tool_adapters")
+    for seed, card in enumerate(cards):
+        lm.pool.add(save_peft_adapter(model, root / card.name, r=2, seed=seed), name=card.name)
+    yield lm
+    lm.close()
+    router.close()
+
+
+def test_a_required_tool_call_always_validates(lm):
+    for seed in range(4):
+        result = lm.complete(
+            QUESTION, tools=[WEATHER, CLOCK], tool_choice="required", max_new_tokens=160, temperature=1.0, seed=seed
+        )
+        assert result.finish_reason == "tool_calls" and len(result.tool_calls) == 1, result
+        call = result.tool_calls[0]
+        assert call["name"] in ("get_weather", "get_time") and call["id"].startswith("call_")
+        if call["name"] == "get_weather":
+            assert call["args"]["city"] in ("Paris", "Oslo", "Lima") and 1 <= call["args"]["days"] <= 7
+        else:
+            assert call["args"] == {}
+
+
+def test_a_named_tool_choice_calls_that_tool(lm):
+    result = lm.complete(QUESTION, tools=[WEATHER, CLOCK], tool_choice="get_weather", max_new_tokens=160)
+    assert [c["name"] for c in result.tool_calls] == ["get_weather"]
+
+
+def test_structured_output_validates(lm):
+    schema = WEATHER["function"]["parameters"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}
+    for seed in range(3):
+        value = json.loads(
+            lm.complete(QUESTION, response_format=fmt, max_new_tokens=160, temperature=1.0, seed=seed).text
+        )
+        assert set(value) == {"city", "days"} and value["city"] in ("Paris", "Oslo", "Lima")
+
+
+def test_routing_follows_the_task_not_the_tool_turns(lm):
+    bare = lm.route([QUESTION])[0]
+    chat = [
+        {"role": "user", "content": QUESTION},
+        {
+            "role": "assistant",
+            "content": '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+        },
+        {"role": "tool", "content": '{"forecast": "sunny, 24 C", "wind": "low"}'},
+    ]
+    result = lm.complete(chat, tools=[WEATHER], max_new_tokens=4)
+    assert result.routing.adapters == bare.adapters
+
+
+def test_free_answers_are_parsed():
+    spec = ToolSpec((WEATHER,), "auto")
+    parsed = parse_tool_calls(
+        'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}</tool_call>', spec
+    )
+    assert parsed.content == "Sure." and parsed.calls[0]["args"] == {"city": "Oslo", "days": 2}
+    broken = parse_tool_calls("<tool_call>{not json</tool_call>", spec)
+    assert broken.calls == () and "JSONDecodeError" in broken.invalid[0]["error"]
+    unknown = parse_tool_calls('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', spec)
+    assert unknown.calls == () and "rm_rf" in unknown.invalid[0]["error"]
+    assert parse_tool_calls("plain text", spec).content == "plain text"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tools": [WEATHER], "tool_choice": "nope"}, "tool_choice='nope'"),
+        ({"tool_choice": "required"}, "needs tools"),
+        ({"tools": [{"type": "function", "function": {}}]}, "is not a function spec"),
+        ({"response_format": {"type": "xml"}}, "'xml'"),
+    ],
+)
+def test_bad_tool_options_fail_their_call(lm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lm.complete(QUESTION, **kwargs)
