@@ -12,9 +12,12 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import PrivateAttr
 
 from langchain_loraretriever.params import RoutedLMParams, generation_info
@@ -23,7 +26,7 @@ from loraretriever.serving.routed_lm import Result
 
 __all__ = ["ChatLoraRetriever"]
 
-_ROLES = {"system": "system", "human": "user", "ai": "assistant"}
+_ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
 
 
 class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
@@ -31,8 +34,10 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
 
     Each conversation is routed by its last user message. ``batch`` / ``abatch`` run the whole
     batch as ONE generation; concurrent ``invoke`` calls are merged into batches. The routing is in
-    ``response_metadata["routing"]``. Tool calling, structured output and multimodal inputs are not
-    supported (a small local model with LoRAs; the standard tests declare this).
+    ``response_metadata["routing"]``. ``bind_tools`` and ``with_structured_output`` work on any base
+    model: tools are described in a system message, a forced call (``tool_choice="any"`` or a tool's
+    name) and a structured output are decoded under a grammar, so they always validate. Multimodal
+    inputs are not supported.
 
     Example:
         .. code-block:: python
@@ -83,6 +88,50 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
             call["max_new_tokens"] = self.max_tokens
         return call
 
+    def bind_tools(
+        self, tools: Sequence[Any], *, tool_choice: str | dict | bool | None = None, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Binds tools (pydantic models, functions, LangChain tools or OpenAI specs).
+
+        Args:
+            tools: The tools.
+            tool_choice: ``None`` / ``"auto"`` (the model chooses text or a call), ``"none"``,
+                ``"any"`` / ``"required"`` / ``True`` (a call, always valid), or a tool's name.
+        """
+        kwargs.pop("ls_structured_output_format", None)  # tracing metadata of with_structured_output
+        bound: dict[str, Any] = {"tools": [convert_to_openai_tool(t) for t in tools], **kwargs}
+        if tool_choice is not None:
+            bound["tool_choice"] = "required" if tool_choice is True else tool_choice
+        return self.bind(**bound)
+
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: str = "json_schema",
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | Any]:
+        """Answers as ``schema`` (a pydantic model, TypedDict or JSON schema): ``method="json_schema"``
+        (the default) and ``"function_calling"`` decode under the schema's grammar, so the result always
+        validates; ``"json_mode"`` asks for any JSON object."""
+        if method == "function_calling":
+            return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
+        if method == "json_mode":
+            llm = self.bind(response_format={"type": "json_object"})
+        elif method == "json_schema":
+            fmt = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
+            llm = self.bind(response_format=fmt)
+        else:
+            raise ValueError(f"method={method!r} is not 'json_schema', 'function_calling' or 'json_mode'.")
+        pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()
+        if not include_raw:
+            return llm | parser
+        parse = RunnablePassthrough.assign(parsed=lambda x: parser.invoke(x["raw"]), parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parse.with_fallbacks([fallback], exception_key="parsing_error")
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -119,6 +168,9 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        if kwargs.get("tools"):  # tool calls are parsed from the whole answer: one chunk
+            yield _whole_chunk(self._generate(messages, stop, run_manager, **kwargs))
+            return
         deltas, request = self.lm.stream_with_result(to_chat_messages(messages), **self._chat_kwargs(stop, kwargs))
         for delta in deltas:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
@@ -134,6 +186,9 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        if kwargs.get("tools"):
+            yield _whole_chunk(await self._agenerate(messages, stop, run_manager, **kwargs))
+            return
         deltas, request = self.lm.astream_with_result(to_chat_messages(messages), **self._chat_kwargs(stop, kwargs))
         async for delta in deltas:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
@@ -237,10 +292,16 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
         role = message.role if isinstance(message, ChatMessage) else _ROLES.get(message.type)
         if role is None:
             raise ValueError(
-                f"{type(message).__name__} is not supported: ChatLoraRetriever reads system, human and ai "
-                "messages only (no tool calling)."
+                f"{type(message).__name__} is not supported: ChatLoraRetriever reads system, human, ai and "
+                "tool messages."
             )
-        chat.append({"role": role, "content": _text(message)})
+        text = _text(message)
+        if isinstance(message, AIMessage) and message.tool_calls:  # the calls as the model wrote them
+            calls = [json.dumps({"name": c["name"], "arguments": c["args"]}) for c in message.tool_calls]
+            text = "".join([text, *(f"<tool_call>{c}</tool_call>" for c in calls)])
+        elif isinstance(message, ToolMessage) and not text.strip():
+            text = "(no output)"
+        chat.append({"role": role, "content": text})
     return chat
 
 
@@ -273,8 +334,30 @@ def _usage(result: Result) -> dict[str, int]:
 
 def _chat_result(result: Result, model_name: str) -> ChatResult:
     info = {**generation_info(result), "model_name": model_name}
-    message = AIMessage(content=result.text, response_metadata=info, usage_metadata=_usage(result))
+    message = AIMessage(
+        content=result.text,
+        tool_calls=[dict(c) for c in result.tool_calls],
+        invalid_tool_calls=[{k: c[k] for k in ("name", "args", "id", "error")} for c in result.invalid_tool_calls],
+        response_metadata=info,
+        usage_metadata=_usage(result),
+    )
     return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)])
+
+
+def _whole_chunk(result: ChatResult) -> ChatGenerationChunk:
+    message = result.generations[0].message
+    chunks = [
+        {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i}
+        for i, c in enumerate(message.tool_calls)
+    ]
+    chunk = AIMessageChunk(
+        content=message.content,
+        tool_call_chunks=chunks,
+        response_metadata=message.response_metadata,
+        usage_metadata=message.usage_metadata,
+        chunk_position="last",
+    )
+    return ChatGenerationChunk(message=chunk, generation_info=result.generations[0].generation_info)
 
 
 def _last_chunk(result: Result, model_name: str) -> ChatGenerationChunk:

@@ -374,3 +374,26 @@ def copy_pool(source: Path, target: Path) -> Path:
     for part in ("adapters", "cards"):
         shutil.copytree(source / part, target / part)
     return target
+
+
+@pytest.fixture(scope="session")
+def tools_lm(tiny_lm, smol_tokenizer, minilm, tmp_path_factory):
+    """The tiny Llama with a 1,024-token window (tool descriptions are long), a real LoRA per toy card."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraretriever.retrieval.cards import AdapterCard
+    from loraretriever.retrieval.router import Router
+    from loraretriever.serving.routed_lm import RoutedLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**tiny_lm.config.to_dict(), "max_position_embeddings": 1024})).eval()
+    cards = [AdapterCard(name, samples, domain=domain) for name, (domain, samples) in TOY_CARDS.items()]
+    router = Router.from_cards(cards, embedder=minilm)
+    lm = RoutedLM.from_model(model, smol_tokenizer, router=router, max_wait_ms=0)
+    root = tmp_path_factory.mktemp("tool_adapters")
+    for seed, card in enumerate(cards):
+        lm.pool.add(save_peft_adapter(model, root / card.name, r=2, seed=seed), name=card.name)
+    yield lm
+    lm.close()
+    router.close()
