@@ -317,3 +317,67 @@ def test_concurrent_streaming_clients_all_complete_and_correctly_routed(server, 
     assert result["failed"] == 0, result["errors"]
     assert result["complete"] == result["correctly_routed"] == 12 and result["all_complete_and_routed"]
     assert result["ttft_s"]["p99"] >= result["ttft_s"]["p50"] > 0 and result["tokens_per_s"] > 0
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The forecast for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "days": {"type": "integer", "minimum": 1}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_tool_calls_and_response_formats_through_the_api(client):
+    ask = [{"role": "user", "content": "What is the weather in Paris for the next 3 days?"}]
+    reply = client.chat.completions.create(
+        model="auto", messages=ask, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "get_weather"
+    arguments = json.loads(choice.message.tool_calls[0].function.arguments)
+    assert isinstance(arguments["city"], str) and set(arguments) <= {"city", "days"}
+
+    streamed = list(
+        client.chat.completions.create(
+            model="auto", messages=ask, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60, temperature=0,
+            stream=True,
+        )
+    )  # fmt: skip
+    calls = [tc for c in streamed if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == arguments
+
+    call = choice.message.tool_calls[0]
+    follow_up = [
+        *ask,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 C"},
+    ]
+    answer = client.chat.completions.create(model="auto", messages=follow_up, max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content
+    assert answer.choices[0].routing["adapters"] == choice.routing["adapters"]  # routed by the user's question
+
+    schema = {
+        "type": "object",
+        "properties": {"sunny": {"type": "boolean"}},
+        "required": ["sunny"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": schema}}
+    shaped = client.chat.completions.create(
+        model="auto", messages=ask, response_format=fmt, max_tokens=30, temperature=0
+    )
+    assert isinstance(json.loads(shaped.choices[0].message.content)["sunny"], bool)
+
+
+def test_langchain_openai_tool_calling_against_the_server(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="auto", base_url=f"{server.url}/v1", api_key=KEY, temperature=0, max_tokens=60)
+    message = llm.bind_tools([WEATHER_TOOL], tool_choice="any").invoke("Weather in Oslo tomorrow?")
+    assert message.tool_calls[0]["name"] == "get_weather" and isinstance(message.tool_calls[0]["args"]["city"], str)

@@ -226,10 +226,7 @@ def create_app(source: Served | Callable[[], Served], config: ServerConfig | Non
         lm = state.ready()
         if isinstance(lm, Forwarder):
             return await lm.forward("/v1/chat/completions", body)
-        for message in body.messages:
-            if message.role == "assistant" and message.content is None:
-                raise APIError(400, "an assistant message without content (tool calls) is not supported yet.")
-        chat = [{"role": _role(m.role), "content": m.text()} for m in body.messages]
+        chat = [{"role": _role(m.role), "content": _message_text(m)} for m in body.messages]
         return await _serve(state, lm, body, [chat], request, chat=True)
 
     @app.post("/v1/completions")
@@ -279,6 +276,25 @@ def _role(role: str) -> str:
     return "system" if role == "developer" else role
 
 
+def _message_text(message: Any) -> str:
+    """A message as the model reads it: an assistant's tool calls in the form it writes them."""
+    text = message.text()
+    for call in message.tool_calls or ():
+        try:
+            arguments = json.loads(call.function.arguments or "{}")
+        except ValueError:
+            raise APIError(400, f"tool call {call.id!r}: arguments are not JSON.", param="messages") from None
+        text += "<tool_call>" + json.dumps({"name": call.function.name, "arguments": arguments}) + "</tool_call>"
+    return text
+
+
+def _openai_tool_calls(result: Result) -> list[dict[str, Any]]:
+    return [
+        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["args"])}}
+        for c in result.tool_calls
+    ]
+
+
 # -- generation ------------------------------------------------------------------------------
 def _call_kwargs(lm: RoutedLM, body: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> dict:
     """The library call of a request body: generation settings plus routing options."""
@@ -306,6 +322,9 @@ def _call_kwargs(lm: RoutedLM, body: ChatCompletionRequest | CompletionRequest, 
                 400, "routing.adapters and an adapter as model both pin adapters; pass one.", param="routing"
             )
         routing["adapters"] = [body.model]
+    for name in ("tools", "tool_choice", "response_format"):
+        if getattr(body, name, None) is not None:
+            routing[name] = getattr(body, name)
     return {
         **routing,
         "max_new_tokens": body.token_limit() or default_max_tokens,
@@ -350,8 +369,14 @@ async def _serve(
     chat: bool,
 ) -> Response:
     kwargs = _call_kwargs(lm, body, state.config.default_max_tokens)
-    submitted = _submit_all(state, lm, prompts, kwargs, body.n, body.seed, body.stream)
+    whole = "tools" in kwargs  # tool calls are parsed from the whole answer: streamed at its end
+    submitted = _submit_all(state, lm, prompts, kwargs, body.n, body.seed, body.stream and not whole)
     reply = _Reply(body.model, chat, body.n)
+    if body.stream and whole:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(
+            _stream_whole(state, reply, [q for _, q in submitted], request, usage), media_type="text/event-stream"
+        )
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
@@ -414,16 +439,29 @@ class _Reply:
             choice: dict[str, Any] = {"index": index, "finish_reason": result.finish_reason, "logprobs": None}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": result.text}
+                if result.tool_calls:
+                    choice["message"]["tool_calls"] = _openai_tool_calls(result)
             else:
                 choice["text"] = result.text
             choice["routing"] = result.routing.to_dict()
             choices.append(choice)
         return {**self._head(self.object), "choices": choices, "usage": self.usage(results)}
 
-    def chunk(self, index: int, delta: str, *, first: bool = False, routing: Any = None, finish: str | None = None):
+    def chunk(
+        self,
+        index: int,
+        delta: str,
+        *,
+        first: bool = False,
+        routing: Any = None,
+        finish: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+    ):
         choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
         if self.chat and first:
             choice["delta"] = {"role": "assistant", "content": delta}
+        elif self.chat and tool_calls:
+            choice["delta"] = {"tool_calls": tool_calls}
         elif self.chat:
             choice["delta"] = {"content": delta} if delta else {}
         else:
@@ -440,6 +478,27 @@ class _Reply:
 
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream_whole(
+    state: _State, reply: _Reply, queued: list[QueuedRequest], request: Request, include_usage: bool
+) -> AsyncIterator[str]:
+    """The events of answers that are sent whole (tool calls): each choice's text, calls and end."""
+    try:
+        results = await _wait(queued, request)
+    except APIError as error:
+        yield _sse(error.body())
+        return
+    for index, result in enumerate(results):
+        state.metrics.observe(result)
+        yield _sse(reply.chunk(index, result.text, first=True, routing=result.routing))
+        if result.tool_calls:
+            calls = [{"index": i, **c} for i, c in enumerate(_openai_tool_calls(result))]
+            yield _sse(reply.chunk(index, "", tool_calls=calls))
+        yield _sse(reply.chunk(index, "", finish=result.finish_reason))
+    if include_usage:
+        yield _sse(reply.usage_chunk(results))
+    yield _sse("[DONE]")
 
 
 async def _stream(

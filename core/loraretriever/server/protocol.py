@@ -34,12 +34,25 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     """One message; ``content`` is text or a list of text parts (other parts are refused)."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -140,8 +153,6 @@ def unsupported_fields(body: _Sampling) -> list[str]:
         "logit_bias": None,
         "logprobs": (None, False),
         "top_logprobs": (None, 0),
-        "tools": (None, []),
-        "tool_choice": (None, "none", "auto"),
         "echo": False,
         "best_of": (None, 1),
         "suffix": None,
@@ -155,7 +166,4 @@ def unsupported_fields(body: _Sampling) -> list[str]:
         options = allowed if isinstance(allowed, tuple) else (allowed,)
         if value not in options and not (value == {} and None in options):
             bad.append(name)
-    response_format = getattr(body, "response_format", None)
-    if response_format not in (None, {"type": "text"}):
-        bad.append("response_format")
     return bad
