@@ -193,8 +193,8 @@ def test_chat_stream_and_errors(chat):
     chunks = list(chat.stream([HumanMessage(PROMPTS[3])]))
     assert "".join(c.content for c in chunks) == chat.invoke([HumanMessage(PROMPTS[3])]).content
     assert chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata["output_tokens"] == 5
-    with pytest.raises(ValueError, match="ToolMessage is not supported"):
-        chat.invoke([HumanMessage("hi"), ToolMessage("3", tool_call_id="x")])
+    after_tool = chat.invoke([HumanMessage(PROMPTS[0]), ToolMessage("3", tool_call_id="x")])  # read back
+    assert isinstance(after_tool.content, str) and after_tool.response_metadata["routing"]["adapters"]
     with pytest.raises(ValueError, match="content block of type 'image_url' is not supported"):
         chat.invoke([HumanMessage(content=[{"type": "image_url", "image_url": {"url": "x"}}])])
     outputs = chat.batch([[HumanMessage(PROMPTS[0])], [HumanMessage("  ")]], return_exceptions=True)
