@@ -238,14 +238,6 @@ def flan48() -> Path:
     return RETRIEVAL_DATA
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ChromaServer:
     """A real `chroma run` process on 127.0.0.1 with its own data directory."""
 
@@ -256,10 +248,12 @@ class ChromaServer:
         import time
         import urllib.request
 
+        from loraretriever.server.local import free_port
+
         chroma = shutil.which("chroma", path=str(Path(sys.executable).parent)) or shutil.which("chroma")
         if chroma is None:
             pytest.skip("the `chroma` command (installed with chromadb) is not on PATH")
-        self.host, self.port = "127.0.0.1", _free_port()
+        self.host, self.port = "127.0.0.1", free_port()
         data.mkdir(parents=True, exist_ok=True)
         self.log_path = data / f"chroma-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
@@ -315,56 +309,16 @@ def start_chroma_server(tmp_path):
 
 
 class ServeProcess:
-    """A real `loraretriever serve` process on 127.0.0.1, waited for until /health says ok."""
+    """A real `loraretriever serve` process on 127.0.0.1 (:class:`loraretriever.server.local.LocalServer`);
+    a server that does not start fails the test with its log."""
 
-    def __init__(self, pool_dir: Path, log_dir: Path, *args: str, api_key: str | None = "sk-test") -> None:
-        import shutil
-        import subprocess
-        import sys
+    def __new__(cls, pool_dir: Path, log_dir: Path, *args: str, api_key: str | None = "sk-test"):
+        from loraretriever.server.local import LocalServer
 
-        command = shutil.which("loraretriever", path=str(Path(sys.executable).parent))
-        if command is None:
-            pytest.fail("the `loraretriever` command is not installed next to this Python")
-        self.port, self.api_key = _free_port(), api_key
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"serve-{self.port}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
-        key = ["--api-key", api_key] if api_key else []
-        self.process = subprocess.Popen(
-            [command, "serve", "--pool", str(pool_dir), "--port", str(self.port), *key, *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "LORARETRIEVER_API_KEY": ""},
-        )
-        self.wait_until_ready()
-
-    def wait_until_ready(self, timeout: float = 240) -> None:
-        import time
-        import urllib.error
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    return
-            except (OSError, urllib.error.HTTPError):
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"`loraretriever serve` did not become ready: {self.log_path.read_text()[-3000:]}")
-                time.sleep(0.3)
-
-    def stop(self) -> None:
-        import subprocess
-
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        try:
+            return LocalServer(pool_dir, log_dir, *args, api_key=api_key, timeout_s=240)
+        except RuntimeError as error:
+            pytest.fail(str(error))
 
 
 def copy_pool(source: Path, target: Path) -> Path:

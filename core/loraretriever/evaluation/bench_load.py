@@ -12,22 +12,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import random
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loraretriever.retrieval.cards import CardStore
 from loraretriever.retrieval.router import Router
+from loraretriever.server.local import LocalServer
 
 __all__ = ["run_load_benchmark"]
 
@@ -59,7 +55,13 @@ def run_load_benchmark(
     with Router.from_cards(cards) as router:
         expected = router.route(prompts)
 
-    server = None if url is not None else _Server(pool_dir, api_key, max_batch_size=clients)
+    workdir = Path(tempfile.mkdtemp(prefix="loraretriever-load-"))
+    server = None
+    if url is None:  # its own server, over a copy (the pool's embedded index stays free)
+        for part in ("adapters", "cards"):
+            shutil.copytree(pool_dir / part, workdir / "pool" / part)
+        server = LocalServer(workdir / "pool", workdir, "--max-batch-size", str(clients), "--log-level", "warning",
+                             api_key=api_key)  # fmt: skip
     try:
         target = url or server.url
         log(f"load: {requests} streamed requests, {clients} at a time, against {target}")
@@ -69,6 +71,7 @@ def run_load_benchmark(
     finally:
         if server is not None:
             server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     failures = [o["error"] for o in outcomes if "error" in o]
     done = [o for o in outcomes if "error" not in o]
@@ -146,43 +149,3 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
         "p50": round(statistics.median(ordered), 4),
         "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
     }
-
-
-class _Server:
-    """A ``loraretriever serve`` on a free 127.0.0.1 port over a copy of the pool's adapters and cards."""
-
-    def __init__(self, pool_dir: Path, api_key: str, *, max_batch_size: int) -> None:
-        self._root = Path(tempfile.mkdtemp(prefix="loraretriever-load-"))
-        for part in ("adapters", "cards"):
-            shutil.copytree(pool_dir / part, self._root / "pool" / part)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        command = shutil.which("loraretriever", path=str(Path(sys.executable).parent)) or "loraretriever"
-        self._log = open(self._root / "serve.log", "wb")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            [command, "serve", "--pool", str(self._root / "pool"), "--port", str(port), "--api-key", api_key,
-             "--max-batch-size", str(max_batch_size), "--log-level", "warning"],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ},
-        )  # fmt: skip
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    return
-            except OSError as error:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"the server did not start: {error}") from error
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self._log.close()
-        shutil.rmtree(self._root, ignore_errors=True)
