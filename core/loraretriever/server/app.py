@@ -33,7 +33,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraretriever.engine.adapter import AdapterError
 from loraretriever.engine.scheduler import QueuedRequest
-from loraretriever.retrieval.options import ROUTE_OPTIONS
 from loraretriever.server.backend import Forwarder
 from loraretriever.server.errors import APIError, from_library_error
 from loraretriever.server.metrics import ServerMetrics
@@ -297,16 +296,11 @@ def _openai_tool_calls(result: Result) -> list[dict[str, Any]]:
 
 # -- generation ------------------------------------------------------------------------------
 def _call_kwargs(lm: RoutedLM, body: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> dict:
-    """The library call of a request body: generation settings plus routing options."""
+    """The library call of a request body: routing options, tools, generation settings."""
     unsupported = unsupported_fields(body)
     if unsupported:
         raise APIError(400, f"{unsupported[0]} is not supported by this server; leave it unset.", param=unsupported[0])
-    routing = dict(body.routing or {})
-    unknown = sorted(set(routing) - set(ROUTE_OPTIONS))
-    if unknown:
-        raise APIError(
-            400, f"routing has unknown option(s) {unknown}; it takes {list(ROUTE_OPTIONS)}.", param="routing"
-        )
+    call = body.route_options()
     if body.model != AUTO_MODEL:
         if body.model not in lm.pool:
             lm.sync_pool()  # stored by another process sharing the pool?
@@ -317,16 +311,16 @@ def _call_kwargs(lm: RoutedLM, body: ChatCompletionRequest | CompletionRequest, 
                 param="model",
                 code="model_not_found",
             )
-        if "adapters" in routing:
+        if "adapters" in call:
             raise APIError(
                 400, "routing.adapters and an adapter as model both pin adapters; pass one.", param="routing"
             )
-        routing["adapters"] = [body.model]
+        call["adapters"] = [body.model]
     for name in ("tools", "tool_choice", "response_format"):
         if getattr(body, name, None) is not None:
-            routing[name] = getattr(body, name)
+            call[name] = getattr(body, name)
     return {
-        **routing,
+        **call,
         "max_new_tokens": body.token_limit() or default_max_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,

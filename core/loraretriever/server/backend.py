@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraretriever.engine.pool_dir import adapter_dirs
 from loraretriever.engine.routing import Routing
-from loraretriever.retrieval.options import ROUTE_OPTIONS, RouteOptions
+from loraretriever.retrieval.options import RouteOptions
 from loraretriever.retrieval.router import Router
 from loraretriever.server.errors import APIError
 from loraretriever.server.protocol import AUTO_MODEL, ChatCompletionRequest, CompletionRequest
@@ -100,10 +100,7 @@ class Forwarder:
         return JSONResponse(data, status_code=response.status_code)
 
     async def _route(self, body: ChatCompletionRequest | CompletionRequest) -> Routing:
-        options = dict(body.routing or {})
-        unknown = sorted(set(options) - set(ROUTE_OPTIONS))
-        if unknown:
-            raise APIError(400, f"routing has unknown option(s) {unknown}; it takes {list(ROUTE_OPTIONS)}.")
+        options = body.route_options()
         if body.model != AUTO_MODEL:
             if body.model not in self.names:
                 raise APIError(

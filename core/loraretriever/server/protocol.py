@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from loraretriever.retrieval.options import ROUTE_OPTIONS
+from loraretriever.server.errors import APIError
+
 __all__ = [
     "AUTO_MODEL",
     "AdapterRequest",
@@ -92,6 +95,15 @@ class _Sampling(_Body):
         if isinstance(stop, list) and len(stop) > 4:
             raise ValueError(f"stop has {len(stop)} strings; at most 4 are allowed.")
         return stop
+
+    def route_options(self) -> dict[str, Any]:
+        """``routing`` checked: only RouteOptions names (their values are checked by the library)."""
+        options = dict(self.routing or {})
+        unknown = sorted(set(options) - set(ROUTE_OPTIONS))
+        if unknown:
+            message = f"routing has unknown option(s) {unknown}; it takes {list(ROUTE_OPTIONS)}."
+            raise APIError(400, message, param="routing")
+        return options
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
