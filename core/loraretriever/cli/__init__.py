@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["main"]
+__all__ = ["fail", "main"]
 
 # Modules exposing ``register(subparsers)``; imported lazily so `--help` stays fast.
 _COMMAND_MODULES = [
@@ -17,6 +17,13 @@ _COMMAND_MODULES = [
     "loraretriever.cli.bench",
     "loraretriever.cli.serve",
 ]
+
+
+def fail(problem: object) -> int:
+    """Prints ``error: <problem>`` (an exception or a message naming the value and the fix) to
+    stderr and returns 2, the exit status of a bad command line or input."""
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

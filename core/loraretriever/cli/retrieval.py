@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from typing import Any
 
+from loraretriever.cli import fail
 from loraretriever.cli.route_flags import add_route_arguments, route_options_from
 from loraretriever.retrieval.cards import RetrievalError
 
@@ -37,11 +37,6 @@ def _set_threads(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-
-
-def _fail(err: Exception) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
 
 # -- eval-retrieval ----------------------------------------------------------------------------
@@ -80,7 +75,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             cards, queries, embedder=embedder, top_k=args.top_k, exclude_own_task=args.exclude_own_task, tasks=tasks
         )
     except (RetrievalError, EmbedderError) as err:
-        return _fail(err)
+        return fail(err)
     result.update(split=args.split, tasks_file=args.tasks_file, cards_file=args.cards, queries_file=args.queries)
     if not args.json:
         print(
@@ -152,7 +147,7 @@ def _run_train(args: argparse.Namespace) -> int:
             show_progress_bar=not args.no_progress,
         )
     except (RetrievalError, EmbedderError) as err:
-        return _fail(err)
+        return fail(err)
     summary.update(queries_file=args.queries, query_split=args.query_split)
     if not args.json:
         print(
@@ -208,7 +203,7 @@ def _run_reindex(args: argparse.Namespace) -> int:
     try:
         router = _open_router(args, reindex=True)
     except (RetrievalError, EmbedderError) as err:
-        return _fail(err)
+        return fail(err)
     result = {"indexed": router.index.count(), "embedder": router.embedder.name, "index": router.index.where}
     print(json.dumps(result) if args.json else f"indexed {result['indexed']} cards with {result['embedder']}")
     return 0
@@ -231,7 +226,7 @@ def _run_route(args: argparse.Namespace) -> int:
         options = route_options_from(args)
         routings = _open_router(args).route(args.prompts, **options)
     except (RetrievalError, EmbedderError) as err:
-        return _fail(err)
+        return fail(err)
     if not args.json:
         for prompt, routing in zip(args.prompts, routings, strict=True):
             print(f"{prompt[:60]!r} -> {routing}")

@@ -10,9 +10,9 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 from pathlib import Path
 
+from loraretriever.cli import fail
 from loraretriever.cli.route_flags import add_route_arguments, route_options_from
 from loraretriever.retrieval.cards import RetrievalError
 
@@ -66,11 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run)
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
 def _run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -81,15 +76,15 @@ def _run(args: argparse.Namespace) -> int:
 
     pool = Path(args.pool).expanduser()
     if not pool.is_dir():
-        return _fail(f"--pool {args.pool!r} is not a directory; pass a pool directory (adapters/, cards/).")
+        return fail(f"--pool {args.pool!r} is not a directory; pass a pool directory (adapters/, cards/).")
     if not 0 < args.port < 65536:
-        return _fail(f"--port {args.port} is not a port number (1-65535).")
+        return fail(f"--port {args.port} is not a port number (1-65535).")
     if args.backend is not None and not args.backend.startswith(("http://", "https://")):
-        return _fail(f"--backend {args.backend!r} is not a URL; pass e.g. http://127.0.0.1:8001.")
+        return fail(f"--backend {args.backend!r} is not a URL; pass e.g. http://127.0.0.1:8001.")
     if args.replicas < 1 or (args.replicas > 1 and not args.ray):
-        return _fail(f"--replicas {args.replicas} needs --ray and a positive count.")
+        return fail(f"--replicas {args.replicas} needs --ray and a positive count.")
     if args.ray and args.replicas > 1 and args.chroma_host is None:
-        return _fail(
+        return fail(
             "replicas share the pool's index through a Chroma server (an embedded index serves one process). "
             f"Fix: `chroma run --path {pool / 'index'} --port 8001` and pass --chroma-host 127.0.0.1 --chroma-port 8001."
         )
@@ -99,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
             api_key=args.api_key, max_pending=args.max_pending, default_max_tokens=args.default_max_tokens
         )
     except (RetrievalError, ValueError) as error:
-        return _fail(str(error))
+        return fail(str(error))
 
     def forwarder() -> Forwarder:
         router = Router.open(pool, host=args.chroma_host, port=args.chroma_port)

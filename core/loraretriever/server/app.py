@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from loraretriever.engine.adapter import AdapterError
 from loraretriever.engine.scheduler import QueuedRequest
 from loraretriever.server.backend import Forwarder
-from loraretriever.server.errors import APIError, from_library_error
+from loraretriever.server.errors import APIError, from_library_error, unknown_model
 from loraretriever.server.metrics import ServerMetrics
 from loraretriever.server.protocol import (
     AUTO_MODEL,
@@ -305,12 +305,7 @@ def _call_kwargs(lm: RoutedLM, body: ChatCompletionRequest | CompletionRequest, 
         if body.model not in lm.pool:
             lm.sync_pool()  # stored by another process sharing the pool?
         if body.model not in lm.pool:
-            raise APIError(
-                404,
-                f"the model {body.model!r} does not exist: use 'auto' to route, or an adapter GET /v1/models lists.",
-                param="model",
-                code="model_not_found",
-            )
+            raise unknown_model(body.model)
         if "adapters" in call:
             raise APIError(
                 400, "routing.adapters and an adapter as model both pin adapters; pass one.", param="routing"

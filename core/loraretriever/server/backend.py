@@ -23,7 +23,7 @@ from loraretriever.engine.pool_dir import adapter_dirs
 from loraretriever.engine.routing import Routing
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.retrieval.router import Router
-from loraretriever.server.errors import APIError
+from loraretriever.server.errors import APIError, unknown_model
 from loraretriever.server.protocol import AUTO_MODEL, ChatCompletionRequest, CompletionRequest
 
 __all__ = ["Forwarder"]
@@ -103,12 +103,7 @@ class Forwarder:
         options = body.route_options()
         if body.model != AUTO_MODEL:
             if body.model not in self.names:
-                raise APIError(
-                    404,
-                    f"the model {body.model!r} does not exist: use 'auto', or an adapter GET /v1/models lists.",
-                    param="model",
-                    code="model_not_found",
-                )
+                raise unknown_model(body.model)
             return Routing.pinned([body.model], mode="single")
         try:
             opts = self.route_defaults.replace(**options)

@@ -12,7 +12,7 @@ from typing import Any
 
 from loraretriever.engine.requests import PromptTooLong
 
-__all__ = ["APIError", "from_library_error"]
+__all__ = ["APIError", "from_library_error", "unknown_model"]
 
 _TYPES = {
     400: "invalid_request_error",
@@ -52,6 +52,16 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
+
+
+def unknown_model(name: str) -> APIError:
+    """The 404 of a ``model`` that is neither ``auto`` nor a served adapter."""
+    return APIError(
+        404,
+        f"the model {name!r} does not exist: use 'auto' to route, or an adapter GET /v1/models lists.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def from_library_error(error: BaseException) -> APIError:
