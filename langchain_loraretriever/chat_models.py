@@ -6,23 +6,28 @@ import asyncio
 import json
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
+from langchain_core.caches import BaseCache
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
+from langchain_core.load import dumps
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
+from langchain_core.runnables.config import get_config_list
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import PrivateAttr
 
-from langchain_loraretriever.params import RoutedLMParams, generation_info
+from langchain_loraretriever.params import MODEL_CONFIG, RoutedLMParams, generation_info
 from loraretriever.engine.requests import prompt_text
-from loraretriever.serving.routed_lm import Result
+from loraretriever.serving.routed_lm import Result, aflag_last, flag_last
+from loraretriever.serving.tools import tool_call_text
 
 __all__ = ["ChatLoraRetriever"]
 
@@ -48,8 +53,8 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
             chat.invoke([("system", "Answer in one word."), ("human", "Is 'a dull film' positive?")])
     """
 
-    max_tokens: int | None = None
-    """LangChain's standard name for the most new tokens; overrides ``max_new_tokens`` when set."""
+    model_config = MODEL_CONFIG
+
     stop: list[str] | None = None
     """Default stop strings (cut from the output)."""
     timeout: float | None = None
@@ -66,27 +71,20 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
     def _llm_type(self) -> str:
         return "loraretriever-chat"
 
-    @property
-    def model_name(self) -> str:
-        return str(self.lm.fingerprint()["model"])
-
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
             ls_provider="loraretriever",
             ls_model_name=kwargs.get("model", self.model_name),
             ls_model_type="chat",
             ls_temperature=kwargs.get("temperature", self.temperature),
-            ls_max_tokens=kwargs.get("max_new_tokens", self.max_tokens or self.max_new_tokens),
+            ls_max_tokens=kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)),
         )
         if stop or self.stop:
             params["ls_stop"] = list(stop or self.stop or [])
         return params
 
     def _chat_kwargs(self, stop: Sequence[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        call = self._call_kwargs(stop if stop is not None else self.stop, kwargs)
-        if self.max_tokens is not None and "max_new_tokens" not in kwargs:
-            call["max_new_tokens"] = self.max_tokens
-        return call
+        return self._call_kwargs(stop if stop is not None else self.stop, kwargs)
 
     def bind_tools(
         self, tools: Sequence[Any], *, tool_choice: str | dict | bool | None = None, **kwargs: Any
@@ -98,7 +96,7 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
             tool_choice: ``None`` / ``"auto"`` (the model chooses text or a call), ``"none"``,
                 ``"any"`` / ``"required"`` / ``True`` (a call, always valid), or a tool's name.
         """
-        kwargs.pop("ls_structured_output_format", None)  # tracing metadata of with_structured_output
+        kwargs.pop("strict", None)  # a forced call is decoded under its schema's grammar: always strict
         bound: dict[str, Any] = {"tools": [convert_to_openai_tool(t) for t in tools], **kwargs}
         if tool_choice is not None:
             bound["tool_choice"] = "required" if tool_choice is True else tool_choice
@@ -110,20 +108,26 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
         *,
         method: str = "json_schema",
         include_raw: bool = False,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict | Any]:
         """Answers as ``schema`` (a pydantic model, TypedDict or JSON schema): ``method="json_schema"``
         (the default) and ``"function_calling"`` decode under the schema's grammar, so the result always
-        validates; ``"json_mode"`` asks for any JSON object."""
+        validates; ``"json_mode"`` asks for any JSON object. ``strict`` is accepted for OpenAI
+        compatibility: decoding under the grammar is always strict."""
         if method == "function_calling":
             return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
-        if method == "json_mode":
-            llm = self.bind(response_format={"type": "json_object"})
-        elif method == "json_schema":
-            fmt = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
-            llm = self.bind(response_format=fmt)
-        else:
+        if method not in ("json_schema", "json_mode"):
             raise ValueError(f"method={method!r} is not 'json_schema', 'function_calling' or 'json_mode'.")
+        if kwargs:
+            raise TypeError(f"unknown argument(s) {sorted(kwargs)} of with_structured_output.")
+        if method == "json_mode":
+            fmt: dict[str, Any] = {"type": "json_object"}
+        else:
+            fmt = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
+        # ls_structured_output_format: LangChain's tracing metadata (it pops it before our _generate)
+        traced = {"kwargs": {"method": method}, "schema": schema}
+        llm = self.bind(response_format=fmt, ls_structured_output_format=traced)
         pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
         parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()
         if not include_raw:
@@ -172,12 +176,14 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
             yield _whole_chunk(self._generate(messages, stop, run_manager, **kwargs))
             return
         deltas, request = self.lm.stream_with_result(to_chat_messages(messages), **self._chat_kwargs(stop, kwargs))
-        for delta in deltas:
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
-            if run_manager:
+        for delta, last in flag_last(deltas):  # the last chunk carries the routing and usage
+            if last:
+                chunk = _last_chunk(request.future.result(timeout=self.timeout), self.model_name, delta)
+            else:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+            if run_manager and delta:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        yield _last_chunk(request.future.result(timeout=self.timeout), self.model_name)
 
     async def _astream(
         self,
@@ -190,12 +196,14 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
             yield _whole_chunk(await self._agenerate(messages, stop, run_manager, **kwargs))
             return
         deltas, request = self.lm.astream_with_result(to_chat_messages(messages), **self._chat_kwargs(stop, kwargs))
-        async for delta in deltas:
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
-            if run_manager:
+        async for delta, last in aflag_last(deltas):
+            if last:
+                chunk = _last_chunk(await asyncio.wrap_future(request.future), self.model_name, delta)
+            else:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+            if run_manager and delta:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        yield _last_chunk(await asyncio.wrap_future(request.future), self.model_name)
 
     # -- one generation per batch ------------------------------------------------------------
     def batch(
@@ -208,7 +216,7 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
     ) -> list[BaseMessage]:
         """Generates every conversation in ONE batched pass, then hands each invoke its answer
         (so callbacks, tracing and ``return_exceptions`` behave as LangChain defines them)."""
-        keys = self._prefetch(inputs, kwargs)
+        keys = self._prefetch(inputs, config, kwargs)
         try:
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
         finally:
@@ -223,41 +231,71 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
         **kwargs: Any,
     ) -> list[BaseMessage]:
         """Async :meth:`batch`: the one batched pass runs in a worker thread."""
-        keys = await asyncio.to_thread(self._prefetch, inputs, kwargs)
+        keys = await asyncio.to_thread(self._prefetch, inputs, config, kwargs)
         try:
             return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
         finally:
             self._drop_prefetched(keys)
 
-    def _prefetch(self, inputs: list[LanguageModelInput], kwargs: dict[str, Any]) -> list[str]:
-        """Runs the valid inputs as one generation and stores each answer for its invoke."""
+    def _prefetch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None,
+        kwargs: dict[str, Any],
+    ) -> list[str]:
+        """Runs the valid inputs that LangChain's cache does not hold as one generation (or one per
+        ``max_concurrency`` of them) and stores each answer for its invoke."""
         kwargs = dict(kwargs)
         stop = kwargs.pop("stop", None)
+        kwargs.pop("ls_structured_output_format", None)  # tracing metadata, popped by LangChain too
         try:
             call = self._chat_kwargs(stop, kwargs)
         except TypeError:
             return []  # each invoke raises the same clear error for its own row
+        cached = self._cache_lookup(stop, kwargs)
         chats = []
         for i, item in enumerate(inputs):
             try:
-                chat = to_chat_messages(self._convert_input(item).to_messages())
+                messages = self._convert_input(item).to_messages()
+                chat = to_chat_messages(messages)
                 prompt_text(chat, i)
-                chats.append(chat)
             except Exception:
                 continue
+            if not cached(messages):
+                chats.append(chat)
         if len(chats) < 2:
             return []
-        try:
-            results = self.lm.generate(chats, **call)
-        except Exception:
-            return []  # the invokes surface the error row by row
+        limit = get_config_list(config, len(inputs))[0].get("max_concurrency") or len(chats)
         keys = []
-        with self._prefetch_lock:
-            for chat, result in zip(chats, results, strict=True):
-                key = _prefetch_key(chat, call)
-                self._prefetched.setdefault(key, deque()).append(result)
-                keys.append(key)
+        for start in range(0, len(chats), limit):
+            group = chats[start : start + limit]
+            try:
+                results = self.lm.generate(group, **call)
+            except Exception:
+                continue  # the invokes surface the error row by row
+            with self._prefetch_lock:
+                for chat, result in zip(group, results, strict=True):
+                    key = _prefetch_key(chat, call)
+                    self._prefetched.setdefault(key, deque()).append(result)
+                    keys.append(key)
         return keys
+
+    def _cache_lookup(self, stop: Any, kwargs: dict[str, Any]) -> Callable[[list[BaseMessage]], bool]:
+        """Whether LangChain's cache holds a conversation's answer, under the key its invoke will use."""
+        cache = (
+            self.cache if isinstance(self.cache, BaseCache) else (get_llm_cache() if self.cache is not False else None)
+        )
+        if cache is None:
+            return lambda messages: False
+        llm_string = self._get_llm_string(stop=stop, **kwargs)
+
+        def cached(messages: list[BaseMessage]) -> bool:
+            normalized = [
+                m.model_copy(update={"id": None}) if getattr(m, "id", None) is not None else m for m in messages
+            ]
+            return cache.lookup(dumps(normalized), llm_string) is not None
+
+        return cached
 
     def _take_prefetched(self, chat: list[dict[str, str]], call: dict[str, Any]) -> Result | None:
         key = _prefetch_key(chat, call)
@@ -297,8 +335,7 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
             )
         text = _text(message)
         if isinstance(message, AIMessage) and message.tool_calls:  # the calls as the model wrote them
-            calls = [json.dumps({"name": c["name"], "arguments": c["args"]}) for c in message.tool_calls]
-            text = "".join([text, *(f"<tool_call>{c}</tool_call>" for c in calls)])
+            text = "".join([text, *(tool_call_text(c["name"], c["args"]) for c in message.tool_calls)])
         elif isinstance(message, ToolMessage) and not text.strip():
             text = "(no output)"
         chat.append({"role": role, "content": text})
@@ -314,6 +351,8 @@ def _text(message: BaseMessage) -> str:
             parts.append(block)
         elif isinstance(block, dict) and block.get("type") == "text":
             parts.append(block["text"])
+        elif isinstance(block, dict) and block.get("type") in ("tool_use", "tool_call"):
+            continue  # an assistant's call as content (Anthropic's form): read from message.tool_calls
         else:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise ValueError(f"content block of type {kind!r} is not supported: ChatLoraRetriever reads text only.")
@@ -360,7 +399,9 @@ def _whole_chunk(result: ChatResult) -> ChatGenerationChunk:
     return ChatGenerationChunk(message=chunk, generation_info=result.generations[0].generation_info)
 
 
-def _last_chunk(result: Result, model_name: str) -> ChatGenerationChunk:
+def _last_chunk(result: Result, model_name: str, delta: str) -> ChatGenerationChunk:
     info = {**generation_info(result), "model_name": model_name}
-    message = AIMessageChunk(content="", response_metadata=info, usage_metadata=_usage(result), chunk_position="last")
+    message = AIMessageChunk(
+        content=delta, response_metadata=info, usage_metadata=_usage(result), chunk_position="last"
+    )
     return ChatGenerationChunk(message=message, generation_info=info)

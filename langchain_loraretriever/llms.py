@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import json
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -12,10 +14,22 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import get_config_list
 
-from langchain_loraretriever.params import RoutedLMParams, generation_info, token_usage
+from langchain_loraretriever.params import MODEL_CONFIG, RoutedLMParams, generation_info, token_usage
 from loraretriever.engine.requests import prompt_text
+from loraretriever.serving.calls import CALL_OPTIONS
+from loraretriever.serving.routed_lm import aflag_last, flag_last
 
 __all__ = ["LoraRetrieverLLM"]
+
+# The call options of the generate() running in this context. LangChain keys an LLM's cache on its
+# identifying params alone, without the call's kwargs: without these, llm.bind(adapters=[...]) would
+# be served the unpinned answer from the cache.
+_CALL_OPTIONS: ContextVar[str] = ContextVar("loraretriever_call_options", default="{}")
+
+
+def _options_key(kwargs: Mapping[str, Any]) -> str:
+    options = {k: v for k, v in kwargs.items() if k in CALL_OPTIONS or k == "max_tokens"}
+    return json.dumps(options, sort_keys=True, default=str)
 
 
 class LoraRetrieverLLM(RoutedLMParams, BaseLLM):
@@ -35,9 +49,31 @@ class LoraRetrieverLLM(RoutedLMParams, BaseLLM):
             llm.bind(adapters=["sst2"]).invoke("great acting, weak plot")  # pinned, no retrieval
     """
 
+    model_config = MODEL_CONFIG
+
     @property
     def _llm_type(self) -> str:
         return "loraretriever"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {**super()._identifying_params, "call_options": _CALL_OPTIONS.get()}
+
+    def generate(self, prompts: list[str], stop: list[str] | None = None, callbacks: Any = None, **kwargs: Any):
+        """LangChain's generate, with this call's routing and generation options in the cache key."""
+        token = _CALL_OPTIONS.set(_options_key(kwargs))
+        try:
+            return super().generate(prompts, stop, callbacks, **kwargs)
+        finally:
+            _CALL_OPTIONS.reset(token)
+
+    async def agenerate(self, prompts: list[str], stop: list[str] | None = None, callbacks: Any = None, **kwargs: Any):
+        """Async :meth:`generate`."""
+        token = _CALL_OPTIONS.set(_options_key(kwargs))
+        try:
+            return await super().agenerate(prompts, stop, callbacks, **kwargs)
+        finally:
+            _CALL_OPTIONS.reset(token)
 
     def _generate(
         self,
@@ -67,12 +103,13 @@ class LoraRetrieverLLM(RoutedLMParams, BaseLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         deltas, request = self.lm.stream_with_result(prompt, **self._call_kwargs(stop, kwargs))
-        for delta in deltas:
-            chunk = GenerationChunk(text=delta)
-            if run_manager:
+        for delta, last in flag_last(deltas):  # the last chunk carries the routing and usage
+            chunk = GenerationChunk(
+                text=delta, generation_info=generation_info(request.future.result()) if last else None
+            )
+            if run_manager and delta:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        yield GenerationChunk(text="", generation_info=generation_info(request.future.result()))
 
     async def _astream(
         self,
@@ -82,13 +119,12 @@ class LoraRetrieverLLM(RoutedLMParams, BaseLLM):
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
         deltas, request = self.lm.astream_with_result(prompt, **self._call_kwargs(stop, kwargs))
-        async for delta in deltas:
-            chunk = GenerationChunk(text=delta)
-            if run_manager:
+        async for delta, last in aflag_last(deltas):
+            info = generation_info(await asyncio.wrap_future(request.future)) if last else None
+            chunk = GenerationChunk(text=delta, generation_info=info)
+            if run_manager and delta:
                 await run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        result = await asyncio.wrap_future(request.future)
-        yield GenerationChunk(text="", generation_info=generation_info(result))
 
     def batch(
         self,

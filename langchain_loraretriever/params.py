@@ -6,12 +6,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import ConfigDict, Field
+from pydantic import AliasChoices, ConfigDict, Field
 
 from loraretriever.serving.fields import CallDefaults
 from loraretriever.serving.routed_lm import Result, RoutedLM, split_load_options
 
-__all__ = ["RoutedLMParams", "generation_info", "token_usage"]
+__all__ = ["MODEL_CONFIG", "RoutedLMParams", "generation_info", "token_usage"]
+
+# Unknown constructor arguments (a typo) are errors. Each LangChain class sets it again: LangChain's
+# Serializable base says extra="ignore", which would win in the merged config.
+MODEL_CONFIG = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
 class RoutedLMParams(CallDefaults):
@@ -23,12 +27,12 @@ class RoutedLMParams(CallDefaults):
     RoutedLM's default.
     """
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = MODEL_CONFIG
 
     lm: RoutedLM = Field(exclude=True)
     """The engine: base model, LoRA pool, router, composer and batching queue."""
-    max_new_tokens: int = 64
-    """The most tokens to generate per prompt."""
+    max_new_tokens: int = Field(default=64, validation_alias=AliasChoices("max_new_tokens", "max_tokens"))
+    """The most tokens to generate per prompt (``max_tokens``, LangChain's usual name, is accepted)."""
     temperature: float = 0.0
     """0 for greedy decoding; above 0 samples."""
     top_p: float = 1.0
@@ -55,6 +59,11 @@ class RoutedLMParams(CallDefaults):
         if stop:
             call["stop"] = tuple(stop)
         return call
+
+    @property
+    def model_name(self) -> str:
+        """The base model's id (a hub id, or a local model's directory name), never a filesystem path."""
+        return self.lm.model_id
 
     @property
     def _identifying_params(self) -> dict[str, Any]:

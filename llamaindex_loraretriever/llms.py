@@ -1,8 +1,9 @@
-"""LoraRetrieverLLM for LlamaIndex: a CustomLLM whose every call is routed to its own LoRAs."""
+"""LoraRetrieverLLM for LlamaIndex: a FunctionCallingLLM whose every call is routed to its own LoRAs."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,24 +18,33 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
+    TextBlock,
+    ToolCallBlock,
 )
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
-from pydantic import Field, PrivateAttr
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.tools import BaseTool, ToolSelection
+from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr
 
 from loraretriever.serving.fields import CallDefaults
-from loraretriever.serving.routed_lm import Result, RoutedLM, split_load_options
+from loraretriever.serving.routed_lm import Result, RoutedLM, aflag_last, flag_last, split_load_options
+from loraretriever.serving.tools import tool_call_text
 
 __all__ = ["LoraRetrieverLLM"]
 
 
-class LoraRetrieverLLM(CallDefaults, CustomLLM):
+class LoraRetrieverLLM(CallDefaults, FunctionCallingLLM):
     """Input-aware LoRA routing as a LlamaIndex LLM.
 
     ``complete`` / ``chat`` route the prompt (a chat by its last user message), use the base
     model's chat template, and put the routing in ``additional_kwargs["routing"]``. ``acomplete``
     and ``achat`` never block the event loop, and concurrent calls (a query engine firing many
     ``apredict``) are merged into batched generations.
+
+    It is a ``FunctionCallingLLM``: ``chat_with_tools`` (and so ``FunctionAgent``,
+    ``structured_predict`` and ``as_structured_llm``) works on any base model; a required call
+    (``tool_required=True``, ``tool_choice="<tool name>"``) is decoded under a grammar and always
+    validates against the tool's schema. Tool calls are ``ToolCallBlock`` s of the message.
 
     Example:
         .. code-block:: python
@@ -46,7 +56,13 @@ class LoraRetrieverLLM(CallDefaults, CustomLLM):
             print(Settings.llm.complete("Who wrote Hamlet?").additional_kwargs["routing"])
     """
 
-    max_new_tokens: int = Field(default=128, description="The most tokens to generate.")
+    model_config = ConfigDict(extra="forbid")  # a typo is an error, not a silently dropped setting
+
+    max_new_tokens: int = Field(
+        default=128,
+        validation_alias=AliasChoices("max_new_tokens", "max_tokens"),
+        description="The most tokens to generate (``max_tokens`` is accepted).",
+    )
     chat_template: bool = Field(default=True, description="Wrap completion prompts in the model's chat template.")
     is_chat_model: bool = Field(default=True, description="Let LlamaIndex send chat messages (templated by us).")
 
@@ -78,7 +94,8 @@ class LoraRetrieverLLM(CallDefaults, CustomLLM):
             context_window=self._lm.engine.context_window,
             num_output=self.max_new_tokens,
             is_chat_model=self.is_chat_model,
-            model_name=str(self._lm.fingerprint()["model"]),
+            is_function_calling_model=True,
+            model_name=self._lm.model_id,
         )
 
     # -- completion --------------------------------------------------------------------------
@@ -92,10 +109,11 @@ class LoraRetrieverLLM(CallDefaults, CustomLLM):
 
         def gen() -> CompletionResponseGen:
             text = ""
-            for delta in deltas:
+            for delta, last in flag_last(deltas):  # the last response carries the routing
                 text += delta
-                yield CompletionResponse(text=text, delta=delta)
-            yield _completion(request.future.result(), delta="")
+                yield (
+                    _completion(request.future.result(), delta) if last else CompletionResponse(text=text, delta=delta)
+                )
 
         return gen()
 
@@ -109,10 +127,12 @@ class LoraRetrieverLLM(CallDefaults, CustomLLM):
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""
-            async for delta in deltas:
+            async for delta, last in aflag_last(deltas):
                 text += delta
-                yield CompletionResponse(text=text, delta=delta)
-            yield _completion(await asyncio.wrap_future(request.future), delta="")
+                if last:
+                    yield _completion(await asyncio.wrap_future(request.future), delta)
+                else:
+                    yield CompletionResponse(text=text, delta=delta)
 
         return gen()
 
@@ -127,10 +147,12 @@ class LoraRetrieverLLM(CallDefaults, CustomLLM):
 
         def gen() -> ChatResponseGen:
             text = ""
-            for delta in deltas:
+            for delta, last in flag_last(deltas):
                 text += delta
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
-            yield _chat(request.future.result(), delta="")
+                if last:
+                    yield _chat(request.future.result(), delta)
+                else:
+                    yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
 
         return gen()
 
@@ -144,26 +166,87 @@ class LoraRetrieverLLM(CallDefaults, CustomLLM):
 
         async def gen() -> ChatResponseAsyncGen:
             text = ""
-            async for delta in deltas:
+            async for delta, last in aflag_last(deltas):
                 text += delta
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
-            yield _chat(await asyncio.wrap_future(request.future), delta="")
+                if last:
+                    yield _chat(await asyncio.wrap_future(request.future), delta)
+                else:
+                    yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
 
         return gen()
+
+    # -- tools (FunctionCallingLLM) ---------------------------------------------------------
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(
+                ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg
+            )
+        specs = [tool.metadata.to_openai_tool() for tool in tools]
+        if not specs:
+            return {"messages": messages, **kwargs}
+        choice = tool_choice if tool_choice is not None else ("required" if tool_required else "auto")
+        return {"messages": messages, "tools": specs, "tool_choice": choice, **kwargs}
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        if not allow_parallel_tool_calls:  # LlamaIndex's contract: the first call only
+            calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+            others = [b for b in response.message.blocks if not isinstance(b, ToolCallBlock)]
+            response.message.blocks = others + calls[:1]
+        return response
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+        if not calls and error_on_no_tool_call:
+            raise ValueError(
+                f"the model answered without a tool call ({response.message.content!r}); pass "
+                "tool_required=True (or FunctionAgent(initial_tool_choice=...)) to force one."
+            )
+        return [
+            ToolSelection(tool_id=c.tool_call_id or "", tool_name=c.tool_name, tool_kwargs=c.tool_kwargs) for c in calls
+        ]
 
     def _kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         return self.call_kwargs(kwargs)
 
 
 def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """LlamaIndex messages for the chat template: an assistant's tool calls as the model writes them,
+    a tool's result as a ``tool`` turn."""
     chat = []
     for message in messages:
         role = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
-        if role not in ("system", "user", "assistant"):
+        if role not in ("system", "user", "assistant", "tool"):
             raise ValueError(
-                f"a {role!r} message is not supported: LoraRetrieverLLM reads system, user and assistant messages."
+                f"a {role!r} message is not supported: LoraRetrieverLLM reads system, user, assistant and tool "
+                "messages."
             )
-        chat.append({"role": role, "content": message.content or ""})
+        text = message.content or ""
+        for block in message.blocks:
+            if isinstance(block, ToolCallBlock):
+                args = (
+                    block.tool_kwargs if isinstance(block.tool_kwargs, dict) else json.loads(block.tool_kwargs or "{}")
+                )
+                text += tool_call_text(block.tool_name, args)
+        chat.append({"role": role, "content": text if text.strip() or role != "tool" else "(no output)"})
     return chat
 
 
@@ -182,5 +265,7 @@ def _completion(result: Result, delta: str | None = None) -> CompletionResponse:
 
 
 def _chat(result: Result, delta: str | None = None) -> ChatResponse:
-    message = ChatMessage(role=MessageRole.ASSISTANT, content=result.text, additional_kwargs=_info(result))
+    calls = [ToolCallBlock(tool_call_id=c["id"], tool_name=c["name"], tool_kwargs=c["args"]) for c in result.tool_calls]
+    blocks = [TextBlock(text=result.text), *calls]
+    message = ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=_info(result))
     return ChatResponse(message=message, delta=delta, additional_kwargs=_info(result), raw=result.to_dict())

@@ -95,6 +95,25 @@ def test_base_rows_match_transformers_generate(generator, model, tokenizer):
         assert completion.prompt_tokens == int(inputs["attention_mask"][i].sum())
 
 
+def test_repetition_penalty_matches_transformers_generate(generator, model, tokenizer):
+    """Each row alone (transformers pads a batch, which the penalty would see). The random model never
+    repeats by itself, so the test uses a penalty below 1, which rewards repeats and changes the text."""
+    for prompt in PROMPTS[:2]:
+        (ours,) = generator.generate([prompt], config=GenerationConfig(max_new_tokens=24, repetition_penalty=0.5))
+        inputs = tokenizer([prompt], return_tensors="pt")
+        with torch.no_grad():
+            reference = model.generate(
+                **inputs,
+                max_new_tokens=24,
+                do_sample=False,
+                repetition_penalty=0.5,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        assert ours.text == tokenizer.decode(reference[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        (plain,) = generator.generate([prompt], config=GenerationConfig(max_new_tokens=24))
+        assert plain.text != ours.text
+
+
 def test_stop_string_spanning_a_token_boundary(generator, tokenizer):
     full = generator.generate(PROMPTS[:1], ROUTINGS[:1], GenerationConfig(max_new_tokens=12))[0]
     pieces = [tokenizer.decode([t]) for t in tokenizer(full.text, add_special_tokens=False)["input_ids"]]
@@ -175,6 +194,8 @@ def test_bad_settings_are_clear_errors(generator):
         GenerationConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature=-1"):
         GenerationConfig(temperature=-1)
+    with pytest.raises(ValueError, match="repetition_penalty=0"):
+        GenerationConfig(repetition_penalty=0)
     with pytest.raises(ValueError, match="top_p=0"):
         GenerationConfig(top_p=0)
     with pytest.raises(ValueError, match="stop=.*non-empty"):

@@ -199,3 +199,100 @@ def test_chat_stream_and_errors(chat):
         chat.invoke([HumanMessage(content=[{"type": "image_url", "image_url": {"url": "x"}}])])
     outputs = chat.batch([[HumanMessage(PROMPTS[0])], [HumanMessage("  ")]], return_exceptions=True)
     assert isinstance(outputs[1], ValueError) and outputs[0].content == chat.invoke([HumanMessage(PROMPTS[0])]).content
+
+
+# -- the contract a LangChain user relies on -------------------------------------------------
+@pytest.mark.parametrize("cls", [LoraRetrieverLLM, ChatLoraRetriever])
+def test_unknown_constructor_arguments_are_errors_and_max_tokens_is_an_alias(cls, lm):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_new_token\n"):
+        cls(lm=lm, max_new_token=3)  # a typo is not silently dropped
+    model = cls(lm=lm, max_tokens=3)
+    assert model.max_new_tokens == 3
+    message = model.invoke(PROMPTS[0], max_tokens=2)
+    text = message if isinstance(message, str) else message.content
+    assert len(lm.tokenizer.encode(text, add_special_tokens=False)) <= 2
+    with pytest.raises(TypeError, match="not both"):
+        model.invoke(PROMPTS[0], max_tokens=2, max_new_tokens=3)
+
+
+def test_model_name_is_the_model_id_not_a_path(tiny_lm, smol_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_lm.save_pretrained(tmp_path / "tiny-llama")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama")
+    lm = RoutedLM.from_model(model, smol_tokenizer, max_wait_ms=0)
+    try:
+        chat = ChatLoraRetriever(lm=lm, max_new_tokens=2)
+        assert chat.model_name == "tiny-llama" and LoraRetrieverLLM(lm=lm).model_name == "tiny-llama"
+        assert chat.invoke("hi").response_metadata["model_name"] == "tiny-llama"
+    finally:
+        lm.close()
+
+
+def test_streams_end_on_a_chunk_with_text_and_the_routing(llm, chat):
+    chunks = list(llm.stream(PROMPTS[5]))
+    assert chunks and all(chunks), f"an empty chunk in {chunks!r}"
+    messages = list(chat.stream([HumanMessage(PROMPTS[5])]))
+    assert all(m.content for m in messages), [m.content for m in messages]
+    assert messages[-1].chunk_position == "last" and messages[-1].response_metadata["routing"]["adapters"] == ["a", "b"]
+    assert all("routing" not in m.response_metadata for m in messages[:-1])
+
+    async def astream():
+        return [c async for c in chat.astream([HumanMessage(PROMPTS[5])])]
+
+    assert [m.content for m in asyncio.run(astream())] == [m.content for m in messages]
+
+
+def test_the_cache_key_holds_the_calls_routing(lm):
+    from langchain_core.caches import InMemoryCache
+
+    cached = LoraRetrieverLLM(lm=lm, max_new_tokens=5, cache=InMemoryCache())
+    routed = cached.generate([PROMPTS[1]]).generations[0][0].generation_info["routing"]["adapters"]
+    pinned = cached.bind(adapters=["a"])
+    before = lm.generations
+    result = pinned.invoke(PROMPTS[1])
+    assert lm.generations == before + 1, "a pinned call is not the routed call's cache entry"
+    assert routed == ["a", "b"] and result == lm.generate([PROMPTS[1]], max_new_tokens=5, adapters=["a"])[0].text
+    assert pinned.invoke(PROMPTS[1]) == result and lm.generations == before + 2, "and has its own entry"
+
+
+def test_chat_batch_generates_only_what_the_cache_misses(lm):
+    from langchain_core.caches import InMemoryCache
+
+    chat = ChatLoraRetriever(lm=lm, max_new_tokens=5, cache=InMemoryCache())
+    conversations = [[HumanMessage(p)] for p in PROMPTS[6:10]]
+    first = chat.invoke(conversations[0])
+    before = lm.generations
+    messages = chat.batch(conversations)
+    assert lm.generations == before + 1 and messages[0].content == first.content
+    assert [m.response_metadata["batch_size"] for m in messages[1:]] == [3, 3, 3], "the cached row is not generated"
+
+
+@pytest.mark.parametrize("cls", [LoraRetrieverLLM, ChatLoraRetriever])
+def test_max_concurrency_caps_the_rows_generated_at_once(cls, lm):
+    model = cls(lm=lm, max_new_tokens=5)
+    seen: list[int] = []
+
+    class Sizes(BaseCallbackHandler):
+        def on_llm_end(self, response, **kwargs) -> None:
+            seen.extend(g[0].generation_info["batch_size"] for g in response.generations)
+
+    before = lm.generations
+    model.batch(PROMPTS[:6], config={"max_concurrency": 2, "callbacks": [Sizes()]})
+    assert lm.generations == before + 3 and max(seen) == 2 and len(seen) == 6
+
+
+def test_routing_reaches_callbacks_through_a_chain(llm):
+    from langchain_core.prompts import PromptTemplate
+
+    routings = []
+
+    class Routings(BaseCallbackHandler):
+        def on_llm_end(self, response, **kwargs) -> None:
+            routings.append(response.generations[0][0].generation_info["routing"]["adapters"])
+
+    chain = PromptTemplate.from_template("Task {n}: rewrite the number {n} in words.") | llm
+    chain.invoke({"n": 3}, config={"callbacks": [Routings()]})
+    assert routings == [["a", "b"]]

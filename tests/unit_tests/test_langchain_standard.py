@@ -36,5 +36,26 @@ class TestChatLoraRetrieverUnit(ChatModelUnitTests):
         return {"lm": tiny_routed_lm()}
 
     @property
+    def standard_chat_model_params(self) -> dict:
+        # the suite adds api_key="test"; a local model takes no key, and an unknown argument is an error
+        return {k: v for k, v in super().standard_chat_model_params.items() if k != "api_key"}
+
+    @property
     def supports_model_override(self) -> bool:
         return False  # one local base model per object; routing, not `model=`, picks the LoRAs
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True

@@ -69,8 +69,30 @@ def test_chat_uses_the_template_and_routes(llm):
     assert response.additional_kwargs["routing"]["weights"] == [0.6, 0.4]
     streamed = list(llm.stream_chat(messages))
     assert streamed[-1].message.content == response.message.content
-    with pytest.raises(ValueError, match="'tool' message is not supported"):
-        llm.chat([ChatMessage(role=MessageRole.TOOL, content="3")])
+    with pytest.raises(ValueError, match="'function' message is not supported"):
+        llm.chat([ChatMessage(role=MessageRole.FUNCTION, content="3")])
+
+
+def test_a_tool_turn_is_read_back_as_the_model_wrote_it(llm):
+    from llama_index.core.base.llms.types import TextBlock, ToolCallBlock
+
+    call = ToolCallBlock(tool_call_id="c1", tool_name="add", tool_kwargs={"a": 1})
+    messages = [
+        ChatMessage(role=MessageRole.USER, content="Add 1."),
+        ChatMessage(role=MessageRole.ASSISTANT, blocks=[TextBlock(text=""), call]),
+        ChatMessage(role=MessageRole.TOOL, content="2", additional_kwargs={"tool_call_id": "c1"}),
+    ]
+    expected = llm.lm.generate(
+        [
+            [
+                {"role": "user", "content": "Add 1."},
+                {"role": "assistant", "content": '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'},
+                {"role": "tool", "content": "2"},
+            ]
+        ],
+        max_new_tokens=5,
+    )
+    assert llm.chat(messages).message.content == expected[0].text
 
 
 def test_concurrent_acomplete_calls_are_batched_and_do_not_block(llm):
@@ -102,3 +124,19 @@ def test_bad_input_is_a_clear_error(llm):
         llm.complete("")
     with pytest.raises(TypeError, match=r"unknown argument\(s\) \['beams'\]"):
         llm.complete(PROMPTS[0], beams=2)
+
+
+def test_constructor_refuses_unknown_arguments_and_takes_max_tokens(llm):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_new_token\n"):
+        LoraRetrieverLLM(llm.lm, max_new_token=3)
+    assert LoraRetrieverLLM(llm.lm, max_tokens=3).max_new_tokens == 3
+
+
+def test_streams_end_on_a_delta_with_the_routing(llm):
+    responses = list(llm.stream_complete(PROMPTS[4]))
+    assert all(r.delta for r in responses), [r.delta for r in responses]
+    assert responses[-1].additional_kwargs["routing"]["adapters"] == ["a", "b"]
+    chats = list(llm.stream_chat([ChatMessage(role=MessageRole.USER, content=PROMPTS[4])]))
+    assert all(r.delta for r in chats) and chats[-1].additional_kwargs["routing"]["adapters"] == ["a", "b"]

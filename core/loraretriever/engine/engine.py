@@ -419,6 +419,9 @@ class Engine:
     def _sample_and_advance(self, batch: _Batch, logits: torch.Tensor) -> _Batch | None:
         """Chooses each row's next token, hands it to its request; returns the unfinished rows."""
         finite = torch.isfinite(logits).all(dim=-1).tolist()
+        for row, request in enumerate(batch.requests):
+            if request.config.repetition_penalty != 1.0:
+                _penalize_repeats(logits[row], request.prompt_ids + request.ids, request.config.repetition_penalty)
         constrained = [(row, r.matcher) for row, r in enumerate(batch.requests) if r.matcher is not None]
         if constrained:
             self.intake.grammars.mask(logits, [row for row, _ in constrained], [m for _, m in constrained])
@@ -480,6 +483,14 @@ def _step_error(error: Exception, request: RequestState) -> RequestError:
     )
     failure.__cause__ = error
     return failure
+
+
+def _penalize_repeats(logits: torch.Tensor, seen: list[int], penalty: float) -> None:
+    """transformers' RepetitionPenaltyLogitsProcessor on one row, in place: a seen token's logit is
+    divided by ``penalty`` when positive, multiplied when negative."""
+    ids = torch.tensor(sorted(set(seen)), device=logits.device)
+    values = logits[ids]
+    logits[ids] = torch.where(values > 0, values / penalty, values * penalty)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -53,12 +53,19 @@ class GenerationConfig:
 
     Example:
         >>> GenerationConfig(max_new_tokens=16, stop=("\\n",))
-        GenerationConfig(max_new_tokens=16, temperature=0.0, top_p=1.0, seed=None, stop=('\\n',), chat_template=False, system_prompt=None, ignore_eos=False, truncation='left', grammar=None)
+        GenerationConfig(max_new_tokens=16, temperature=0.0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=('\\n',), chat_template=False, system_prompt=None, ignore_eos=False, truncation='left', grammar=None)
     """
 
     max_new_tokens: int = field(default=64, metadata={"help": "The most tokens to generate."})
     temperature: float = field(default=0.0, metadata={"help": "0 for greedy decoding, > 0 to sample."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass, in (0, 1]."})
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={
+            "help": "Above 1 discourages tokens already in the prompt or the output (transformers' and vLLM's "
+            "meaning); 1 is off. Small models under a grammar loop without it."
+        },
+    )
     seed: int | None = field(default=None, metadata={"help": "Sampling seed; the same seed gives the same text."})
     stop: tuple[str, ...] = field(default=(), metadata={"help": "Strings that end the text (not included)."})
     chat_template: bool = field(default=False, metadata={"help": "Wrap the prompt in the model's chat template."})
@@ -87,6 +94,12 @@ class GenerationConfig:
             isinstance(self.temperature, int | float) and math.isfinite(self.temperature) and self.temperature >= 0
         ):
             raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 means greedy).")
+        if not (
+            isinstance(self.repetition_penalty, int | float)
+            and math.isfinite(self.repetition_penalty)
+            and self.repetition_penalty > 0
+        ):
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be a finite number > 0 (1 is off).")
         if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1].")
         if any(not isinstance(s, str) or not s for s in self.stop):

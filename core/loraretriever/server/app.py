@@ -44,6 +44,7 @@ from loraretriever.server.protocol import (
     unsupported_fields,
 )
 from loraretriever.serving.routed_lm import Result, RoutedLM
+from loraretriever.serving.tools import tool_call_text
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -283,7 +284,7 @@ def _message_text(message: Any) -> str:
             arguments = json.loads(call.function.arguments or "{}")
         except ValueError:
             raise APIError(400, f"tool call {call.id!r}: arguments are not JSON.", param="messages") from None
-        text += "<tool_call>" + json.dumps({"name": call.function.name, "arguments": arguments}) + "</tool_call>"
+        text += tool_call_text(call.function.name, arguments)
     return text
 
 

@@ -40,6 +40,9 @@ class CallDefaults(RouteFields):
     max_new_tokens: int | None = Field(default=None, description="The most tokens to generate per prompt.")
     temperature: float | None = Field(default=None, description="0 for greedy decoding; above 0 samples.")
     top_p: float | None = Field(default=None, description="Nucleus sampling mass, in (0, 1].")
+    repetition_penalty: float | None = Field(
+        default=None, description="Above 1 discourages repeating prompt or output tokens; 1 is off."
+    )
     seed: int | None = Field(default=None, description="Sampling seed, for reproducible sampled text.")
     chat_template: bool | None = Field(
         default=None, description="Wrap each prompt in the base model's chat template (instruction-tuned models)."
@@ -55,10 +58,16 @@ class CallDefaults(RouteFields):
 
     def call_kwargs(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """This object's defaults (those set) overridden by one call's kwargs, for ``RoutedLM`` calls
-        (which refuse unknown names, naming the known ones)."""
+        (which refuse unknown names, naming the known ones). ``max_tokens``, the name LangChain and
+        OpenAI users pass, is ``max_new_tokens``."""
+        overrides = dict(overrides)
+        if "max_tokens" in overrides:
+            if "max_new_tokens" in overrides:
+                raise TypeError("pass max_new_tokens or its alias max_tokens, not both.")
+            overrides["max_new_tokens"] = overrides.pop("max_tokens")
         names = (*ROUTE_OPTIONS, *_GENERATION_FIELDS)
         defaults = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         return {**defaults, **overrides}
 
 
-_GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed", "chat_template")
+_GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed", "chat_template")

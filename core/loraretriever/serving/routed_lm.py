@@ -16,7 +16,7 @@ import inspect
 import json
 import logging
 import queue
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,7 +41,16 @@ from loraretriever.serving.tools import TOOL_OPTIONS, with_tools
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOAD_OPTIONS", "Result", "RoutedLM", "RoutesPrompts", "Timings", "split_load_options"]
+__all__ = [
+    "LOAD_OPTIONS",
+    "Result",
+    "RoutedLM",
+    "RoutesPrompts",
+    "Timings",
+    "aflag_last",
+    "flag_last",
+    "split_load_options",
+]
 
 
 class RoutesPrompts(Protocol):
@@ -371,6 +380,16 @@ class RoutedLM:
         queued = [QueuedRequest(state, deltas=_deltas(stream), make_result=BatchRunner.result) for state in states]
         return self._loop.submit(queued)
 
+    @property
+    def model_id(self) -> str:
+        """The base model's name for people and APIs: its hub id, or a local copy's directory name
+        (a path says where it lies, not what it is); the class name for a model built in memory."""
+        name = getattr(self.model.config, "_name_or_path", "") or ""
+        if not name:
+            return type(self.model).__name__
+        path = Path(name)
+        return path.name if path.is_absolute() or path.exists() else name
+
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this LM's outputs: base model, pool content, defaults (for caches)."""
         return {
@@ -379,6 +398,27 @@ class RoutedLM:
             "generation": dataclasses.asdict(self.generation),
             "routing": json.loads(json.dumps(self.route_defaults.given(), default=str)),
         }
+
+
+def flag_last(deltas: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """Each delta with whether it is the last, one delta behind, so that a stream's final chunk
+    carries both text and the result (no trailing empty chunk); an empty answer is one ``("", True)``."""
+    held: str | None = None
+    for delta in deltas:
+        if held is not None:
+            yield held, False
+        held = delta
+    yield ("" if held is None else held), True
+
+
+async def aflag_last(deltas: AsyncIterable[str]) -> AsyncIterator[tuple[str, bool]]:
+    """:func:`flag_last` for an async stream."""
+    held: str | None = None
+    async for delta in deltas:
+        if held is not None:
+            yield held, False
+        held = delta
+    yield ("" if held is None else held), True
 
 
 def _deltas(stream: bool | str) -> queue.SimpleQueue | LoopDeltas | None:

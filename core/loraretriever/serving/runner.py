@@ -139,7 +139,7 @@ class BatchRunner:
         text, finish, calls, invalid = completion.text, completion.finish_reason, (), ()
         spec = getattr(queued.payload, "tools", None)
         if spec is not None:
-            parsed = parse_tool_calls(text, spec)
+            parsed = parse_tool_calls(text, spec, cut=finish == "length")
             text, calls, invalid = parsed.content, parsed.calls, parsed.invalid
             finish = "tool_calls" if calls else finish
         return Result(

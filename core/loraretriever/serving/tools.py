@@ -26,7 +26,7 @@ from typing import Any
 from loraretriever.engine.constraints import json_rule, json_schema_grammar, lark_grammar
 from loraretriever.engine.requests import Prompt
 
-__all__ = ["TOOL_OPTIONS", "ToolCalls", "ToolSpec", "parse_tool_calls", "with_tools"]
+__all__ = ["TOOL_OPTIONS", "ToolCalls", "ToolSpec", "parse_tool_calls", "tool_call_text", "with_tools"]
 
 TOOL_OPTIONS: tuple[str, ...] = ("tools", "tool_choice", "response_format")
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -155,9 +155,15 @@ def with_tools(prompt: Prompt, options: Mapping[str, Any]) -> tuple[Prompt, str 
     return chat, (_call_grammar(spec) if spec.choice != "auto" else None), spec
 
 
-def parse_tool_calls(text: str, spec: ToolSpec) -> ToolCalls:
+def tool_call_text(name: str, arguments: Mapping[str, Any]) -> str:
+    """A call as the model writes it, for an assistant turn read back into the next prompt."""
+    return "<tool_call>" + json.dumps({"name": name, "arguments": dict(arguments)}, ensure_ascii=False) + "</tool_call>"
+
+
+def parse_tool_calls(text: str, spec: ToolSpec, cut: bool = False) -> ToolCalls:
     """Splits an answer into its text and its ``<tool_call>`` blocks (LangChain's ``tool_calls`` shape:
-    ``{"name", "args", "id"}``; a block that is not a known tool with object arguments is invalid)."""
+    ``{"name", "args", "id"}``; a block that is not a known tool with object arguments is invalid).
+    ``cut``: the answer ran out of new tokens, which the error of an unfinished call says."""
     calls, invalid = [], []
     for block in _CALL.findall(text):
         call_id = f"call_{uuid.uuid4().hex[:24]}"
@@ -168,6 +174,9 @@ def parse_tool_calls(text: str, spec: ToolSpec) -> ToolCalls:
                 raise ValueError(f"{name!r} is not one of the tools {spec.names}, or its arguments are not an object")
             calls.append({"name": name, "args": args, "id": call_id})
         except (ValueError, KeyError, TypeError) as error:
-            invalid.append({"name": None, "args": block, "id": call_id, "error": f"{type(error).__name__}: {error}"})
+            reason = f"{type(error).__name__}: {error}"
+            if cut:
+                reason += " (the answer reached max_new_tokens inside the call; raise max_new_tokens)"
+            invalid.append({"name": None, "args": block, "id": call_id, "error": reason})
     content = _CALL.sub("", text).strip() if (calls or invalid) else text
     return ToolCalls(content, tuple(calls), tuple(invalid))
