@@ -37,8 +37,9 @@ class RoutedLMParams(CallDefaults):
     """0 for greedy decoding; above 0 samples."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
-    chat_template: bool = False
-    """Wrap each prompt in the base model's chat template (instruction-tuned models answer better)."""
+    chat_template: bool | None = None
+    """Wrap each prompt in the base model's chat template. None: as the pool's LoRAs were trained
+    (``pool.json``'s ``prompt_format``), else plain text."""
 
     @classmethod
     def from_model_id(cls, model_id: str | Path | None = None, **kwargs: Any) -> Self:
@@ -71,6 +72,17 @@ class RoutedLMParams(CallDefaults):
             **self.lm.fingerprint(),
             **self.model_dump(exclude={"lm", "callbacks", "callback_manager", "tags", "metadata", "cache", "verbose"}),
         }
+
+    def close(self) -> None:
+        """Closes the RoutedLM (its worker thread, hooks, router); also a context manager. Dropping
+        the object without closing it frees the same, when it is garbage-collected."""
+        self.lm.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids from the base model's own tokenizer (LangChain's default would fetch GPT-2's)."""

@@ -63,7 +63,11 @@ class LoraRetrieverLLM(CallDefaults, FunctionCallingLLM):
         validation_alias=AliasChoices("max_new_tokens", "max_tokens"),
         description="The most tokens to generate (``max_tokens`` is accepted).",
     )
-    chat_template: bool = Field(default=True, description="Wrap completion prompts in the model's chat template.")
+    chat_template: bool | None = Field(
+        default=None,
+        description="Wrap completion prompts in the model's chat template. None: as the pool's LoRAs were "
+        "trained (pool.json's prompt_format), else the template.",
+    )
     is_chat_model: bool = Field(default=True, description="Let LlamaIndex send chat messages (templated by us).")
 
     _lm: RoutedLM = PrivateAttr()
@@ -87,6 +91,16 @@ class LoraRetrieverLLM(CallDefaults, FunctionCallingLLM):
     @property
     def lm(self) -> RoutedLM:
         return self._lm
+
+    def close(self) -> None:
+        """Closes the RoutedLM (its worker thread, hooks, router); also a context manager."""
+        self._lm.close()
+
+    def __enter__(self) -> LoraRetrieverLLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -225,7 +239,10 @@ class LoraRetrieverLLM(CallDefaults, FunctionCallingLLM):
         ]
 
     def _kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        return self.call_kwargs(kwargs)
+        call = self.call_kwargs(kwargs)
+        if self._lm.prompt_format is None:  # a pool that does not say: instruction-tuned models want the template
+            call.setdefault("chat_template", True)
+        return call
 
 
 def _messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:

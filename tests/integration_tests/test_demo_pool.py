@@ -69,3 +69,16 @@ def test_a_tasks_lora_beats_the_base_model_on_its_test_prompts(lm, task):
         results = lm.generate_routed(prompts, [routing] * len(prompts), max_new_tokens=12, chat_template=True)
         em[label] = sum(score("em", r.text, q["targets"]) for r, q in zip(results, queries, strict=True))
     assert em["lora"] > em["base"] + 2, em
+
+
+def test_the_llm_classes_prompt_as_the_pool_was_trained(lm):
+    """The pool records prompt_format "chat": LangChain's LLM class follows it (its old plain-text
+    default answered '' for half of these prompts) and the answers score."""
+    from langchain_loraretriever import LoraRetrieverLLM
+
+    assert lm.prompt_format == "chat" and lm.generation.chat_template
+    queries = load_split_queries(BIGBENCH_SPLITS, tasks=["sports_understanding", "intent_recognition"])[:6]
+    llm = LoraRetrieverLLM(lm=lm, max_new_tokens=12)
+    answers = llm.batch([q["inputs"] for q in queries])
+    templated = lm.generate([q["inputs"] for q in queries], max_new_tokens=12, chat_template=True)
+    assert answers == [r.text for r in templated] and all(a.strip() for a in answers)

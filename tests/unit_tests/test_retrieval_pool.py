@@ -124,3 +124,27 @@ def test_failed_index_write_never_loses_a_registration(tmp_path, minilm, toy_car
     # The next routing reconciles first: the registered adapter is routable, the removed one gone.
     assert router.route(GERMAN, top_k=3)[0].adapters == ("translate_de",)
     assert router.index.names() == {"sentiment", "translate_de"}  # a card's vector goes with the card
+
+
+def test_a_pool_records_its_prompt_format_and_the_lm_follows_it(tiny_lm, smol_tokenizer, minilm, tmp_path):
+    from loraretriever.engine.adapter import AdapterError
+    from loraretriever.engine.pool_dir import prompt_format, record_prompt_format
+    from loraretriever.serving.routed_lm import RoutedLM
+
+    pool_dir = tmp_path / "pool"
+    assert prompt_format(pool_dir) is None
+    record_prompt_format(pool_dir, "chat")
+    assert prompt_format(pool_dir) == "chat"
+    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=minilm, max_wait_ms=0)
+    try:
+        assert lm.prompt_format == "chat" and lm.generation.chat_template
+        (ours,) = lm.generate(["Say hi."], max_new_tokens=4)
+        assert ours.text == lm.generate(["Say hi."], max_new_tokens=4, chat_template=True)[0].text
+        assert ours.prompt_tokens > lm.generate(["Say hi."], max_new_tokens=4, chat_template=False)[0].prompt_tokens
+    finally:
+        lm.close()
+    with pytest.raises(ValueError, match="prompt_format='jinja'"):
+        record_prompt_format(pool_dir, "jinja")
+    (pool_dir / "pool.json").write_text('{"prompt_format": "jinja"}')
+    with pytest.raises(AdapterError, match="prompt_format='jinja' is not one of"):
+        prompt_format(pool_dir)

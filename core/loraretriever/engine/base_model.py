@@ -11,6 +11,8 @@ import importlib.metadata
 import logging
 import shutil
 import tempfile
+import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -18,7 +20,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from loraretriever.engine.home import loraretriever_home
 
-__all__ = ["DEFAULT_MODEL", "default_model_path", "load_base_model", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "default_model_path",
+    "load_base_model",
+    "resolve_device",
+    "resolve_dtype",
+    "shared_base_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +170,34 @@ def load_base_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+# Base models loaded by shared_base_model, while anything still uses them (weak: dropping the last
+# user frees the weights), and their tokenizers.
+_SHARED: weakref.WeakValueDictionary[tuple, PreTrainedModel] = weakref.WeakValueDictionary()
+_TOKENIZERS: weakref.WeakKeyDictionary[PreTrainedModel, PreTrainedTokenizerBase] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_base_model(
+    model_id: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    **from_pretrained_kwargs,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """:func:`load_base_model`, loading each (model, device, dtype) once per process: ten LLM
+    objects over one base model hold one copy of its weights. The model is never modified (LoRAs
+    are applied by hooks whose state is per thread), so sharing it is safe.
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    source = DEFAULT_MODEL if model_id is None else str(model_id)
+    key = (source, str(device), str(dtype), tuple(sorted((k, str(v)) for k, v in from_pretrained_kwargs.items())))
+    with _SHARED_LOCK:
+        model = _SHARED.get(key)
+        if model is None:
+            model, tokenizer = load_base_model(model_id, dtype=dtype, device=device, **from_pretrained_kwargs)
+            _SHARED[key] = model
+            _TOKENIZERS[model] = tokenizer
+        return model, _TOKENIZERS[model]

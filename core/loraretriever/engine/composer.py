@@ -83,9 +83,10 @@ class Composer:
         self.gates = GateSet(model, pool)
         self._linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._active: BatchPlan | None = None
+        # The active plan is per thread: several RoutedLMs may share one base model (hooks of each on
+        # the same modules), and one's hooks must never act on another's forward pass.
+        self._local = threading.local()
         self._lock = threading.RLock()
-        self._token_weights: dict[int, torch.Tensor] = {}  # decoder layer -> (batch, tokens, k_max + 1)
         self._decoder_layers = {
             int(m[1]): module
             for name, module in model.named_modules()
@@ -147,6 +148,25 @@ class Composer:
                 routings, {m: p.select(index) for m, p in plan.layers.items()}, self.gates.rows(routings, self.device)
             )
         )
+
+    @property
+    def _active(self) -> BatchPlan | None:
+        return getattr(self._local, "plan", None)
+
+    @_active.setter
+    def _active(self, plan: BatchPlan | None) -> None:
+        self._local.plan = plan
+
+    @property
+    def _token_weights(self) -> dict[int, torch.Tensor]:
+        """Decoder layer -> (batch, tokens, k_max + 1) slot weights of the flow rows (this thread's)."""
+        if getattr(self._local, "token_weights", None) is None:
+            self._local.token_weights = {}
+        return self._local.token_weights
+
+    @_token_weights.setter
+    def _token_weights(self, weights: dict[int, torch.Tensor]) -> None:
+        self._local.token_weights = weights
 
     @contextmanager
     def use(self, plan: BatchPlan) -> Iterator[None]:

@@ -6,6 +6,7 @@
       adapters/<name>/adapter_config.json, adapter_model.safetensors   (PEFT's own format)
       cards/<name>.json                                               (loraretriever.retrieval.cards)
       index/                                                          (Chroma, rebuilt from the cards)
+      pool.json                                                       (how the LoRAs were trained)
       .generation, .pool.lock                                         (changes across processes)
 
 Adapters are copied in through a temporary directory renamed into place, so a crash never leaves
@@ -17,6 +18,7 @@ holds ``.pool.lock`` (:func:`pool_change`) and then bumps ``.generation``, which
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -37,10 +39,14 @@ __all__ = [
     "generation",
     "load_adapters",
     "pool_change",
+    "prompt_format",
+    "record_prompt_format",
     "store_adapter",
 ]
 
 ADAPTERS_DIR = "adapters"
+SETTINGS_FILE = "pool.json"
+PROMPT_FORMATS = ("chat", "plain")
 GENERATION_FILE = ".generation"
 LOCK_FILE = ".pool.lock"
 
@@ -139,3 +145,38 @@ def delete_adapter(pool_dir: str | Path, name: str) -> None:
         trash = target.with_name(f".{name}.deleting")
         target.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def prompt_format(pool_dir: str | Path) -> str | None:
+    """How the pool's LoRAs saw their prompts in training: ``"chat"`` (the base model's chat
+    template) or ``"plain"``; None for a pool that does not record it.
+
+    Raises:
+        AdapterError: a ``pool.json`` that is not JSON or records an unknown format (names the fix).
+    """
+    path = Path(pool_dir).expanduser() / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("prompt_format")
+    except (ValueError, AttributeError) as error:
+        raise AdapterError(f"{path} is not a JSON object ({error}); fix or delete it.") from None
+    if value is not None and value not in PROMPT_FORMATS:
+        raise AdapterError(f"{path}: prompt_format={value!r} is not one of {PROMPT_FORMATS}; fix it.")
+    return value
+
+
+def record_prompt_format(pool_dir: str | Path, value: str) -> None:
+    """Records how the pool's LoRAs were trained (see :func:`prompt_format`), atomically."""
+    if value not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format={value!r} is not one of {PROMPT_FORMATS}.")
+    root = Path(pool_dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / SETTINGS_FILE
+    settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    settings["prompt_format"] = value
+    fd, staging = tempfile.mkstemp(prefix=".pool.json-", dir=root)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump(settings, out, indent=1)
+        out.write("\n")
+    os.replace(staging, path)

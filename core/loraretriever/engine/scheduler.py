@@ -157,7 +157,8 @@ class EngineLoop:
         self._closed = True
         if self._worker is not None:
             self._intake.put(None)
-            self._worker.join(timeout=60)
+            if self._worker is not threading.current_thread():  # a GC finalizer may run on the worker
+                self._worker.join(timeout=60)
 
     def _ensure_worker(self) -> None:
         with self._start_lock:

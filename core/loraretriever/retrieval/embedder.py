@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,7 +97,8 @@ class Embedder:
     ) -> None:
         if batch_size < 1:
             raise EmbedderError(f"batch_size={batch_size!r} must be a positive integer.")
-        self.model, label, info = _load(model, device=device)
+        # a given max_seq_length changes the model: load a copy of its own rather than the shared one
+        self.model, label, info = _load(model, device=device, shared=max_seq_length is None)
         if max_seq_length is not None:
             if max_seq_length < 1:
                 raise EmbedderError(f"max_seq_length={max_seq_length!r} must be a positive integer.")
@@ -157,8 +160,14 @@ class Embedder:
         return f"Embedder(name={self.name!r}, dim={self.dim}, instruction={self.instruction!r})"
 
 
+# Sentence models loaded from a directory or id, while an Embedder uses them: routers of one
+# embedder (one per LLM object) share its weights instead of loading a copy each.
+_SHARED: weakref.WeakValueDictionary[tuple[str, str | None], SentenceTransformer] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
 def _load(
-    model: str | Path | SentenceTransformer | None, *, device: str | None
+    model: str | Path | SentenceTransformer | None, *, device: str | None, shared: bool = True
 ) -> tuple[SentenceTransformer, str, dict]:
     """Returns the model, its label and the ``loraretriever_embedder.json`` content (or {})."""
     from sentence_transformers import SentenceTransformer
@@ -187,14 +196,26 @@ def _load(
             info = json.loads((source / EMBEDDER_INFO_FILE).read_text())
         except json.JSONDecodeError as err:
             raise EmbedderError(f"{str(source / EMBEDDER_INFO_FILE)!r} is not valid JSON ({err}).") from err
+    key = (str(source), device)
+    with _SHARED_LOCK:
+        loaded = _SHARED.get(key) if shared else None
+        if loaded is None:
+            loaded = _load_sentence_model(model, source, device)
+            if shared:
+                _SHARED[key] = loaded
+    return loaded, label, info
+
+
+def _load_sentence_model(model: object, source: str | Path, device: str | None) -> SentenceTransformer:
+    from sentence_transformers import SentenceTransformer
+
     try:
-        loaded = SentenceTransformer(str(source), device=device)
+        return SentenceTransformer(str(source), device=device)
     except Exception as err:  # hub errors, missing files, bad configs: many types
         raise EmbedderError(
             f"could not load the embedder {str(model)!r} ({type(err).__name__}: {err}). Fix: pass a "
             "sentence-transformers directory or hub id (offline: a local directory), or None for the default."
         ) from err
-    return loaded, label, info
 
 
 def _weights_digest(model: SentenceTransformer) -> str:

@@ -1,0 +1,111 @@
+"""The lifecycle of an LLM object: close() and ``with`` release the worker thread, hooks and router;
+a dropped object frees itself; a script that never closes exits cleanly; LLM objects over one base
+model share its weights, and building and dropping ten grows the process by under 100 MB."""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
+
+import pytest
+
+from langchain_loraretriever import ChatLoraRetriever
+from llamaindex_loraretriever import LoraRetrieverLLM
+from loraretriever.serving.routed_lm import RoutedLM
+from tests.conftest import DEMO_POOL
+
+
+def engine_threads() -> int:
+    return sum(t.name == "loraretriever-engine" and t.is_alive() for t in threading.enumerate())
+
+
+def test_close_and_with_release_the_worker_and_hooks(tiny_lm, smol_tokenizer, tiny_lm_adapters):
+    before = engine_threads()
+    with RoutedLM.from_model(tiny_lm, smol_tokenizer, adapters=tiny_lm_adapters, max_wait_ms=0) as lm:
+        lm.generate(["hello"], max_new_tokens=2, adapters=["a"])
+        assert engine_threads() == before + 1 and lm.composer._hooks
+    assert engine_threads() == before and not lm.composer._hooks
+    with pytest.raises(RuntimeError, match="closed"):
+        lm.generate(["hello"], max_new_tokens=2)
+    lm.close()  # idempotent
+    for make in (lambda lm: ChatLoraRetriever(lm=lm, max_new_tokens=2), lambda lm: LoraRetrieverLLM(lm, max_tokens=2)):
+        with make(RoutedLM.from_model(tiny_lm, smol_tokenizer, max_wait_ms=0)) as wrapper:
+            wrapper.invoke("hello") if hasattr(wrapper, "invoke") else wrapper.complete("hello")
+        assert engine_threads() == before
+
+
+def test_a_dropped_lm_is_collected_and_stops_its_worker(tiny_lm, smol_tokenizer, toy_pool_dir, minilm):
+    before = engine_threads()
+    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=toy_pool_dir, embedder=minilm, max_wait_ms=0)
+    lm.generate(["hello"], max_new_tokens=2)
+    alive = weakref.ref(lm)
+    del lm
+    gc.collect()
+    assert alive() is None, "nothing (the worker thread included) keeps a dropped LM alive"
+    assert engine_threads() == before
+
+
+def run_script(code: str, tmp_path) -> subprocess.CompletedProcess:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run(
+        [sys.executable, str(script), str(DEMO_POOL)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+
+
+@pytest.mark.slow
+def test_a_script_that_never_closes_exits_cleanly(tmp_path):
+    """It used to abort ("terminate called without an active exception", exit 134) in about half
+    the runs: the batching thread was still up while the interpreter tore down."""
+    code = """
+        import shutil, sys, tempfile
+        from langchain_loraretriever import LoraRetrieverLLM
+        pool = shutil.copytree(sys.argv[1], tempfile.mkdtemp() + "/pool", ignore=shutil.ignore_patterns("index"))
+        llm = LoraRetrieverLLM.from_model_id(pool_dir=pool, max_new_tokens=4)
+        print(repr(llm.invoke("Is the following sentence plausible? Tom Brady threw a touchdown.")))
+        stream = llm.stream("Is the following sentence plausible? Joao Moutinho caught the screen pass.")
+        next(stream)  # and leave it open
+    """
+    for _ in range(3):
+        done = run_script(code, tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_ten_llm_objects_over_one_base_model_grow_rss_by_under_100_mb(tmp_path):
+    code = """
+        import gc, json, shutil, sys, tempfile, threading, time
+        from langchain_loraretriever import LoraRetrieverLLM
+
+        def rss_mb():
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+
+        pool = shutil.copytree(sys.argv[1], tempfile.mkdtemp() + "/pool", ignore=shutil.ignore_patterns("index"))
+        prompt = "Is the following sentence plausible? Tom Brady threw a touchdown."
+        kept = LoraRetrieverLLM.from_model_id(pool_dir=pool, max_new_tokens=2)
+        kept.invoke(prompt)
+
+        def build_use_drop():
+            llm = LoraRetrieverLLM.from_model_id(pool_dir=pool, max_new_tokens=2)
+            assert llm.lm.model is kept.lm.model, "one copy of the base model's weights"
+            llm.invoke(prompt)
+
+        build_use_drop()
+        gc.collect(); time.sleep(2)
+        base, threads = rss_mb(), threading.active_count()
+        for _ in range(10):
+            build_use_drop()
+        gc.collect(); time.sleep(2)
+        print(json.dumps({"growth_mb": rss_mb() - base, "threads": [threads, threading.active_count()]}))
+    """
+    done = run_script(code, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["threads"][0] == figures["threads"][1], figures
+    assert figures["growth_mb"] < 100, figures
