@@ -33,6 +33,7 @@ from loraretriever.retrieval.embedder import DEFAULT_EMBEDDER, DEFAULT_INSTRUCTI
 from loraretriever.retrieval.index import LoraIndex, open_chroma_client
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.retrieval.router import Router
+from loraretriever.serving.calls import route_on_variable
 from loraretriever.serving.routed_lm import Result, RoutedLM
 
 __all__ = [
@@ -71,5 +72,6 @@ __all__ = [
     "load_base_model",
     "load_gate",
     "open_chroma_client",
+    "route_on_variable",
     "save_gate",
 ]

@@ -21,7 +21,7 @@ import queue
 import sys
 import threading
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ from loraretriever.engine.routing import Routing
 from loraretriever.engine.scheduler import EngineLoop, LoopDeltas, QueuedRequest
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.serving import adapters as pool_changes
-from loraretriever.serving.calls import GENERATION_OPTIONS, Request, split_call_options
+from loraretriever.serving.calls import GENERATION_OPTIONS, ROUTE_ON, Request, route_text, split_call_options
 from loraretriever.serving.gating import plan_gated, warn_if_mismatched
 from loraretriever.serving.pool_sync import PoolSync
 from loraretriever.serving.runner import BatchRunner, Result, Timings
@@ -268,18 +268,24 @@ class RoutedLM:
 
     # -- routing -----------------------------------------------------------------------------
     def route(
-        self, prompts: Sequence[Prompt], options: RouteOptions | Mapping[str, Any] | None = None, **overrides: Any
+        self,
+        prompts: Sequence[Prompt],
+        options: RouteOptions | Mapping[str, Any] | None = None,
+        *,
+        route_on: str | Callable[[Prompt], str] | None = None,
+        **overrides: Any,
     ) -> list[Routing]:
         """The routing of each prompt (a chat is routed by its last user message).
 
         Args:
             prompts: The prompts.
             options: Routing options (default: :attr:`route_defaults`).
+            route_on: Which text is routed (:func:`~loraretriever.serving.calls.route_text`).
             **overrides: Routing options to change for this call, by name.
         """
         opts = (self.route_defaults if options is None else RouteOptions.coerce(options)).replace(**overrides)
         prompts = _check_prompts(prompts)
-        return self._runner.route([prompt_text(p, i) for i, p in enumerate(prompts)], opts)
+        return self._runner.route([route_text(p, route_on, i) for i, p in enumerate(prompts)], opts)
 
     # -- generation: every method below submits to the one queue ----------------------------
     def generate(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[Result]:
@@ -387,14 +393,16 @@ class RoutedLM:
                 dataclasses.replace(options, exclude=tuple(names)) for names in options.excludes_for(len(prompts))
             ]
         tool_options = {k: kwargs[k] for k in TOOL_OPTIONS if kwargs.get(k) is not None}
+        route_on = kwargs.get(ROUTE_ON)
         requests = []
-        for prompt, opts in zip(prompts, per_prompt, strict=True):
+        for i, (prompt, opts) in enumerate(zip(prompts, per_prompt, strict=True)):
+            text = route_text(prompt, route_on, i)  # what it is routed by: before tools change the prompt
             if tool_options:  # described in the prompt, forced by a grammar, parsed in the result
                 prompt, grammar, spec = with_tools(prompt, tool_options)
                 call = dataclasses.replace(config, grammar=grammar) if grammar is not None else config
-                requests.append(Request(prompt, call, opts, tools=spec))
+                requests.append(Request(prompt, call, opts, tools=spec, route_text=text))
             else:
-                requests.append(Request(prompt, config, opts))
+                requests.append(Request(prompt, config, opts, route_text=text))
         return self._enqueue(requests, stream)
 
     def _enqueue(self, requests: Sequence[Request], stream: bool | str = False) -> list[QueuedRequest]:

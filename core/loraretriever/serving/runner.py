@@ -112,7 +112,7 @@ class BatchRunner:
                 groups.setdefault(queued.payload.options.key, []).append(queued)
         for members in groups.values():
             try:
-                texts = [prompt_text(q.payload.prompt, i) for i, q in enumerate(members)]
+                texts = [q.payload.route_text or prompt_text(q.payload.prompt, i) for i, q in enumerate(members)]
                 routings = self.route(texts, members[0].payload.options)
             except Exception as error:  # this group's options failed; the other callers go on
                 for queued in members:
