@@ -21,6 +21,10 @@ from llama_index.core.base.llms.types import (
     TextBlock,
     ToolCallBlock,
 )
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events import BaseEvent
+from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMCompletionEndEvent
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.tools import BaseTool, ToolSelection
@@ -30,7 +34,7 @@ from loraretriever.serving.fields import CallDefaults
 from loraretriever.serving.routed_lm import Result, RoutedLM, aflag_last, flag_last, split_load_options
 from loraretriever.serving.tools import tool_call_text
 
-__all__ = ["LoraRetrieverLLM"]
+__all__ = ["LoraRetrieverLLM", "RoutingLog"]
 
 
 class LoraRetrieverLLM(CallDefaults, FunctionCallingLLM):
@@ -286,3 +290,37 @@ def _chat(result: Result, delta: str | None = None) -> ChatResponse:
     blocks = [TextBlock(text=result.text), *calls]
     message = ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=_info(result))
     return ChatResponse(message=message, delta=delta, additional_kwargs=_info(result), raw=result.to_dict())
+
+
+class RoutingLog(BaseEventHandler):
+    """Records the routing of every LoraRetrieverLLM call, from LlamaIndex's instrumentation events:
+    what a query engine's ``Response`` cannot carry (its LLM calls happen inside the synthesizer).
+
+    Example:
+        .. code-block:: python
+
+            with RoutingLog() as log:
+                response = index.as_query_engine(llm=llm).query("Who wrote Hamlet?")
+            log.routings[-1]["adapters"]
+    """
+
+    routings: list[dict[str, Any]] = Field(default_factory=list, description="Each call's routing, in order.")
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RoutingLog"
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        if isinstance(event, LLMCompletionEndEvent | LLMChatEndEvent) and event.response is not None:
+            routing = (event.response.additional_kwargs or {}).get("routing")
+            if routing is not None:  # another LLM's calls carry none
+                self.routings.append(routing)
+
+    def __enter__(self) -> RoutingLog:
+        get_dispatcher().add_event_handler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        handlers = get_dispatcher().event_handlers
+        if self in handlers:
+            handlers.remove(self)

@@ -121,3 +121,19 @@ def test_llamaindex_structured_predict_and_structured_llm_validate(tools_lm):
     structured = llm.as_structured_llm(Forecast)
     response = structured.complete(QUESTION)
     assert isinstance(response.raw, Forecast)
+
+
+def test_a_query_engines_llm_calls_reach_a_routing_log(tools_lm):
+    """A query engine's Response cannot carry its LLM calls' routing; LlamaIndex's instrumentation can."""
+    from llama_index.core import Document, SummaryIndex
+
+    from llamaindex_loraretriever import RoutingLog
+
+    llm = LoraRetrieverLLM(tools_lm, max_new_tokens=4)
+    engine = SummaryIndex.from_documents([Document(text="Paris is sunny all week.")]).as_query_engine(llm=llm)
+    with RoutingLog() as log:
+        engine.query(QUESTION)
+    assert log.routings and all(r["adapters"] for r in log.routings)
+    recorded = len(log.routings)
+    llm.complete(QUESTION)
+    assert len(log.routings) == recorded, "detached on exit"

@@ -71,6 +71,9 @@ class Embedder:
         batch_size: Texts per forward pass. Small batches waste less on padding on CPU.
         device: Where the model runs (``"cpu"``, ``"cuda"``); ``None`` lets sentence-transformers pick.
         max_seq_length: Truncate texts to this many tokens (default: the model's own limit).
+        share: Embedders of one directory or id share one loaded model per process (routers of ten
+            LLM objects hold one copy); False loads a private copy, for code that changes its
+            weights (training).
 
     Attributes:
         name: ``"<label>@<digest>"``: the model's label and a hash of its weights, recorded with
@@ -94,11 +97,12 @@ class Embedder:
         batch_size: int = 16,
         device: str | None = "cpu",
         max_seq_length: int | None = None,
+        share: bool = True,
     ) -> None:
         if batch_size < 1:
             raise EmbedderError(f"batch_size={batch_size!r} must be a positive integer.")
         # a given max_seq_length changes the model: load a copy of its own rather than the shared one
-        self.model, label, info = _load(model, device=device, shared=max_seq_length is None)
+        self.model, label, info = _load(model, device=device, shared=share and max_seq_length is None)
         if max_seq_length is not None:
             if max_seq_length < 1:
                 raise EmbedderError(f"max_seq_length={max_seq_length!r} must be a positive integer.")

@@ -203,7 +203,7 @@ def train_retriever(
             f"only {len(train_cards)} task(s) chosen; training needs at least 2. Raise --train-fraction."
         )
 
-    embedder = Embedder(base, instruction=instruction)
+    embedder = Embedder(base, instruction=instruction, share=False)  # training changes its weights
     model = embedder.model
     full_length = model.max_seq_length
     model.max_seq_length = min(max_seq_length, full_length)
