@@ -102,3 +102,34 @@ def test_free_answers_are_parsed():
 def test_bad_tool_options_fail_their_call(lm, kwargs, match):
     with pytest.raises(ValueError, match=match):
         lm.complete(QUESTION, **kwargs)
+
+
+HERMES_TEMPLATE = (  # a template that renders tools itself, in the form Qwen's and Hermes' do
+    "{%- if tools %}<|im_start|>system\n<tools>\n{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n"
+    'Call a tool with <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n{% endif %}'
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
+
+
+def test_a_template_that_renders_tools_gets_them_and_others_get_a_system_note(lm, smol_tokenizer):
+    import copy
+
+    from loraretriever.serving.routed_lm import RoutedLM
+
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.chat_template = HERMES_TEMPLATE
+    chat = [{"role": "user", "content": QUESTION}]
+    with RoutedLM.from_model(lm.model, tokenizer, max_wait_ms=0) as native:
+        result = native.complete(chat, tools=[WEATHER], tool_choice="get_weather", max_new_tokens=160)
+        rendered = tokenizer.apply_chat_template(chat, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+        assert "<tools>" in rendered and result.prompt_tokens == len(
+            tokenizer(rendered, add_special_tokens=False).input_ids
+        )
+        assert [c["name"] for c in result.tool_calls] == ["get_weather"]
+    plain = lm.complete(chat, tools=[WEATHER], tool_choice="get_weather", max_new_tokens=160)
+    described = lm.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "x"}, *chat], tokenize=False, add_generation_prompt=True
+    )
+    assert plain.prompt_tokens > len(lm.tokenizer(described, add_special_tokens=False).input_ids) + 40, (
+        "SmolLM2's template does not render tools: they are described in a system message"
+    )

@@ -142,7 +142,8 @@ class RequestIntake:
                 ]
             if config.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": config.system_prompt})
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            tools = [dict(t) for t in config.chat_tools] if config.chat_tools else None
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise RequestError(f"prompt {index} encodes to no tokens; pass some text.")

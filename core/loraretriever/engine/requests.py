@@ -81,6 +81,13 @@ class GenerationConfig:
         default=None,
         metadata={"help": "An llguidance grammar the text must follow (loraretriever.engine.constraints)."},
     )
+    chat_tools: tuple[Mapping[str, Any], ...] | None = field(
+        default=None,
+        metadata={
+            "help": "OpenAI function specs the chat template renders (apply_chat_template(tools=...)); set by "
+            "the serving layer from a call's tools=, not a call option of its own."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

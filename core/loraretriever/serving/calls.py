@@ -29,7 +29,10 @@ __all__ = [
     "split_call_options",
 ]
 
-GENERATION_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(GenerationConfig))
+# chat_tools is set from tools= (loraretriever.serving.tools), not passed by callers
+GENERATION_OPTIONS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(GenerationConfig) if f.name != "chat_tools"
+)
 # route_on: which text of a prompt is routed ("last_user", "prompt", or a callable of the prompt)
 ROUTE_ON = "route_on"
 CALL_OPTIONS: tuple[str, ...] = GENERATION_OPTIONS + ROUTE_OPTIONS + TOOL_OPTIONS + (ROUTE_ON,)

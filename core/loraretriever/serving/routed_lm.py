@@ -398,8 +398,8 @@ class RoutedLM:
         for i, (prompt, opts) in enumerate(zip(prompts, per_prompt, strict=True)):
             text = route_text(prompt, route_on, i)  # what it is routed by: before tools change the prompt
             if tool_options:  # described in the prompt, forced by a grammar, parsed in the result
-                prompt, grammar, spec = with_tools(prompt, tool_options)
-                call = dataclasses.replace(config, grammar=grammar) if grammar is not None else config
+                prompt, grammar, spec, chat_tools = with_tools(prompt, tool_options, self.tokenizer.chat_template)
+                call = dataclasses.replace(config, grammar=grammar, chat_tools=chat_tools)
                 requests.append(Request(prompt, call, opts, tools=spec, route_text=text))
             else:
                 requests.append(Request(prompt, config, opts, route_text=text))

@@ -4,8 +4,9 @@ The call options ``tools`` (OpenAI function specs), ``tool_choice`` (``"auto"``,
 ``"required"`` / ``"any"``, or a tool's name) and ``response_format`` (``{"type": "json_schema",
 "json_schema": {"schema": ...}}`` or ``{"type": "json_object"}``) become:
 
-* the tools, described in a system message (the Hermes / Qwen convention, which any chat template
-  can carry): a call is ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
+* the tools, rendered by the chat template (``apply_chat_template(tools=...)``) when it renders
+  them in the Hermes / Qwen form, else described in a system message in that same form, which any
+  template can carry: a call is ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
 * a grammar (:mod:`loraretriever.engine.constraints`) when the output is forced: a required tool
   call is always one of the tools with arguments valid against its schema, and a response format
   always validates. With ``"auto"`` the model chooses text or a call, and the text is parsed;
@@ -26,7 +27,15 @@ from typing import Any
 from loraretriever.engine.constraints import json_rule, json_schema_grammar, lark_grammar
 from loraretriever.engine.requests import Prompt
 
-__all__ = ["TOOL_OPTIONS", "ToolCalls", "ToolSpec", "parse_tool_calls", "tool_call_text", "with_tools"]
+__all__ = [
+    "TOOL_OPTIONS",
+    "ToolCalls",
+    "ToolSpec",
+    "parse_tool_calls",
+    "renders_tools",
+    "tool_call_text",
+    "with_tools",
+]
 
 TOOL_OPTIONS: tuple[str, ...] = ("tools", "tool_choice", "response_format")
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -134,8 +143,21 @@ def _format_grammar(response_format: Any) -> str | None:
     raise ValueError(f"response_format type {kind!r} is not 'text', 'json_object' or 'json_schema'.")
 
 
-def with_tools(prompt: Prompt, options: Mapping[str, Any]) -> tuple[Prompt, str | None, ToolSpec | None]:
-    """The prompt with its tools described, the grammar its answer must follow, and the tool spec.
+def renders_tools(chat_template: str | None) -> bool:
+    """Whether a chat template renders tools itself in the form parsed here (Hermes / Qwen:
+    ``apply_chat_template(tools=...)`` and ``<tool_call>`` blocks)."""
+    return bool(chat_template) and "tools" in chat_template and "<tool_call>" in chat_template
+
+
+def with_tools(
+    prompt: Prompt, options: Mapping[str, Any], chat_template: str | None = None
+) -> tuple[Prompt, str | None, ToolSpec | None, tuple[dict[str, Any], ...] | None]:
+    """The prompt with its tools described, the grammar its answer must follow, the tool spec, and
+    the tools for the chat template to render.
+
+    A template that renders tools (:func:`renders_tools`) gets them through
+    ``apply_chat_template(tools=...)`` as the model was trained; any other gets the same call
+    format described in a system message.
 
     Raises:
         TypeError, ValueError: malformed tools, a tool choice naming no tool, a bad response format.
@@ -143,16 +165,19 @@ def with_tools(prompt: Prompt, options: Mapping[str, Any]) -> tuple[Prompt, str 
     spec = _tool_spec(options.get("tools"), options.get("tool_choice"))
     grammar = _format_grammar(options.get("response_format"))
     if spec is None or spec.choice == "none":
-        return prompt, grammar, None
+        return prompt, grammar, None, None
     if grammar is not None:
         raise ValueError("tools and response_format both constrain the answer; pass one of them.")
     chat = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    call_grammar = _call_grammar(spec) if spec.choice != "auto" else None
+    if renders_tools(chat_template):
+        return chat, call_grammar, spec, spec.tools
     note = _instructions(spec)
     if chat[0]["role"] == "system":
         chat[0] = {**chat[0], "content": f"{chat[0]['content']}\n\n{note}"}
     else:
         chat.insert(0, {"role": "system", "content": note})
-    return chat, (_call_grammar(spec) if spec.choice != "auto" else None), spec
+    return chat, call_grammar, spec, None
 
 
 def tool_call_text(name: str, arguments: Mapping[str, Any]) -> str:
