@@ -74,3 +74,20 @@ def test_serve_refuses_bad_flags_before_loading(args, match, tmp_path, capsys):
     pool = ["--pool", str(tmp_path)] if "--pool" not in args else []
     assert main(["serve", *pool, *args]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_repetition_penalty_is_passed_to_generation(tiny_lm, smol_tokenizer):
+    """vLLM's extra parameter: the reply equals the library's answer with the same penalty (the
+    random model only repeats when rewarded, so a penalty below 1 shows it is applied)."""
+    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, max_wait_ms=0)
+    body = {**CHAT, "temperature": 0, "max_tokens": 12}
+    with TestClient(create_app(lambda: lm)) as client:
+        for _ in range(300):
+            if client.get("/health").status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        penalized = client.post("/v1/chat/completions", json={**body, "repetition_penalty": 0.5}).json()
+        plain = client.post("/v1/chat/completions", json=body).json()
+        expected = lm.complete(CHAT["messages"], max_new_tokens=12, repetition_penalty=0.5).text
+        assert penalized["choices"][0]["message"]["content"] == expected != plain["choices"][0]["message"]["content"]
+        assert client.post("/v1/chat/completions", json={**body, "repetition_penalty": 0}).status_code == 400

@@ -320,6 +320,7 @@ def _call_kwargs(lm: RoutedLM, body: ChatCompletionRequest | CompletionRequest, 
         "max_new_tokens": body.token_limit() or default_max_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
+        "repetition_penalty": body.repetition_penalty,
         "stop": body.stop_strings(),
         "truncation": "error",
     }

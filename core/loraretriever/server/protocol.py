@@ -78,6 +78,9 @@ class _Sampling(_Body):
     stop: str | list[str] | None = Field(default=None, description="Up to 4 strings that end the text.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy, as OpenAI's default 1 samples.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, le=10.0, description="vLLM's extra parameter: above 1 discourages repeats; 1 is off."
+    )
     seed: int | None = Field(default=None, description="Choice i samples with seed + i.")
     stream: bool = False
     stream_options: StreamOptions | None = None
