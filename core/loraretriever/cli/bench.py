@@ -1,4 +1,4 @@
-"""``loraretriever bench serve | integrations | gates | retrieval | load``: benchmarks that print JSON.
+"""``loraretriever bench serve | integrations | gates | retrieval | load | lifecycle``: benchmarks that print JSON.
 
 Progress goes to stderr with ``--json``; the JSON result is the last line of stdout. ``--smoke``
 runs the smallest workload that still exercises every method (CI runs each command so).
@@ -94,6 +94,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--max-tokens", type=int, default=32)
     _common(load)
     load.set_defaults(handler=_run_load, smoke_overrides={"clients": 4, "requests": 4, "max_tokens": 2})
+
+    lifecycle = benches.add_parser(
+        "lifecycle", help="RSS growth of building and dropping LLM objects over one base model and pool."
+    )
+    lifecycle.add_argument("--pool", default="pools/bigbench", help="The pool directory (copied; not changed).")
+    lifecycle.add_argument("--model", default=None, help="The base model (default: the packaged one).")
+    lifecycle.add_argument("--objects", type=int, default=10)
+    _common(lifecycle)
+    lifecycle.set_defaults(handler=_run_lifecycle, smoke_overrides={"objects": 2})
+
+
+def _run_lifecycle(args: argparse.Namespace) -> int:
+    from loraretriever.evaluation.bench_lifecycle import run_lifecycle_benchmark
+
+    log = _prepare(args)
+    result = run_lifecycle_benchmark(args.pool, objects=args.objects, model_id=args.model, log=log)
+    print(json.dumps(result))
+    return 0
 
 
 def _run_load(args: argparse.Namespace) -> int:
