@@ -8,15 +8,22 @@
       index/                                                          (Chroma, rebuilt from the cards)
       pool.json                                                       (how the LoRAs were trained)
       .generation, .pool.lock                                         (changes across processes)
+      .intents/<name>.json                                            (a change under way)
 
 Adapters are copied in through a temporary directory renamed into place, so a crash never leaves
 a half-written adapter under its name. Several processes may share a pool directory: each change
 holds ``.pool.lock`` (:func:`pool_change`) and then bumps ``.generation``, which the others poll
 (:func:`generation`) to pick up what changed.
+
+A change that spans files (an adapter and its card) first records its intent
+(:func:`record_intent`) and clears it when done. A process killed in between leaves the intent,
+and whoever opens the pool next undoes the change whole (``loraretriever.serving.adapters.recover``),
+with the staging and trash directories it left (:func:`leftovers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -35,17 +42,22 @@ from loraretriever.engine.pool import LoraPool
 __all__ = [
     "ADAPTERS_DIR",
     "adapter_dirs",
+    "clear_intent",
     "delete_adapter",
     "generation",
+    "intents",
+    "leftovers",
     "load_adapters",
     "pool_change",
     "prompt_format",
+    "record_intent",
     "record_prompt_format",
     "store_adapter",
 ]
 
 ADAPTERS_DIR = "adapters"
 SETTINGS_FILE = "pool.json"
+INTENTS_DIR = ".intents"
 PROMPT_FORMATS = ("chat", "plain")
 GENERATION_FILE = ".generation"
 LOCK_FILE = ".pool.lock"
@@ -143,8 +155,50 @@ def delete_adapter(pool_dir: str | Path, name: str) -> None:
         raise KeyError(f"no stored adapter named {name!r} in {str(target.parent)!r}.")
     with pool_change(pool_dir):
         trash = target.with_name(f".{name}.deleting")
+        if trash.exists():  # left by a delete that was killed: finish it first
+            shutil.rmtree(trash)
         target.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def record_intent(pool_dir: str | Path, op: str, name: str) -> None:
+    """Records (durably) that ``op`` ("add" / "remove") of adapter ``name`` is under way."""
+    root = Path(pool_dir).expanduser() / INTENTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{name}-", dir=root)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump({"op": op, "name": name}, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(staging, root / f"{name}.json")
+
+
+def clear_intent(pool_dir: str | Path, name: str) -> None:
+    """Marks the change of ``name`` done."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path(pool_dir).expanduser() / INTENTS_DIR / f"{name}.json").unlink()
+
+
+def intents(pool_dir: str | Path) -> dict[str, str]:
+    """The changes under way or interrupted: ``{adapter name: op}`` (an unreadable record is "unknown")."""
+    root = Path(pool_dir).expanduser() / INTENTS_DIR
+    found: dict[str, str] = {}
+    for path in sorted(root.glob("*.json")) if root.is_dir() else ():
+        try:
+            found[path.stem] = str(json.loads(path.read_text(encoding="utf-8"))["op"])
+        except (ValueError, KeyError, TypeError):  # killed mid-write cannot happen (os.replace); be safe
+            found[path.stem] = "unknown"
+    return found
+
+
+def leftovers(pool_dir: str | Path) -> list[Path]:
+    """What interrupted writes leave behind: staging and trash directories of adapters, staging
+    files of intents and settings (hidden names, never read as pool entries)."""
+    root = Path(pool_dir).expanduser()
+    found = [p for p in (root / ADAPTERS_DIR).glob(".*")] if (root / ADAPTERS_DIR).is_dir() else []
+    found += [p for p in (root / INTENTS_DIR).glob(".*")] if (root / INTENTS_DIR).is_dir() else []
+    found += list(root.glob(f".{SETTINGS_FILE}-*"))
+    return sorted(found)
 
 
 def prompt_format(pool_dir: str | Path) -> str | None:

@@ -3,20 +3,34 @@
 Each change is all-or-nothing: a failure at any step undoes the steps already taken, so the
 pool, the directory and the index are left as they were. With a pool directory, each change holds
 its lock from the first step to the last (:func:`~loraretriever.engine.pool_dir.pool_change`), so
-processes that share the directory see whole changes only.
+processes that share the directory see whole changes only, and records its intent first: a
+process killed mid-change leaves the intent, and :func:`recover` (run whenever a pool directory is
+opened) undoes the change whole, so the adapter is there with its card and vector, or not at all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 from typing import Any
 
+from loraretriever.engine.adapter import check_adapter_name
 from loraretriever.engine.pool import LoraPool
-from loraretriever.engine.pool_dir import adapter_dirs, delete_adapter, pool_change, store_adapter
-from loraretriever.retrieval.cards import AdapterCard
+from loraretriever.engine.pool_dir import (
+    adapter_dirs,
+    clear_intent,
+    delete_adapter,
+    intents,
+    leftovers,
+    pool_change,
+    record_intent,
+    store_adapter,
+)
+from loraretriever.retrieval.cards import AdapterCard, CardStore
+from loraretriever.retrieval.router import CARDS_DIR
 
-__all__ = ["add_adapter", "remove_adapter"]
+__all__ = ["add_adapter", "recover", "remove_adapter"]
 
 
 def add_adapter(
@@ -42,7 +56,14 @@ def add_adapter(
     if card is not None and router is None:
         raise ValueError("a card needs a router; open the RoutedLM with pool_dir= or router=.")
     with _change(pool_dir):
-        return _add(pool, router, pool_dir, source, card, name)
+        if pool_dir is None:
+            return _add(pool, router, pool_dir, source, card, name)
+        check_adapter_name(name)
+        record_intent(pool_dir, "add", name)
+        try:
+            return _add(pool, router, pool_dir, source, card, name)
+        finally:  # done, or undone by _add: either way nothing is left half made
+            clear_intent(pool_dir, name)
 
 
 def _add(pool: LoraPool, router: Any, pool_dir: Path | None, source: str | Path, card: Any, name: str) -> str:
@@ -69,12 +90,51 @@ def remove_adapter(pool: LoraPool, router: Any, pool_dir: Path | None, name: str
     then the pool entry and the stored files."""
     pool.check_names([name])
     with _change(pool_dir):
+        if pool_dir is not None:
+            record_intent(pool_dir, "remove", name)  # cleared only once every step is done
         store = getattr(router, "store", None)
         if store is not None and name in store:
             router.unregister(name)
         pool.remove(name)
         if pool_dir is not None and name in adapter_dirs(pool_dir):
             delete_adapter(pool_dir, name)
+        if pool_dir is not None:
+            clear_intent(pool_dir, name)
+
+
+def recover(pool_dir: str | Path) -> dict[str, list[str]]:
+    """Undoes what a killed process left half done in ``pool_dir``: each recorded add or remove is
+    completed as a removal (its card and stored adapter go; the index drops the vector when it is
+    reconciled with the cards), and staging and trash files are deleted. Idempotent; cheap when
+    there is nothing to do.
+
+    Returns:
+        ``{"undone": [adapter names], "cleaned": [paths]}``.
+    """
+    root = Path(pool_dir).expanduser()
+    if not intents(root) and not _stray(root):
+        return {"undone": [], "cleaned": []}
+    with pool_change(root):  # after whoever is changing the pool now has finished
+        undone = sorted(intents(root))
+        cards = CardStore(root / CARDS_DIR)
+        for name in undone:
+            if name in cards:
+                cards.remove(name)
+            if name in adapter_dirs(root):
+                delete_adapter(root, name)
+            clear_intent(root, name)
+        cleaned = _stray(root)
+        for path in cleaned:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    return {"undone": undone, "cleaned": [str(p) for p in cleaned]}
+
+
+def _stray(root: Path) -> list[Path]:
+    cards_dir = root / CARDS_DIR
+    return leftovers(root) + (sorted(cards_dir.glob(".*.tmp")) if cards_dir.is_dir() else [])
 
 
 def _change(pool_dir: Path | None) -> contextlib.AbstractContextManager:

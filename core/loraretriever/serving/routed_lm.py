@@ -202,6 +202,9 @@ class RoutedLM:
         """
         pool = LoraPool(model)
         if pool_dir is not None:
+            undone = pool_changes.recover(pool_dir)  # a change a killed process left half done
+            if undone["undone"] or undone["cleaned"]:
+                logger.warning("recovered %s: undid %s, cleaned %s", pool_dir, undone["undone"], undone["cleaned"])
             load_adapters(pool, pool_dir)
         for name, source in (adapters or {}).items():
             pool.add(source, name=name)
