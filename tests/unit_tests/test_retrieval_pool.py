@@ -148,3 +148,21 @@ def test_a_pool_records_its_prompt_format_and_the_lm_follows_it(tiny_lm, smol_to
     (pool_dir / "pool.json").write_text('{"prompt_format": "jinja"}')
     with pytest.raises(AdapterError, match="prompt_format='jinja' is not one of"):
         prompt_format(pool_dir)
+
+
+def test_a_broken_adapter_or_card_is_quarantined_and_the_rest_serves(tiny_lm, smol_tokenizer, minilm, toy_pool_dir):
+    from loraretriever.serving.adapters import quarantined
+    from loraretriever.serving.routed_lm import RoutedLM
+
+    (toy_pool_dir / "adapters" / "nli" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    (toy_pool_dir / "cards" / "closed_qa.json").write_text("{ half a card")
+    with RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=toy_pool_dir, embedder=minilm, max_wait_ms=0) as lm:
+        assert sorted(lm.pool.names) == ["closed_qa", "sentiment", "translate_de"]
+        assert sorted(lm.router.store.names) == ["sentiment", "translate_de"] == sorted(lm.router.index.digests())
+        (result,) = lm.generate(["Translate to German: good night"], max_new_tokens=2)
+        assert result.routing.adapters and "nli" not in result.routing.adapters
+    reasons = quarantined(toy_pool_dir)
+    assert set(reasons) == {"nli", "closed_qa"}
+    assert "does not load" in reasons["nli"] and "cannot be read" in reasons["closed_qa"]
+    assert (toy_pool_dir / "quarantine" / "nli" / "adapter" / "adapter_config.json").is_file()
+    assert (toy_pool_dir / "quarantine" / "nli" / "card.json").is_file()  # its card left with it

@@ -11,11 +11,12 @@ opened) undoes the change whole, so the adapter is there with its card and vecto
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-from loraretriever.engine.adapter import check_adapter_name
+from loraretriever.engine.adapter import AdapterError, check_adapter_name
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.pool_dir import (
     adapter_dirs,
@@ -27,10 +28,14 @@ from loraretriever.engine.pool_dir import (
     record_intent,
     store_adapter,
 )
-from loraretriever.retrieval.cards import AdapterCard, CardStore
+from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
 from loraretriever.retrieval.router import CARDS_DIR
 
-__all__ = ["add_adapter", "recover", "remove_adapter"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["QUARANTINE_DIR", "add_adapter", "open_pool_dir", "quarantine", "quarantined", "recover", "remove_adapter"]
+
+QUARANTINE_DIR = "quarantine"  # POOL_DIR/quarantine/<name>/: a broken entry's files and why
 
 
 def add_adapter(
@@ -129,6 +134,7 @@ def recover(pool_dir: str | Path) -> dict[str, list[str]]:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+    logger.warning("recovered %s: undid the interrupted changes of %s, cleaned %s", root, undone, cleaned)
     return {"undone": undone, "cleaned": [str(p) for p in cleaned]}
 
 
@@ -139,3 +145,64 @@ def _stray(root: Path) -> list[Path]:
 
 def _change(pool_dir: Path | None) -> contextlib.AbstractContextManager:
     return pool_change(pool_dir) if pool_dir is not None else contextlib.nullcontext()
+
+
+def open_pool_dir(pool: LoraPool, pool_dir: str | Path) -> dict[str, list[str]]:
+    """Readies a pool directory and loads its adapters into ``pool``: recovers interrupted changes
+    (:func:`recover`), then moves each adapter that fails to load and each card that cannot be
+    read to ``POOL_DIR/quarantine/`` with its reason, so one bad file never stops the rest.
+
+    Returns:
+        ``{"loaded": [...], "quarantined": [...], "undone": [...]}`` (adapter names).
+    """
+    root = Path(pool_dir).expanduser()
+    undone = recover(root)["undone"]
+    loaded, bad = [], []
+    for name, path in adapter_dirs(root).items():
+        if name in pool:
+            continue
+        try:
+            loaded.append(pool.add(path, name=name))
+        except AdapterError as error:
+            quarantine(root, name, f"the adapter does not load: {error}")
+            bad.append(name)
+    cards = CardStore(root / CARDS_DIR)
+    for name in cards.names:
+        try:
+            cards.get(name)
+        except RetrievalError as error:
+            quarantine(root, name, f"the card cannot be read: {error}")
+            bad.append(name)
+    return {"loaded": loaded, "quarantined": sorted(set(bad)), "undone": undone}
+
+
+def quarantine(pool_dir: str | Path, name: str, reason: str) -> Path:
+    """Moves adapter ``name``'s stored files and card out of the pool, into
+    ``POOL_DIR/quarantine/<name>/`` with ``reason.txt``; returns that directory."""
+    root = Path(pool_dir).expanduser()
+    with pool_change(root):
+        target = root / QUARANTINE_DIR / name
+        if target.exists():  # quarantined before: keep both
+            target = target.with_name(f"{name}.{len(list(target.parent.glob(name + '.*'))) + 1}")
+        target.mkdir(parents=True)
+        stored = adapter_dirs(root).get(name)
+        if stored is not None:
+            stored.rename(target / "adapter")
+        card = root / CARDS_DIR / f"{name}.json"
+        if card.is_file():
+            card.rename(target / "card.json")
+        (target / "reason.txt").write_text(reason + "\n", encoding="utf-8")
+    logger.warning("quarantined %r in %s: %s", name, target, reason)
+    return target
+
+
+def quarantined(pool_dir: str | Path) -> dict[str, str]:
+    """The quarantined entries of a pool directory: ``{directory name: reason}``."""
+    root = Path(pool_dir).expanduser() / QUARANTINE_DIR
+    if not root.is_dir():
+        return {}
+    return {
+        p.name: (p / "reason.txt").read_text(encoding="utf-8").strip() if (p / "reason.txt").is_file() else "?"
+        for p in sorted(root.iterdir())
+        if p.is_dir()
+    }

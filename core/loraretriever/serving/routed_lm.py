@@ -32,7 +32,7 @@ from loraretriever.engine.composer import Composer
 from loraretriever.engine.engine import Engine, EngineConfig, Policy
 from loraretriever.engine.gates import Gate, gate_dirs, load_gate
 from loraretriever.engine.pool import LoraPool
-from loraretriever.engine.pool_dir import load_adapters, prompt_format
+from loraretriever.engine.pool_dir import prompt_format
 from loraretriever.engine.requests import GenerationConfig, Prompt, prompt_text
 from loraretriever.engine.routing import Routing
 from loraretriever.engine.scheduler import EngineLoop, LoopDeltas, QueuedRequest
@@ -202,10 +202,8 @@ class RoutedLM:
         """
         pool = LoraPool(model)
         if pool_dir is not None:
-            undone = pool_changes.recover(pool_dir)  # a change a killed process left half done
-            if undone["undone"] or undone["cleaned"]:
-                logger.warning("recovered %s: undid %s, cleaned %s", pool_dir, undone["undone"], undone["cleaned"])
-            load_adapters(pool, pool_dir)
+            # interrupted changes undone, broken entries quarantined: the rest always opens
+            pool_changes.open_pool_dir(pool, pool_dir)
         for name, source in (adapters or {}).items():
             pool.add(source, name=name)
         if router is None and pool_dir is not None:
