@@ -16,6 +16,7 @@ _COMMAND_MODULES = [
     "loraretriever.cli.train",
     "loraretriever.cli.bench",
     "loraretriever.cli.serve",
+    "loraretriever.cli.pool",
 ]
 
 

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loraretriever.engine.adapter import AdapterError, check_adapter_name
+from loraretriever.engine.adapter import AdapterError, check_adapter_name, read_adapter_files
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.pool_dir import (
     adapter_dirs,
@@ -33,7 +33,16 @@ from loraretriever.retrieval.router import CARDS_DIR
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QUARANTINE_DIR", "add_adapter", "open_pool_dir", "quarantine", "quarantined", "recover", "remove_adapter"]
+__all__ = [
+    "QUARANTINE_DIR",
+    "add_adapter",
+    "check_pool_dir",
+    "open_pool_dir",
+    "quarantine",
+    "quarantined",
+    "recover",
+    "remove_adapter",
+]
 
 QUARANTINE_DIR = "quarantine"  # POOL_DIR/quarantine/<name>/: a broken entry's files and why
 
@@ -206,3 +215,39 @@ def quarantined(pool_dir: str | Path) -> dict[str, str]:
         for p in sorted(root.iterdir())
         if p.is_dir()
     }
+
+
+def check_pool_dir(pool_dir: str | Path, *, repair: bool = False) -> list[str]:
+    """The problems of a pool directory, read from its files (no model needed): interrupted
+    changes, staging or trash left behind, stored adapters whose files do not read, cards that do
+    not parse, cards without a stored adapter. With ``repair``, each is fixed (the change undone,
+    the leftover deleted, the broken entry quarantined) and the problems left are returned.
+    """
+    root = Path(pool_dir).expanduser()
+    problems = [f"interrupted {op} of {name!r} (undone on the next open)" for name, op in intents(root).items()]
+    problems += [f"leftover {path} from an interrupted write" for path in _stray(root)]
+    if repair and problems:
+        recover(root)
+        problems = []
+    stored = adapter_dirs(root)
+    broken: dict[str, str] = {}
+    for name, path in stored.items():
+        try:
+            read_adapter_files(path)
+        except AdapterError as error:
+            broken[name] = f"the adapter does not read: {error}"
+    cards = CardStore(root / CARDS_DIR) if (root / CARDS_DIR).is_dir() else None
+    for name in cards.names if cards is not None else ():
+        try:
+            cards.get(name)
+        except RetrievalError as error:
+            broken.setdefault(name, f"the card cannot be read: {error}")
+            continue
+        if name not in stored:
+            broken.setdefault(name, "a card without a stored adapter (it would route to nothing)")
+    for name, reason in sorted(broken.items()):
+        if repair:
+            quarantine(root, name, reason)
+        else:
+            problems.append(f"{name!r}: {reason}")
+    return problems

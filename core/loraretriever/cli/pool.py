@@ -1,0 +1,128 @@
+"""``loraretriever pool add | remove | list | check``: a pool directory's adapters and health."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from loraretriever.cli import fail
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("pool", help="Add, remove, list and check the adapters of a pool directory.")
+    commands = parser.add_subparsers(dest="pool_command", required=True)
+
+    add = commands.add_parser("add", help="Store an adapter (and its card) in the pool; routable at once.")
+    add.add_argument("name", help="The adapter's name in the pool.")
+    add.add_argument("path", help="A PEFT adapter directory (adapter_config.json, adapter_model.safetensors).")
+    add.add_argument("--card", help="A card JSON file ({'samples': [...], 'domain': ..., 'tags': {...}}).")
+    add.add_argument("--create", action="store_true", help="Create the pool directory if it does not exist.")
+    _common(add, model=True)
+    add.set_defaults(handler=_run_add)
+
+    remove = commands.add_parser("remove", help="Remove an adapter, its card and its index entry.")
+    remove.add_argument("name")
+    _common(remove, model=True)
+    remove.set_defaults(handler=_run_remove)
+
+    listing = commands.add_parser("list", help="The stored adapters, one per line (quarantined ones marked).")
+    _common(listing)
+    listing.set_defaults(handler=_run_list)
+
+    check = commands.add_parser("check", help="Exit 0 when the pool is consistent; else list each problem, exit 1.")
+    check.add_argument("--repair", action="store_true", help="Fix what can be fixed (undo, clean, quarantine).")
+    _common(check)
+    check.set_defaults(handler=_run_check)
+
+
+def _common(parser: argparse.ArgumentParser, model: bool = False) -> None:
+    parser.add_argument("--pool", required=True, help="The pool directory.")
+    if model:
+        parser.add_argument("--model", default=None, help="The base model (hub id or path; default: packaged).")
+
+
+def _pool(args: argparse.Namespace, create: bool = False) -> Path | None:
+    pool = Path(args.pool).expanduser()
+    if pool.is_dir() or create:
+        return pool
+    return None
+
+
+def _no_pool(args: argparse.Namespace) -> int:
+    return fail(
+        f"--pool {args.pool!r} is not a directory. Fix: pass an existing pool directory (or --create with add)."
+    )
+
+
+def _run_add(args: argparse.Namespace) -> int:
+    from loraretriever.engine.adapter import AdapterError
+    from loraretriever.retrieval.cards import RetrievalError
+    from loraretriever.serving.routed_lm import RoutedLM
+
+    pool = _pool(args, create=args.create)
+    if pool is None:
+        return _no_pool(args)
+    card = None
+    if args.card is not None:
+        try:
+            card = json.loads(Path(args.card).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            return fail(f"--card {args.card!r} is not a readable JSON file ({error}). Fix: pass a card JSON file.")
+    try:
+        with RoutedLM.from_pretrained(args.model, pool_dir=pool) as lm:
+            name = lm.add_adapter(args.path, card=card, name=args.name)
+    except (AdapterError, RetrievalError, ValueError, KeyError) as error:
+        return fail(error)
+    print(f"added {name!r} to {pool}")
+    return 0
+
+
+def _run_remove(args: argparse.Namespace) -> int:
+    from loraretriever.engine.adapter import AdapterError
+    from loraretriever.retrieval.cards import RetrievalError
+    from loraretriever.serving.routed_lm import RoutedLM
+
+    pool = _pool(args)
+    if pool is None:
+        return _no_pool(args)
+    try:
+        with RoutedLM.from_pretrained(args.model, pool_dir=pool) as lm:
+            lm.remove_adapter(args.name)
+    except (AdapterError, RetrievalError, KeyError) as error:
+        return fail(error.args[0] if isinstance(error, KeyError) else error)
+    print(f"removed {args.name!r} from {pool}")
+    return 0
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    from loraretriever.engine.pool_dir import adapter_dirs
+    from loraretriever.retrieval.cards import CardStore
+    from loraretriever.retrieval.router import CARDS_DIR
+    from loraretriever.serving.adapters import quarantined
+
+    pool = _pool(args)
+    if pool is None:
+        return _no_pool(args)
+    cards = set(CardStore(pool / CARDS_DIR, create=False).names) if (pool / CARDS_DIR).is_dir() else set()
+    for name in adapter_dirs(pool):
+        print(name if name in cards else f"{name}\t(no card: pinned calls only)")
+    for name, reason in quarantined(pool).items():
+        print(f"{name}\t(quarantined: {reason})")
+    return 0
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from loraretriever.serving.adapters import check_pool_dir
+
+    pool = _pool(args)
+    if pool is None:
+        return _no_pool(args)
+    problems = check_pool_dir(pool, repair=args.repair)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"{pool}: consistent")
+    return 1 if problems else 0
