@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
-__all__ = ["fail", "main"]
+__all__ = ["USER_ERRORS", "fail", "main", "missing_pool"]
+
+# What a user's input causes: every library error (AdapterError, RetrievalError, GateError,
+# EmbedderError, RequestError) is a ValueError, naming the value and the fix; OSError for files.
+USER_ERRORS = (ValueError, OSError)
 
 # Modules exposing ``register(subparsers)``; imported lazily so `--help` stays fast.
 _COMMAND_MODULES = [
@@ -25,6 +30,14 @@ def fail(problem: object) -> int:
     stderr and returns 2, the exit status of a bad command line or input."""
     print(f"error: {problem}", file=sys.stderr)
     return 2
+
+
+def missing_pool(pool: str) -> str | None:
+    """The error of a ``--pool`` that is not a directory (commands never create one by accident),
+    or None."""
+    if Path(pool).expanduser().is_dir():
+        return None
+    return f"--pool {pool!r} is not a directory. Fix: pass an existing pool directory."
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from loraretriever.cli import USER_ERRORS, fail, missing_pool
 from loraretriever.cli.route_flags import add_route_arguments, route_options_from
 
 __all__ = ["register"]
@@ -53,11 +54,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    log = (lambda message: print(message, file=sys.stderr)) if args.json else print
+    if problem := missing_pool(args.pool):
+        return fail(problem)
+    try:
+        return _evaluate(args, log)
+    except USER_ERRORS as error:  # a bad file, option or pool: one line, no traceback
+        return fail(error)
+
+
+def _evaluate(args: argparse.Namespace, log) -> int:
     from loraretriever.evaluation import tasks
     from loraretriever.retrieval.queries import load_queries
     from loraretriever.serving.routed_lm import RoutedLM
 
-    log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     queries = load_queries(args.queries, args.split)
     route_options = route_options_from(args)
     lm = RoutedLM.from_pretrained(args.model, pool_dir=args.pool)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from loraretriever.cli import USER_ERRORS, fail, missing_pool
 from loraretriever.cli.route_flags import add_route_arguments, route_options_from
 
 __all__ = ["register"]
@@ -72,6 +73,15 @@ def _run_pool(args: argparse.Namespace) -> int:
 
 
 def _run_gate(args: argparse.Namespace) -> int:
+    if problem := missing_pool(args.pool):
+        return fail(problem)
+    try:
+        return _train_gate(args)
+    except USER_ERRORS as error:  # a bad file, option or pool: one line, no traceback
+        return fail(error)
+
+
+def _train_gate(args: argparse.Namespace) -> int:
     from loraretriever.engine.gates import GATES_DIR, save_gate
     from loraretriever.serving.routed_lm import RoutedLM
     from loraretriever.training.gates import GateTrainingConfig, load_examples, train_gate

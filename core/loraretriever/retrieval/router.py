@@ -256,7 +256,8 @@ class Router:
             One :class:`~loraretriever.engine.routing.Routing` per prompt, best adapter first.
 
         Raises:
-            RetrievalError: options a router cannot honour (a gated mode, pinned adapters) or bad ones.
+            RetrievalError: options a router cannot honour (a gated mode, pinned adapters) or bad ones;
+                an empty prompt.
 
         Example:
             >>> router.route(["Is this review positive? 'loved it'"], top_k=2)  # doctest: +SKIP
@@ -265,6 +266,9 @@ class Router:
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise RetrievalError(f"prompt {i} is {prompt!r:.40}; routing needs some text to embed.")
         opts = _retrieval_options(
             (self.options if options is None else RouteOptions.coerce(options)).replace(**overrides)
         )
