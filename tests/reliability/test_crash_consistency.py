@@ -5,7 +5,6 @@ retried add or remove succeeds. Writes results/reliability/summary.json."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,8 @@ import pytest
 from loraretriever.engine.pool_dir import adapter_dirs, intents, leftovers
 from loraretriever.retrieval.cards import CardStore
 from loraretriever.serving.routed_lm import RoutedLM
-from tests.conftest import ROOT, save_peft_adapter
+from tests.conftest import save_peft_adapter
+from tests.reliability import record_summary
 
 pytestmark = pytest.mark.slow
 
@@ -126,14 +126,13 @@ def test_a_kill_at_any_step_of_add_or_remove_leaves_a_whole_pool(
                 assert all((name in final[k]) == (op == "add") for k in ("stored", "cards", "indexed", "loaded"))
             survived += 1
     assert lost == 0 and injected >= 20
-    summary = ROOT / "results" / "reliability" / "summary.json"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    figures = json.loads(summary.read_text()) if summary.is_file() else {}
-    figures["crash_consistency"] = {
-        "command": "pytest tests/reliability/test_crash_consistency.py",
-        "faults_injected": injected,
-        "survived": survived,
-        "adapters_lost": lost,
-        "points_per_op": POINTS_PER_OP,
-    }
-    summary.write_text(json.dumps(figures, indent=1) + "\n")
+    record_summary(
+        "crash_consistency",
+        {
+            "command": "pytest tests/reliability/test_crash_consistency.py",
+            "faults_injected": injected,
+            "survived": survived,
+            "adapters_lost": lost,
+            "points_per_op": POINTS_PER_OP,
+        },
+    )

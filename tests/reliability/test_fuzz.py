@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from loraretriever.engine.pool import LoraPool
 from loraretriever.retrieval.cards import AdapterCard
 from loraretriever.serving.routed_lm import Result
-from tests.conftest import ROOT, save_peft_adapter
+from tests.conftest import save_peft_adapter
+from tests.reliability import record_summary
 
 pytestmark = pytest.mark.slow
 
@@ -154,15 +155,14 @@ def test_adapter_configs_load_or_fail_clearly(tools_lm, adapter_files, changes):
 
 def test_write_the_counts():
     """Runs after the properties above (file order): their counts into the summary."""
-    summary = ROOT / "results" / "reliability" / "summary.json"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    figures = json.loads(summary.read_text()) if summary.is_file() else {}
-    figures["fuzz"] = {
-        "command": "pytest tests/reliability/test_fuzz.py",
-        "inputs_tried": sum(TRIED.values()),
-        **dict(sorted(TRIED.items())),
-        "other_exceptions": 0,
-        "dead_workers": 0,
-        "pool_changed": False,
-    }
-    summary.write_text(json.dumps(figures, indent=1) + "\n")
+    record_summary(
+        "fuzz",
+        {
+            "command": "pytest tests/reliability/test_fuzz.py",
+            "inputs_tried": sum(TRIED.values()),
+            **dict(sorted(TRIED.items())),
+            "other_exceptions": 0,
+            "dead_workers": 0,
+            "pool_changed": False,
+        },
+    )

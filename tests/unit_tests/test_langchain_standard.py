@@ -9,6 +9,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 from langchain_loraretriever import ChatLoraRetriever
 from loraretriever import LoraPool
 from loraretriever.serving.routed_lm import RoutedLM
+from tests.standard_flags import ChatLoraRetrieverFeatures
 
 
 @cache
@@ -26,7 +27,7 @@ def tiny_routed_lm() -> RoutedLM:
     return RoutedLM(model, tokenizer, LoraPool(model))
 
 
-class TestChatLoraRetrieverUnit(ChatModelUnitTests):
+class TestChatLoraRetrieverUnit(ChatLoraRetrieverFeatures, ChatModelUnitTests):
     @property
     def chat_model_class(self) -> type[ChatLoraRetriever]:
         return ChatLoraRetriever
@@ -43,19 +44,3 @@ class TestChatLoraRetrieverUnit(ChatModelUnitTests):
     @property
     def supports_model_override(self) -> bool:
         return False  # one local base model per object; routing, not `model=`, picks the LoRAs
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
