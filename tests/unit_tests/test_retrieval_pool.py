@@ -166,3 +166,69 @@ def test_a_broken_adapter_or_card_is_quarantined_and_the_rest_serves(tiny_lm, sm
     assert "does not load" in reasons["nli"] and "cannot be read" in reasons["closed_qa"]
     assert (toy_pool_dir / "quarantine" / "nli" / "adapter" / "adapter_config.json").is_file()
     assert (toy_pool_dir / "quarantine" / "nli" / "card.json").is_file()  # its card left with it
+
+
+def _indexed_on_disk(index_dir) -> int:
+    """The vectors a fresh process would find in an embedded index (Chroma's in-process cache dropped)."""
+    from loraretriever.retrieval.index import forget_embedded_client, open_chroma_client
+
+    forget_embedded_client(index_dir)
+    client = open_chroma_client(index_dir, create=False)
+    return sum(collection.count() for collection in client.list_collections())
+
+
+def test_a_corrupt_index_is_set_aside_and_rebuilt_from_the_cards(tmp_path, minilm, toy_cards):
+    from loraretriever.retrieval.index import forget_embedded_client
+
+    pool_dir = tmp_path / "pool"
+    Router.open(pool_dir, embedder=minilm).store.put_all(toy_cards)
+    forget_embedded_client(pool_dir / "index")
+    (pool_dir / "index" / "chroma.sqlite3").write_bytes(b"\x00garbage" * 4096)
+
+    router = Router.open(pool_dir, embedder=minilm)  # used to raise "looks corrupt"
+    assert router.route(GERMAN, top_k=1)[0].adapters == ("translate_de",)
+    assert (pool_dir / ".index.corrupt" / "chroma.sqlite3").read_bytes().startswith(b"\x00garbage")
+    assert router.reindex() == len(toy_cards)
+    assert _indexed_on_disk(pool_dir / "index") == len(toy_cards)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "overwritten"])
+def test_an_index_damaged_under_a_running_router_is_rebuilt_in_place(tmp_path, minilm, toy_cards, damage):
+    import shutil
+
+    pool_dir = tmp_path / "pool"
+    router = Router.open(pool_dir, embedder=minilm)
+    for card in toy_cards[:3]:
+        router.register(card)
+    assert router.route(GERMAN, top_k=1)[0].adapters == ("translate_de",)
+    if damage == "deleted":
+        shutil.rmtree(pool_dir / "index")
+    else:  # the same file, garbage inside: only a failing Chroma call shows it
+        (pool_dir / "index" / "chroma.sqlite3").write_bytes(b"\x00garbage" * 4096)
+
+    router.register(toy_cards[3])  # used to fail: "attempt to write a readonly database"
+    assert router.route("Who wrote the play Hamlet?", top_k=1)[0].adapters == ("closed_qa",)
+    assert router.route(SENTIMENT, top_k=1)[0].adapters == ("sentiment",)
+    # On disk, not only in this process's memory: a fresh process finds every card's vector.
+    assert _indexed_on_disk(pool_dir / "index") == len(toy_cards)
+    again = Router.open(pool_dir, embedder=minilm)  # and a second router in the same process works
+    assert again.reconcile() == {"added": [], "updated": [], "removed": []}
+
+
+def test_opening_a_pool_parses_each_card_once(tiny_lm, smol_tokenizer, minilm, toy_pool_dir, monkeypatch):
+    from loraretriever.serving.routed_lm import RoutedLM
+
+    parsed = []
+    real = AdapterCard.from_dict.__func__
+    monkeypatch.setattr(
+        AdapterCard, "from_dict", classmethod(lambda cls, data: parsed.append(data["name"]) or real(cls, data))
+    )
+    with RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=toy_pool_dir, embedder=minilm) as lm:
+        assert sorted(parsed) == sorted(lm.router.store.names) and len(parsed) == 4
+        lm.router.reconcile()
+        assert len(parsed) == 4  # unchanged files are not parsed again
+
+        # A card changed behind the store (another process) is read anew.
+        CardStore(toy_pool_dir / CARDS_DIR).put(AdapterCard("nli", ["Translate to German: good night"]))
+        assert lm.router.store.get("nli").samples == ("Translate to German: good night",)
+        assert lm.router.reconcile()["updated"] == ["nli"]

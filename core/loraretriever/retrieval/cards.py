@@ -8,6 +8,7 @@ file per card under a pool directory; it is the source of truth the Chroma index
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -105,7 +106,7 @@ class AdapterCard:
                 raise RetrievalError(f"card {self.name!r}: tag {key!r}={value!r} must be a string.")
         object.__setattr__(self, "tags", dict(sorted(self.tags.items())))
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """A hash of the whole card; the index re-reads a card whose digest changed."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -212,6 +213,8 @@ class CardStore:
         self.directory = None if directory is None else Path(directory).expanduser()
         self._memory: dict[str, AdapterCard] | None = {} if directory is None else None
         self._listing: tuple[int, list[str]] | None = None  # (directory mtime, names): saves a listing per route
+        # name -> (the file's stat signature, its card): a file is parsed once until it changes
+        self._parsed: dict[str, tuple[tuple[int, int, int], AdapterCard]] = {}
         if self.directory is None:
             return
         if self.directory.exists() and not self.directory.is_dir():
@@ -266,11 +269,22 @@ class CardStore:
                 raise KeyError(f"no card named {name!r} (there are {len(self._memory)}).")
             return self._memory[name]
         path = self._path(name)
-        if not path.is_file():
+        try:
+            stat = path.stat()
+        except OSError:
+            stat = None
+        if stat is None or not path.is_file():
+            self._parsed.pop(name, None)
             raise KeyError(f"no card named {name!r} in {str(self.directory)!r} (it has {len(self)}).")
+        # Writes replace the file (a new inode), so inode, size and mtime tell a changed card.
+        signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = self._parsed.get(name)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
         card = AdapterCard.from_dict(read_json(path, "card"))
         if card.name != name:
             raise RetrievalError(f"card file {str(path)!r} holds a card named {card.name!r}; rename one of them.")
+        self._parsed[name] = (signature, card)
         return card
 
     def all(self) -> list[AdapterCard]:
@@ -314,3 +328,4 @@ class CardStore:
             raise KeyError(f"no card named {name!r} in {str(self.directory)!r}.")
         path.unlink()
         self._listing = None
+        self._parsed.pop(name, None)

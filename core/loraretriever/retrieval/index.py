@@ -9,12 +9,18 @@ opened with ``embedding_function=None``.
 
 The embedder's name, dimension and instruction are recorded in the collection's metadata; opening
 an index built by another embedder is an error whose fix is ``loraretriever reindex``.
+
+The index holds nothing that the cards do not: an embedded index that is corrupt when opened is set
+aside (``.<dir>.corrupt``) and opened empty, and one deleted, replaced or corrupted under a running
+process is reopened by :meth:`LoraIndex.repair`; the router then fills it again from the cards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,8 +35,10 @@ from loraretriever.retrieval.filters import BUILTIN_KEYS, chroma_where
 __all__ = [
     "DEFAULT_COLLECTION",
     "DISTANCE",
+    "ChromaError",
     "LoraIndex",
     "claim_embedded_index",
+    "forget_embedded_client",
     "open_chroma_client",
     "throwaway_collection_name",
 ]
@@ -44,6 +52,11 @@ _CHUNK = 2048  # rows per Chroma write; stays under its max batch size
 _CLAIMED: dict[Path, FileLock] = {}  # embedded index directories this process holds
 
 
+class ChromaError(RetrievalError):
+    """Chroma itself failed under an index operation (a broken database, a server that is down),
+    as opposed to a bad request; an embedded index can be repaired from the cards."""
+
+
 def open_chroma_client(
     path: str | Path | None = None,
     *,
@@ -51,6 +64,7 @@ def open_chroma_client(
     port: int = 8000,
     ephemeral: bool = False,
     create: bool = True,
+    discard_corrupt: bool = False,
 ) -> Any:
     """A Chroma client: ``PersistentClient(path)``, ``HttpClient(host, port)`` or ``EphemeralClient()``.
 
@@ -60,10 +74,12 @@ def open_chroma_client(
         port: That server's port.
         ephemeral: An in-memory index (tests, throwaway evaluations).
         create: For ``path``: create the directory if it is missing (else it is an error).
+        discard_corrupt: For ``path``: set a corrupt index aside (to ``.<dir>.corrupt`` beside it,
+            replacing an earlier one) and open an empty one, for a caller that refills it from cards.
 
     Raises:
         RetrievalError: a path that is a file, a missing directory with ``create=False``, a corrupt
-            index, or a server that does not answer.
+            index (without ``discard_corrupt``), or a server that does not answer.
     """
     import chromadb
     from chromadb.config import Settings
@@ -98,17 +114,63 @@ def open_chroma_client(
             )
         directory.mkdir(parents=True, exist_ok=True)
     claim_embedded_index(directory)
+    if not (directory / "chroma.sqlite3").exists():  # deleted under this process: not its cached copy
+        forget_embedded_client(directory)
     try:
         client = chromadb.PersistentClient(path=str(directory), settings=settings)
         client.heartbeat()
         client.list_collections()
     except Exception as err:
+        if discard_corrupt:
+            logger.warning(
+                "the index %s is corrupt (%s: %s); it is set aside and rebuilt from the cards",
+                directory,
+                type(err).__name__,
+                err,
+            )
+            _set_aside(directory)
+            return open_chroma_client(directory, create=True)
         raise RetrievalError(
             f"the index directory {str(directory)!r} could not be opened; it looks corrupt "
             f"({type(err).__name__}: {err}). Fix: delete the directory and run `loraretriever reindex` "
             "(the index is rebuilt from the cards, which are the source of truth)."
         ) from err
     return client
+
+
+def forget_embedded_client(directory: str | Path) -> None:
+    """Drops Chroma's in-process cache of the embedded index at ``directory``.
+
+    Chroma keeps one "system" per path for the life of the process, holding the open database and
+    the vectors in memory; a new client for the same path would reuse it even after the files
+    were deleted or replaced. Stopping and forgetting it makes the next client read the directory.
+    """
+    # Private API of chromadb 1.5 (SharedSystemClient's class-level caches); checked in tests.
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    for key in {str(directory), str(Path(directory).expanduser())}:
+        system = SharedSystemClient._identifier_to_system.pop(key, None)
+        SharedSystemClient._identifier_to_refcount.pop(key, None)
+        if system is not None:
+            with contextlib.suppress(Exception):  # a broken database may fail to close cleanly
+                system.stop()
+
+
+def _set_aside(directory: Path) -> None:
+    forget_embedded_client(directory)
+    aside = directory.with_name(f".{directory.name}.corrupt")
+    if aside.exists():
+        shutil.rmtree(aside)
+    directory.rename(aside)
+    directory.mkdir()
+
+
+def _database_identity(directory: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(directory / "chroma.sqlite3")
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def claim_embedded_index(directory: Path) -> None:
@@ -146,6 +208,7 @@ class LoraIndex:
         instruction: The embedder's instruction prefix; recorded and checked likewise.
         collection: The collection name (several pools can share one server).
         where: Describes the index in error messages.
+        directory: The directory of an embedded index, which makes it repairable (:meth:`repair`).
 
     Raises:
         RetrievalError: the collection was built by another embedder (fix: ``reindex``), or Chroma failed.
@@ -168,8 +231,10 @@ class LoraIndex:
         instruction: str = "",
         collection: str = DEFAULT_COLLECTION,
         where: str | None = None,
+        directory: str | Path | None = None,
     ) -> None:
         self.client = client
+        self.directory = None if directory is None else Path(directory).expanduser()
         self.embedder_name = embedder_name
         self.dim = int(dim)
         self.instruction = instruction
@@ -177,6 +242,7 @@ class LoraIndex:
         self.where = where or f"Chroma collection {collection!r}"
         self._known_keys: set[str] | None = None
         self._collection = self._open_collection()
+        self._identity = None if self.directory is None else _database_identity(self.directory)
 
     # -- opening -----------------------------------------------------------------------------
     def _expected_metadata(self) -> dict[str, Any]:
@@ -221,7 +287,7 @@ class LoraIndex:
         except RetrievalError:
             raise
         except Exception as err:
-            raise RetrievalError(
+            raise ChromaError(
                 f"could not {action} in {self.where} ({type(err).__name__}: {err}). Fix: check that the "
                 "index directory is intact or the Chroma server is running; `loraretriever reindex` rebuilds "
                 "the index from the cards."
@@ -315,6 +381,29 @@ class LoraIndex:
                 self.client.delete_collection(self.collection_name)
         self._known_keys = None
         self._collection = self._open_collection()
+
+    # -- repair ------------------------------------------------------------------------------
+    def changed_on_disk(self) -> bool:
+        """An embedded index whose database file was deleted or replaced since it was opened
+        (one ``stat``; always False for a server or in-memory index)."""
+        return self.directory is not None and _database_identity(self.directory) != self._identity
+
+    def repair(self) -> None:
+        """Reopens an embedded index from its directory, after its files were deleted, replaced or
+        corrupted under this process; an unreadable one is set aside and opened empty (the caller
+        refills it from the cards).
+
+        Raises:
+            RetrievalError: the index is not an embedded one (a server's is repaired on the server).
+        """
+        if self.directory is None:
+            raise RetrievalError(f"{self.where} is not an embedded index; repair it where it is served.")
+        forget_embedded_client(self.directory)
+        self.client = open_chroma_client(self.directory, discard_corrupt=True)
+        self._known_keys = None
+        self._collection = self._open_collection()
+        self._identity = _database_identity(self.directory)
+        logger.warning("the index %s was reopened after a change on disk", self.directory)
 
     # -- filters -----------------------------------------------------------------------------
     def chroma_where(self, filter: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -9,15 +9,21 @@ index at once) or work from cards alone (no base model needed, as in ``eval-retr
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loraretriever.engine.routing import GATED_MODES, Routing
 from loraretriever.retrieval.candidates import make_routing, nearest
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
 from loraretriever.retrieval.embedder import Embedder
-from loraretriever.retrieval.index import DEFAULT_COLLECTION, LoraIndex, open_chroma_client, throwaway_collection_name
+from loraretriever.retrieval.index import (
+    DEFAULT_COLLECTION,
+    ChromaError,
+    LoraIndex,
+    open_chroma_client,
+    throwaway_collection_name,
+)
 from loraretriever.retrieval.options import RouteOptions
 
 if TYPE_CHECKING:
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["Router"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CARDS_DIR = "cards"
 INDEX_DIR = "index"
@@ -94,6 +101,7 @@ class Router:
         pool: LoraPool | None = None,
         options: RouteOptions | None = None,
         reindex: bool = False,
+        store: CardStore | None = None,
     ) -> Router:
         """Opens the router of a pool directory: cards in ``POOL_DIR/cards``, index in ``POOL_DIR/index``.
 
@@ -107,6 +115,8 @@ class Router:
             pool: The live pool to follow, if any.
             options: Routing defaults.
             reindex: Drop and rebuild the index (after changing the embedder).
+            store: The card store of ``POOL_DIR/cards``, if the caller already opened it (its
+                parsed cards are reused).
 
         Raises:
             RetrievalError: a corrupt index, a server that is down, or an index built with another
@@ -115,15 +125,21 @@ class Router:
         pool_dir = Path(pool_dir).expanduser()
         if pool_dir.exists() and not pool_dir.is_dir():
             raise RetrievalError(f"pool directory {str(pool_dir)!r} is a file, not a directory.")
-        store = CardStore(pool_dir / CARDS_DIR)
+        if store is None:
+            store = CardStore(pool_dir / CARDS_DIR)
+        elif store.directory != pool_dir / CARDS_DIR:
+            raise RetrievalError(f"store= is {store!r}, not the card store of {str(pool_dir)!r}.")
         if not isinstance(embedder, Embedder):
             embedder = Embedder(embedder)
         if host is not None:
             client, where = open_chroma_client(host=host, port=port), f"Chroma server {host}:{port} ({collection!r})"
         else:
             path = Path(chroma_path) if chroma_path is not None else pool_dir / INDEX_DIR
-            client, where = open_chroma_client(path), f"index {str(path)!r}"
-        index = _open_index(client, embedder, collection, where, rebuild=reindex)
+            # The cards are the source of truth: a corrupt index is set aside and rebuilt from them.
+            client, where = open_chroma_client(path, discard_corrupt=True), f"index {str(path)!r}"
+        index = _open_index(
+            client, embedder, collection, where, rebuild=reindex, directory=path if host is None else None
+        )
         return cls(embedder, index, store, pool=pool, options=options)
 
     @classmethod
@@ -192,7 +208,7 @@ class Router:
             )
         self.store.put(card)
         try:
-            self._index_cards([card])
+            self._with_index(lambda: self._index_cards([card]))
         except RetrievalError as err:
             self._stale = True
             raise RetrievalError(f"{err} (The card is saved; the index catches up on the next reconcile.)") from err
@@ -201,7 +217,7 @@ class Router:
         """Removes an adapter's card and its vector (the adapter itself stays in the pool)."""
         if name not in self.store:
             raise KeyError(f"no card named {name!r}; known: {', '.join(self.store.names[:10]) or 'none'}.")
-        self.index.delete([name])
+        self._with_index(lambda: self.index.delete([name]))
         self.store.remove(name)
 
     def reconcile(self) -> dict[str, list[str]]:
@@ -211,6 +227,11 @@ class Router:
         Returns:
             ``{"added": [...], "updated": [...], "removed": [...]}`` (adapter names).
         """
+        if self.index.changed_on_disk():
+            self.index.repair()
+        return self._with_index(self._reconcile, reconciles=False)
+
+    def _reconcile(self) -> dict[str, list[str]]:
         names = set(self.store.names)
         indexed = self.index.digests()
         cards = {name: self.store.get(name) for name in names}
@@ -228,8 +249,22 @@ class Router:
 
     def reindex(self) -> int:
         """Rebuilds the index from the cards with the current embedder; returns the number indexed."""
-        self.index.rebuild()
+        self._with_index(self.index.rebuild, reconciles=False)
         return len(self.reconcile()["added"])
+
+    def _with_index(self, call: Callable[[], T], *, reconciles: bool = True) -> T:
+        """Runs ``call``; if an embedded index fails under it, repairs the index (refilled from the
+        cards) and runs it once more. A second failure is raised."""
+        try:
+            return call()
+        except ChromaError as err:
+            if self.index.directory is None:
+                raise
+            logger.warning("the index failed (%s); repairing it from the cards and retrying", err)
+        self.index.repair()
+        if reconciles:
+            self._reconcile()
+        return call()
 
     def _index_cards(self, cards: Sequence[AdapterCard]) -> None:
         for start in range(0, len(cards), _EMBED_CHUNK):
@@ -273,21 +308,29 @@ class Router:
             (self.options if options is None else RouteOptions.coerce(options)).replace(**overrides)
         )
         excludes = opts.excludes_for(len(prompts))
-        if self._stale:
+        if self._stale or self.index.changed_on_disk():
             self.reconcile()
-        chroma_where = self.index.chroma_where(opts.filter)
+        chroma_where = self._with_index(lambda: self.index.chroma_where(opts.filter))
         if not prompts:
             return []
         routable = self.routable()
         vectors = self.embedder.embed(prompts)
-        candidates = nearest(self.index, vectors, opts.k, chroma_where, excludes, routable)
+        candidates = self._with_index(lambda: nearest(self.index, vectors, opts.k, chroma_where, excludes, routable))
         return [make_routing(found, opts, bool(routable)) for found in candidates]
 
     def __repr__(self) -> str:
         return f"Router({self.embedder.name!r}, {self.index.where}, {len(self.store)} cards)"
 
 
-def _open_index(client: Any, embedder: Embedder, collection: str, where: str, *, rebuild: bool = False) -> LoraIndex:
+def _open_index(
+    client: Any,
+    embedder: Embedder,
+    collection: str,
+    where: str,
+    *,
+    rebuild: bool = False,
+    directory: Path | None = None,
+) -> LoraIndex:
     if rebuild:  # drop the old collection first, so that its embedder is not checked
         try:
             client.delete_collection(collection)
@@ -300,6 +343,7 @@ def _open_index(client: Any, embedder: Embedder, collection: str, where: str, *,
         instruction=embedder.instruction,
         collection=collection,
         where=where,
+        directory=directory,
     )
 
 

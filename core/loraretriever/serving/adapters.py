@@ -156,10 +156,13 @@ def _change(pool_dir: Path | None) -> contextlib.AbstractContextManager:
     return pool_change(pool_dir) if pool_dir is not None else contextlib.nullcontext()
 
 
-def open_pool_dir(pool: LoraPool, pool_dir: str | Path) -> dict[str, list[str]]:
+def open_pool_dir(pool: LoraPool, pool_dir: str | Path, *, cards: CardStore | None = None) -> dict[str, list[str]]:
     """Readies a pool directory and loads its adapters into ``pool``: recovers interrupted changes
     (:func:`recover`), then moves each adapter that fails to load and each card that cannot be
     read to ``POOL_DIR/quarantine/`` with its reason, so one bad file never stops the rest.
+
+    ``cards`` is the pool's card store, if the caller keeps one (the router): each card is then
+    parsed once, here, and the router's reconcile reuses it.
 
     Returns:
         ``{"loaded": [...], "quarantined": [...], "undone": [...]}`` (adapter names).
@@ -175,7 +178,7 @@ def open_pool_dir(pool: LoraPool, pool_dir: str | Path) -> dict[str, list[str]]:
         except AdapterError as error:
             quarantine(root, name, f"the adapter does not load: {error}")
             bad.append(name)
-    cards = CardStore(root / CARDS_DIR)
+    cards = cards if cards is not None else CardStore(root / CARDS_DIR)
     for name in cards.names:
         try:
             cards.get(name)

@@ -201,15 +201,23 @@ class RoutedLM:
             **kwargs: Passed to :class:`RoutedLM`.
         """
         pool = LoraPool(model)
+        cards = None
+        if router is None and pool_dir is not None:  # the router's store, so each card is parsed once
+            from loraretriever.retrieval.cards import CardStore
+            from loraretriever.retrieval.router import CARDS_DIR
+
+            cards = CardStore(Path(pool_dir).expanduser() / CARDS_DIR)
         if pool_dir is not None:
             # interrupted changes undone, broken entries quarantined: the rest always opens
-            pool_changes.open_pool_dir(pool, pool_dir)
+            pool_changes.open_pool_dir(pool, pool_dir, cards=cards)
         for name, source in (adapters or {}).items():
             pool.add(source, name=name)
         if router is None and pool_dir is not None:
             from loraretriever.retrieval.router import Router
 
-            router = Router.open(pool_dir, embedder=embedder, host=chroma_host, port=chroma_port, pool=pool)
+            router = Router.open(
+                pool_dir, embedder=embedder, host=chroma_host, port=chroma_port, pool=pool, store=cards
+            )
             built_router = router
         else:
             built_router = None
