@@ -25,20 +25,27 @@ def test_list_and_check_a_consistent_pool(capsys, toy_pool_dir):
     assert code == 0 and lines == [f"{toy_pool_dir}: consistent"]
 
 
-def test_check_lists_each_problem_and_repair_fixes_them(capsys, toy_pool_dir):
+def test_check_lists_each_problem_and_repair_fixes_them(capsys, toy_pool_dir, minilm):
+    from loraretriever.retrieval.router import Router
+
     record_intent(toy_pool_dir, "add", "half_added")  # a killed add
     (toy_pool_dir / "adapters" / ".nli.deleting").mkdir()  # a killed remove's trash
     (toy_pool_dir / "cards" / "closed_qa.json").write_text("{ broken")
     (toy_pool_dir / "cards" / "ghost.json").write_text(json.dumps({"name": "ghost", "samples": ["hi"]}))
+    (toy_pool_dir / "index" / "chroma.sqlite3").write_bytes(b"\x00garbage" * 4096)
     code, lines, _ = run(capsys, "check", "--pool", str(toy_pool_dir))
-    assert code == 1 and len(lines) == 4, lines
+    assert code == 1 and len(lines) == 5, lines
     text = "\n".join(lines)
     assert "interrupted add of 'half_added'" in text and ".nli.deleting" in text
     assert "'closed_qa': the card cannot be read" in text and "'ghost': a card without a stored adapter" in text
+    assert "the index is corrupt" in text and "rebuilt from the cards" in text
     code, lines, _ = run(capsys, "check", "--repair", "--pool", str(toy_pool_dir))
     assert code == 0, lines
     code, lines, _ = run(capsys, "check", "--pool", str(toy_pool_dir))
     assert code == 0
+    assert (toy_pool_dir / ".index.corrupt" / "chroma.sqlite3").is_file()
+    with Router.open(toy_pool_dir, embedder=minilm) as router:  # the set-aside index is rebuilt
+        assert router.index.names() == {"nli", "sentiment", "translate_de"}
     code, lines, _ = run(capsys, "list", "--pool", str(toy_pool_dir))
     assert "closed_qa\t(no card: pinned calls only)" not in lines  # its adapter went with its card
     assert any(line.startswith("closed_qa\t(quarantined: the card cannot be read") for line in lines), lines

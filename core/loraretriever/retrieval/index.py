@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sqlite3
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -39,7 +40,9 @@ __all__ = [
     "LoraIndex",
     "claim_embedded_index",
     "forget_embedded_client",
+    "index_damage",
     "open_chroma_client",
+    "set_aside_index",
     "throwaway_collection_name",
 ]
 
@@ -128,7 +131,7 @@ def open_chroma_client(
                 type(err).__name__,
                 err,
             )
-            _set_aside(directory)
+            set_aside_index(directory)
             return open_chroma_client(directory, create=True)
         raise RetrievalError(
             f"the index directory {str(directory)!r} could not be opened; it looks corrupt "
@@ -156,13 +159,30 @@ def forget_embedded_client(directory: str | Path) -> None:
                 system.stop()
 
 
-def _set_aside(directory: Path) -> None:
+def set_aside_index(directory: Path) -> None:
+    """Moves an embedded index to ``.<dir>.corrupt`` beside it (replacing an earlier one) and
+    leaves an empty directory, which the next open fills again from the cards."""
     forget_embedded_client(directory)
     aside = directory.with_name(f".{directory.name}.corrupt")
     if aside.exists():
         shutil.rmtree(aside)
     directory.rename(aside)
     directory.mkdir()
+
+
+def index_damage(directory: str | Path) -> str | None:
+    """Why the embedded index at ``directory`` cannot be read, or None when its database passes
+    SQLite's own check (read-only: safe beside a process that has it open). A missing index is
+    not damage: the next open builds it."""
+    database = Path(directory).expanduser() / "chroma.sqlite3"
+    if not database.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+            verdict = [row[0] for row in connection.execute("PRAGMA quick_check")]
+    except sqlite3.Error as err:
+        return f"{database} is not a readable database ({err})"
+    return None if verdict == ["ok"] else f"{database} fails SQLite's check: {'; '.join(verdict[:3])}"
 
 
 def _database_identity(directory: Path) -> tuple[int, int] | None:

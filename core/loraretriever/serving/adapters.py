@@ -29,7 +29,8 @@ from loraretriever.engine.pool_dir import (
     store_adapter,
 )
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
-from loraretriever.retrieval.router import CARDS_DIR
+from loraretriever.retrieval.index import index_damage, set_aside_index
+from loraretriever.retrieval.router import CARDS_DIR, INDEX_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +224,9 @@ def quarantined(pool_dir: str | Path) -> dict[str, str]:
 def check_pool_dir(pool_dir: str | Path, *, repair: bool = False) -> list[str]:
     """The problems of a pool directory, read from its files (no model needed): interrupted
     changes, staging or trash left behind, stored adapters whose files do not read, cards that do
-    not parse, cards without a stored adapter. With ``repair``, each is fixed (the change undone,
-    the leftover deleted, the broken entry quarantined) and the problems left are returned.
+    not parse, cards without a stored adapter, an index that cannot be read. With ``repair``, each
+    is fixed (the change undone, the leftover deleted, the broken entry quarantined, the index set
+    aside to be rebuilt from the cards) and the problems left are returned.
     """
     root = Path(pool_dir).expanduser()
     problems = [f"interrupted {op} of {name!r} (undone on the next open)" for name, op in intents(root).items()]
@@ -253,4 +255,9 @@ def check_pool_dir(pool_dir: str | Path, *, repair: bool = False) -> list[str]:
             quarantine(root, name, reason)
         else:
             problems.append(f"{name!r}: {reason}")
+    damage = index_damage(root / INDEX_DIR)
+    if damage is not None and repair:
+        set_aside_index(root / INDEX_DIR)
+    elif damage is not None:
+        problems.append(f"the index is corrupt: {damage} (set aside and rebuilt from the cards on the next open)")
     return problems
