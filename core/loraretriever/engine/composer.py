@@ -321,6 +321,7 @@ class RunningPlan:
 
     def __init__(self, composer: Composer, capacity: int) -> None:
         self.composer, self.capacity, self.n = composer, capacity, 0
+        self.room = capacity  # the rows to make room for when the buffers first grow
         self.routings: list[Routing] = []
         self._A: dict[str, torch.Tensor] = {}
         self._B: dict[str, torch.Tensor] = {}
@@ -364,13 +365,16 @@ class RunningPlan:
         """Appends the rows of ``plan`` (copied)."""
         m, start = len(plan), self.n
         if start + m > self.capacity:
-            self._resize(max(start + m, 2 * self.capacity))
+            self._resize(max(start + m, self.room if self.capacity < self.room else 2 * self.capacity))
         rows = slice(start, start + m)
         for module, layer in plan.layers.items():
             rank = layer.A_t.shape[2]
-            if module not in self._A:
-                self._A[module] = layer.A_t.new_zeros(self.capacity, layer.A_t.shape[1], rank)
-                self._B[module] = layer.B_t.new_zeros(self.capacity, rank, layer.B_t.shape[2])
+            if module not in self._A:  # rows past n are never read and joining rows are written whole,
+                # so only the rows already here need zeros (they do not adapt this module)
+                self._A[module] = layer.A_t.new_empty(self.capacity, layer.A_t.shape[1], rank)
+                self._B[module] = layer.B_t.new_empty(self.capacity, rank, layer.B_t.shape[2])
+                self._A[module][:start] = 0
+                self._B[module][:start] = 0
             elif rank > self._A[module].shape[2]:
                 self._widen(module, rank)
             A, B = self._A[module], self._B[module]
@@ -389,6 +393,18 @@ class RunningPlan:
         self.routings.extend(plan.routings)
         self.n += m
         self._view = None
+
+    def absorb(self, other: RunningPlan) -> None:
+        """Appends the rows of ``other``, which is not used afterwards: into an empty plan its
+        buffers move as they are (no copy: a prefilled group joining an idle batch), else the rows
+        are copied (:meth:`extend`)."""
+        if self.n or not other.n:
+            self.extend(other.view())
+            return
+        self._A, self._B, self._slots = other._A, other._B, other._slots
+        self.routings, self.n, self.capacity = list(other.routings), other.n, other.capacity
+        other._A, other._B, other._slots, other.routings, other.n = {}, {}, {}, [], 0
+        self._view = other._view = None
 
     def remove(self, leaving: Sequence[int]) -> None:
         """Drops rows; the last rows move into the holes (:func:`~loraretriever.engine.kv.swap_moves`)."""
@@ -410,7 +426,7 @@ class RunningPlan:
     def _resize(self, capacity: int) -> None:
         for buffers in (self._A, self._B, self._slots):
             for module, buffer in buffers.items():
-                grown = buffer.new_full((capacity, *buffer.shape[1:]), -1 if buffers is self._slots else 0)
+                grown = buffer.new_empty((capacity, *buffer.shape[1:]))  # rows past n are never read
                 grown[: self.n] = buffer[: self.n]
                 buffers[module] = grown
         self.capacity = capacity

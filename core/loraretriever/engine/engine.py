@@ -138,11 +138,12 @@ class _Batch:
         return batch
 
     def extend(self, other: _Batch, reserve: int = 0) -> None:
-        """Appends the rows of ``other`` (only they are copied); ``reserve``: KV columns to make room for."""
+        """Appends the rows of ``other``, which is not used afterwards (only its rows are copied);
+        ``reserve``: KV columns to make room for."""
         self.requests += other.requests
         self.kv.extend(other.kv, reserve)
         if self.plan is not None:
-            self.plan.extend(other.plan.view())
+            self.plan.absorb(other.plan)
         self.last = other.last if self.last is None else torch.cat([self.last, other.last])
 
 
@@ -418,7 +419,8 @@ class Engine:
 
     def _sample_and_advance(self, batch: _Batch, logits: torch.Tensor) -> _Batch | None:
         """Chooses each row's next token, hands it to its request; returns the unfinished rows."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        # NaN and +inf reach a row's maximum: one reduction, not a full-vocabulary isfinite mask
+        finite = torch.isfinite(logits.amax(dim=-1)).tolist()
         for row, request in enumerate(batch.requests):
             if request.config.repetition_penalty != 1.0:
                 _penalize_repeats(logits[row], request.prompt_ids + request.ids, request.config.repetition_penalty)
