@@ -144,6 +144,7 @@ class Composer:
         modules = sorted({m for adapter in adapters.values() for m in adapter.modules})
         modes = ["mixture" if routing.mode == "flow" else routing.mode for routing in routings]
         paired = self.device.type == "cpu" and decode_kernel() is not None
+        row_modes = [routing.mode for routing in routings]  # real modes: flow rows get no kernel pairs
         layers: dict[str, LayerPlan] = {}
         for module in modules:
             parts = [
@@ -155,7 +156,7 @@ class Composer:
                     plan, slot_index=slot_index(rows, routings, adapters, module, plan, gated.k_max)
                 )
             if paired:
-                plan = dataclasses.replace(plan, pairs=decode_pairs(parts, [r.mode for r in routings]))
+                plan = dataclasses.replace(plan, pairs=decode_pairs(parts, row_modes))
             layers[module] = plan
         held = tuple(tuple(adapters[n] for n, _ in row) for row in rows)
         return BatchPlan(tuple(routings), layers, gated, held)
@@ -356,8 +357,8 @@ class RunningPlan:
         self._A: dict[str, torch.Tensor] = {}
         self._B: dict[str, torch.Tensor] = {}
         self._slots: dict[str, torch.Tensor] = {}  # flow slot of each rank column; -1: the always-1 column
-        # the grouped kernel's pairs (a, b, rank, weight) of each row, for modules where every row has them
-        self._pairs: dict[str, tuple[torch.Tensor, ...]] = {}
+        # the grouped kernel's pairs of each row, for modules where every row has them
+        self._pairs: dict[str, DecodePairs] = {}
         self._unpaired: set[str] = set()  # modules some row joined without pairs (the bmm path serves them)
         self._view: BatchPlan | None = None
 
@@ -378,7 +379,7 @@ class RunningPlan:
                 slots = layer.slot_index
                 running._slots[module] = torch.where(slots == plan.gated.k_max, -1, slots)
             if layer.pairs is not None:
-                running._pairs[module] = layer.pairs.tensors()
+                running._pairs[module] = layer.pairs
             else:
                 running._unpaired.add(module)
         running.routings, running.n = list(plan.routings), len(plan)
@@ -396,7 +397,7 @@ class RunningPlan:
                 if slots is not None:  # -1 marks the always-1 column, which is k_max here
                     slots = torch.where(slots[:n] < 0, gated.k_max, slots[:n])
                 pairs = self._pairs.get(module)
-                pairs = None if pairs is None else DecodePairs(*(t[:n] for t in pairs))
+                pairs = None if pairs is None else DecodePairs(*(t[:n] for t in pairs.tensors()))
                 layers[module] = LayerPlan(A[:n], self._B[module][:n], slots, pairs)
             self._view = BatchPlan(routings, layers, gated, tuple(self.held))
         return self._view
@@ -427,18 +428,18 @@ class RunningPlan:
                 slots[rows] = -1
                 if layer.slot_index is not None:
                     slots[rows, :rank] = torch.where(layer.slot_index == plan.gated.k_max, -1, layer.slot_index)
-            self._extend_pairs(module, rows, start, layer.pairs)
+            self._extend_pairs(module, rows, layer.pairs)
         for module in self._A.keys() - plan.layers.keys():  # rows that do not adapt this module
             self._A[module][rows] = 0
             self._B[module][rows] = 0
             if module in self._pairs:
-                self._pairs[module][2][rows] = 0  # rank 0: no update
+                self._pairs[module].rank[rows] = 0  # no update
         self.routings.extend(plan.routings)
         self.held.extend(plan.held or [()] * m)
         self.n += m
         self._view = None
 
-    def _extend_pairs(self, module: str, rows: slice, start: int, pairs: DecodePairs | None) -> None:
+    def _extend_pairs(self, module: str, rows: slice, pairs: DecodePairs | None) -> None:
         """Writes joining rows' kernel pairs; a module some row cannot pair is served by bmm until
         the plan empties (the rows already there have pairs only if the module was paired before)."""
         if pairs is None or module in self._unpaired:
@@ -448,11 +449,11 @@ class RunningPlan:
         k = pairs.rank.shape[1]
         buffers = self._pairs.get(module)
         if buffers is None:
-            buffers = tuple(t.new_zeros(self.capacity, k) for t in pairs.tensors())
-        elif k > buffers[0].shape[1]:
-            buffers = tuple(torch.nn.functional.pad(t, (0, k - t.shape[1])) for t in buffers)
+            buffers = DecodePairs(*(t.new_zeros(self.capacity, k) for t in pairs.tensors()))
+        elif k > buffers.rank.shape[1]:
+            buffers = DecodePairs(*(torch.nn.functional.pad(t, (0, k - t.shape[1])) for t in buffers.tensors()))
         self._pairs[module] = buffers
-        for buffer, value in zip(buffers, pairs.tensors(), strict=True):
+        for buffer, value in zip(buffers.tensors(), pairs.tensors(), strict=True):
             buffer[rows] = 0
             buffer[rows, :k] = value
 
@@ -473,7 +474,7 @@ class RunningPlan:
     def remove(self, leaving: Sequence[int]) -> None:
         """Drops rows; the last rows move into the holes (:func:`~loraretriever.engine.kv.swap_moves`)."""
         destinations, sources, n = swap_moves(self.n, leaving)
-        pairs = [t for buffers in self._pairs.values() for t in buffers]
+        pairs = [t for buffers in self._pairs.values() for t in buffers.tensors()]
         move_rows([*self._A.values(), *self._B.values(), *self._slots.values(), *pairs], destinations, sources)
         routings, held = list(self.routings), list(self.held)
         for d, s in zip(destinations, sources, strict=True):
@@ -495,7 +496,7 @@ class RunningPlan:
             for module, buffer in buffers.items():
                 buffers[module] = self._grown(buffer, capacity)
         for module, pairs in self._pairs.items():
-            self._pairs[module] = tuple(self._grown(t, capacity) for t in pairs)
+            self._pairs[module] = DecodePairs(*(self._grown(t, capacity) for t in pairs.tensors()))
         self.capacity = capacity
 
     def _grown(self, buffer: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -66,7 +66,7 @@ class DecodePairs:
 
     def select(self, index: torch.Tensor) -> DecodePairs:
         """The pairs of some rows only (``index`` a long tensor on the CPU)."""
-        return DecodePairs(*(t.index_select(0, index) for t in (self.a, self.b, self.rank, self.weight)))
+        return DecodePairs(*(t.index_select(0, index) for t in self.tensors()))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.a, self.b, self.rank, self.weight
