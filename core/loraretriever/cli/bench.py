@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--mixed-prompts", type=int, default=32)
     serve.add_argument("--mixed-max-new-tokens", type=int, default=64)
     serve.add_argument("--rate-fractions", type=float, nargs="*", default=[0.3, 0.6, 0.9])
+    serve.add_argument("--rounds", type=int, default=5, help="Rounds of our methods and base timed in turns.")
     _common(serve)
     serve.set_defaults(
         handler=_run_serve,
@@ -44,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "mixed_prompts": 3,
             "mixed_max_new_tokens": 3,
             "rate_fractions": [0.5],
+            "rounds": 1,
         },
     )
 
@@ -157,6 +159,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         mixed_prompts=args.mixed_prompts,
         mixed_max_new_tokens=args.mixed_max_new_tokens,
         rate_fractions=args.rate_fractions,
+        rounds=args.rounds,
         log=log,
     )
     print(json.dumps(result))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ __all__ = [
     "random_lora_state_dict",
     "task_pool",
     "tokens_per_second",
+    "tokens_per_second_in_turns",
 ]
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -66,6 +68,33 @@ def tokens_per_second(fn: Callable[[], int], repeats: int = 2) -> float:
         tokens = fn()
         best = max(best, tokens / (time.perf_counter() - start))
     return best
+
+
+def tokens_per_second_in_turns(
+    methods: Mapping[str, Callable[[], int]], reference: str, rounds: int = 5
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Tokens per second of methods timed in turns, and each one's ratio to ``reference``.
+
+    After one warm-up run each, every round runs every method once, one after the other, so a
+    method and its reference are timed seconds apart in every round; a ratio is the median over
+    rounds of the per-round ratios (a machine whose speed drifts moves both sides of a round alike).
+
+    Returns:
+        ``(median tokens/s per method, median ratio to reference per method)``.
+    """
+    for fn in methods.values():
+        fn()
+    rates: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            tokens = fn()
+            rates[name].append(tokens / (time.perf_counter() - start))
+    ratios = {
+        name: statistics.median(r / b for r, b in zip(values, rates[reference], strict=True))
+        for name, values in rates.items()
+    }
+    return {name: statistics.median(values) for name, values in rates.items()}, ratios
 
 
 def task_pool(model: nn.Module, generator: torch.Generator, rank: int = 8) -> tuple[LoraPool, list[AdapterCard]]:
