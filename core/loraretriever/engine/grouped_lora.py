@@ -38,7 +38,15 @@ import torch
 from loraretriever.engine.adapter import LoraWeights
 from loraretriever.engine.home import loraretriever_home
 
-__all__ = ["KERNEL_ENV", "PAIRED_MODES", "DecodePairs", "decode_kernel", "decode_pairs", "grouped_lora_decode"]
+__all__ = [
+    "KERNEL_ENV",
+    "PAIRED_MODES",
+    "DecodePairs",
+    "c_compiler",
+    "decode_kernel",
+    "decode_pairs",
+    "grouped_lora_decode",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +150,7 @@ def decode_kernel() -> ctypes._CFuncPtr | None:
 
 def _build() -> Path:
     """Compiles grouped_lora.c for this machine's CPU (-march=native), once per source and CPU."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
     source = _SOURCE.read_bytes()
@@ -163,6 +171,11 @@ def _build() -> Path:
     finally:
         Path(partial).unlink(missing_ok=True)
     return library
+
+
+def c_compiler() -> str | None:
+    """The C compiler the kernel is built with: ``$CC``, else ``cc`` or ``gcc`` on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
 def _cpu_signature() -> str:
