@@ -51,7 +51,7 @@ class LoraWeights:
     """The low-rank update of one Linear layer: ``delta(x) = scaling * B @ A @ x``."""
 
     A: torch.Tensor = field(metadata={"help": "Down projection, shape (r, in_features)."})
-    B: torch.Tensor = field(metadata={"help": "Up projection, shape (out_features, r); in memory transposed."})
+    B: torch.Tensor = field(metadata={"help": "Up projection, shape (out_features, r)."})
     scaling: float = field(metadata={"help": "alpha / r, or alpha / sqrt(r) with rsLoRA."})
 
     @property
@@ -179,17 +179,15 @@ class LoraAdapter:
                     f"{largest:g}; the limits are {MAX_SCALING:g} and {MAX_WEIGHT:g} (a trained LoRA is far "
                     "below both; beyond them its rows are garbage). Fix: check lora_alpha and the weights."
                 )
-            # B is kept transposed in memory (B.T contiguous): a decoding kernel reads each rank's
-            # output row in order (grouped_lora)
             modules[module_name] = LoraWeights(
-                A=A.detach().to(dtype).contiguous(), B=B.detach().to(dtype).T.contiguous().T, scaling=scaling
+                A=A.detach().to(dtype).contiguous(), B=B.detach().to(dtype).contiguous(), scaling=scaling
             )
         digest = hashlib.sha256()
         for module_name, weights in modules.items():
             digest.update(module_name.encode())
             digest.update(f"{weights.scaling}".encode())
             for tensor in (weights.A, weights.B):
-                digest.update(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(tensor.cpu().view(torch.uint8).numpy().tobytes())
         adapter = cls(name=name, modules=modules, config=dict(config), source=source, digest=digest.hexdigest()[:16])
         return adapter.to(device, dtype)
 

@@ -29,13 +29,11 @@ Learned gates (:mod:`loraretriever.engine.gates`) ride on the same pass:
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import nn
@@ -44,13 +42,6 @@ from loraretriever.engine.adapter import LoraAdapter
 from loraretriever.engine.factors import LayerPlan, build_layer_plan, slot_index, stack_factors
 from loraretriever.engine.gate_set import GatedRows, GateSet
 from loraretriever.engine.gates import MeteoraGate, layer_index
-from loraretriever.engine.grouped_lora import (
-    PAIRED_MODES,
-    DecodePairs,
-    decode_kernel,
-    decode_pairs,
-    grouped_lora_decode,
-)
 from loraretriever.engine.kv import move_rows, swap_moves
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.routing import Routing
@@ -65,16 +56,9 @@ class BatchPlan:
     routings: tuple[Routing, ...]
     layers: dict[str, LayerPlan]  # adapted module -> its stacked per-row factors
     gated: GatedRows
-    # each row's adapters, kept alive while the plan is: LayerPlan.pairs point into their tensors
-    held: tuple[tuple[LoraAdapter, ...], ...] = ()
 
     def __len__(self) -> int:
         return len(self.routings)
-
-    @cached_property
-    def paired(self) -> bool:
-        """Every row can be decoded by the grouped kernel (mixture, single and base rows)."""
-        return all(r.mode in PAIRED_MODES or r.is_base for r in self.routings)
 
 
 class Composer:
@@ -143,8 +127,6 @@ class Composer:
         adapters = {name: held.get(name) or self.pool.get(name) for row in rows for name, _ in row}
         modules = sorted({m for adapter in adapters.values() for m in adapter.modules})
         modes = ["mixture" if routing.mode == "flow" else routing.mode for routing in routings]
-        paired = self.device.type == "cpu" and decode_kernel() is not None
-        row_modes = [routing.mode for routing in routings]  # real modes: flow rows get no kernel pairs
         layers: dict[str, LayerPlan] = {}
         for module in modules:
             parts = [
@@ -152,23 +134,20 @@ class Composer:
             ]
             plan = build_layer_plan(parts, modes, self._linear[module])
             if gated.flow:
-                plan = dataclasses.replace(
-                    plan, slot_index=slot_index(rows, routings, adapters, module, plan, gated.k_max)
-                )
-            if paired:
-                plan = dataclasses.replace(plan, pairs=decode_pairs(parts, row_modes))
+                plan = LayerPlan(plan.A_t, plan.B_t, slot_index(rows, routings, adapters, module, plan, gated.k_max))
             layers[module] = plan
-        held = tuple(tuple(adapters[n] for n, _ in row) for row in rows)
-        return BatchPlan(tuple(routings), layers, gated, held)
+        return BatchPlan(tuple(routings), layers, gated)
 
     def select(self, plan: BatchPlan, rows: torch.Tensor | Sequence[int]) -> BatchPlan:
         """The plan of some rows of ``plan`` (e.g. when finished requests leave the batch)."""
         rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         routings = tuple(plan.routings[i] for i in rows)
-        held = tuple(plan.held[i] for i in rows) if plan.held else ()
-        layers = {m: p.select(index) for m, p in plan.layers.items()}
-        return _without_idle_slots(BatchPlan(routings, layers, self.gates.rows(routings, self.device), held))
+        return _without_idle_slots(
+            BatchPlan(
+                routings, {m: p.select(index) for m, p in plan.layers.items()}, self.gates.rows(routings, self.device)
+            )
+        )
 
     @property
     def _active(self) -> BatchPlan | None:
@@ -268,7 +247,7 @@ class Composer:
                 )
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
             result = output.reshape(x.shape[0], -1, output.shape[-1])
-            if layer_plan is not None and not self._grouped(plan, layer_plan, flat, result):
+            if layer_plan is not None:
                 hidden = torch.bmm(flat, layer_plan.A_t)
                 if layer_plan.slot_index is not None:
                     weights = self._token_weights[layer_index(module)]
@@ -281,15 +260,6 @@ class Composer:
             return result.view(output.shape)
 
         return hook
-
-    @staticmethod
-    def _grouped(plan: BatchPlan, layer_plan: LayerPlan, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Adds the rows' LoRA updates to ``out`` in place with the grouped kernel when it can
-        serve this pass (one token per row, every row mixture, single or base, float32 on the CPU:
-        a decoding step); False otherwise, with nothing changed."""
-        if layer_plan.pairs is None or x.shape[1] != 1 or not out.is_contiguous() or not plan.paired:
-            return False
-        return grouped_lora_decode(x.reshape(len(plan), -1), out.view(len(plan), -1), layer_plan.pairs)
 
     def _meteora_update(self, name: str, module: str, x: torch.Tensor) -> torch.Tensor:
         """The top-k LoRA update of meteora rows ``x`` ``(rows, tokens, in)`` at ``module``."""
@@ -334,8 +304,8 @@ def _without_idle_slots(plan: BatchPlan) -> BatchPlan:
     """Drops the flow slot indices of a plan that no longer has flow rows (no gate weighs them)."""
     if plan.gated.flow or not any(p.slot_index is not None for p in plan.layers.values()):
         return plan
-    layers = {m: dataclasses.replace(p, slot_index=None) for m, p in plan.layers.items()}
-    return BatchPlan(plan.routings, layers, plan.gated, plan.held)
+    layers = {m: LayerPlan(p.A_t, p.B_t) for m, p in plan.layers.items()}
+    return BatchPlan(plan.routings, layers, plan.gated)
 
 
 class RunningPlan:
@@ -353,13 +323,9 @@ class RunningPlan:
         self.composer, self.capacity, self.n = composer, capacity, 0
         self.room = capacity  # the rows to make room for when the buffers first grow
         self.routings: list[Routing] = []
-        self.held: list[tuple[LoraAdapter, ...]] = []
         self._A: dict[str, torch.Tensor] = {}
         self._B: dict[str, torch.Tensor] = {}
         self._slots: dict[str, torch.Tensor] = {}  # flow slot of each rank column; -1: the always-1 column
-        # the grouped kernel's pairs of each row, for modules where every row has them
-        self._pairs: dict[str, DecodePairs] = {}
-        self._unpaired: set[str] = set()  # modules some row joined without pairs (the bmm path serves them)
         self._view: BatchPlan | None = None
 
     def __len__(self) -> int:
@@ -378,12 +344,7 @@ class RunningPlan:
             if layer.slot_index is not None:
                 slots = layer.slot_index
                 running._slots[module] = torch.where(slots == plan.gated.k_max, -1, slots)
-            if layer.pairs is not None:
-                running._pairs[module] = layer.pairs
-            else:
-                running._unpaired.add(module)
         running.routings, running.n = list(plan.routings), len(plan)
-        running.held = list(plan.held) or [()] * len(plan)
         return running
 
     def view(self) -> BatchPlan:
@@ -396,10 +357,8 @@ class RunningPlan:
                 slots = self._slots.get(module) if gated.flow else None
                 if slots is not None:  # -1 marks the always-1 column, which is k_max here
                     slots = torch.where(slots[:n] < 0, gated.k_max, slots[:n])
-                pairs = self._pairs.get(module)
-                pairs = None if pairs is None else DecodePairs(*(t[:n] for t in pairs.tensors()))
-                layers[module] = LayerPlan(A[:n], self._B[module][:n], slots, pairs)
-            self._view = BatchPlan(routings, layers, gated, tuple(self.held))
+                layers[module] = LayerPlan(A[:n], self._B[module][:n], slots)
+            self._view = BatchPlan(routings, layers, gated)
         return self._view
 
     def extend(self, plan: BatchPlan) -> None:
@@ -428,34 +387,12 @@ class RunningPlan:
                 slots[rows] = -1
                 if layer.slot_index is not None:
                     slots[rows, :rank] = torch.where(layer.slot_index == plan.gated.k_max, -1, layer.slot_index)
-            self._extend_pairs(module, rows, layer.pairs)
         for module in self._A.keys() - plan.layers.keys():  # rows that do not adapt this module
             self._A[module][rows] = 0
             self._B[module][rows] = 0
-            if module in self._pairs:
-                self._pairs[module].rank[rows] = 0  # no update
         self.routings.extend(plan.routings)
-        self.held.extend(plan.held or [()] * m)
         self.n += m
         self._view = None
-
-    def _extend_pairs(self, module: str, rows: slice, pairs: DecodePairs | None) -> None:
-        """Writes joining rows' kernel pairs; a module some row cannot pair is served by bmm until
-        the plan empties (the rows already there have pairs only if the module was paired before)."""
-        if pairs is None or module in self._unpaired:
-            self._pairs.pop(module, None)
-            self._unpaired.add(module)
-            return
-        k = pairs.rank.shape[1]
-        buffers = self._pairs.get(module)
-        if buffers is None:
-            buffers = DecodePairs(*(t.new_zeros(self.capacity, k) for t in pairs.tensors()))
-        elif k > buffers.rank.shape[1]:
-            buffers = DecodePairs(*(torch.nn.functional.pad(t, (0, k - t.shape[1])) for t in buffers.tensors()))
-        self._pairs[module] = buffers
-        for buffer, value in zip(buffers.tensors(), pairs.tensors(), strict=True):
-            buffer[rows] = 0
-            buffer[rows, :k] = value
 
     def absorb(self, other: RunningPlan) -> None:
         """Appends the rows of ``other``, which is not used afterwards: into an empty plan its
@@ -465,24 +402,19 @@ class RunningPlan:
             self.extend(other.view())
             return
         self._A, self._B, self._slots = other._A, other._B, other._slots
-        self._pairs, self._unpaired = other._pairs, other._unpaired
-        self.routings, self.held, self.n, self.capacity = list(other.routings), other.held, other.n, other.capacity
-        other._A, other._B, other._slots, other._pairs, other._unpaired = {}, {}, {}, {}, set()
-        other.routings, other.held, other.n = [], [], 0
+        self.routings, self.n, self.capacity = list(other.routings), other.n, other.capacity
+        other._A, other._B, other._slots, other.routings, other.n = {}, {}, {}, [], 0
         self._view = other._view = None
 
     def remove(self, leaving: Sequence[int]) -> None:
         """Drops rows; the last rows move into the holes (:func:`~loraretriever.engine.kv.swap_moves`)."""
         destinations, sources, n = swap_moves(self.n, leaving)
-        pairs = [t for buffers in self._pairs.values() for t in buffers.tensors()]
-        move_rows([*self._A.values(), *self._B.values(), *self._slots.values(), *pairs], destinations, sources)
-        routings, held = list(self.routings), list(self.held)
+        move_rows([*self._A.values(), *self._B.values(), *self._slots.values()], destinations, sources)
+        routings = list(self.routings)
         for d, s in zip(destinations, sources, strict=True):
-            routings[d], held[d] = self.routings[s], self.held[s]
-        self.routings, self.held = routings[:n], held[:n]
+            routings[d] = self.routings[s]
+        self.routings = routings[:n]
         self.n = n
-        if not n:  # empty: a module refused by the kernel may be paired again
-            self._unpaired.clear()
         self._view = None
 
     def take(self, rows: Sequence[int]) -> RunningPlan:
@@ -494,15 +426,10 @@ class RunningPlan:
     def _resize(self, capacity: int) -> None:
         for buffers in (self._A, self._B, self._slots):
             for module, buffer in buffers.items():
-                buffers[module] = self._grown(buffer, capacity)
-        for module, pairs in self._pairs.items():
-            self._pairs[module] = DecodePairs(*(self._grown(t, capacity) for t in pairs.tensors()))
+                grown = buffer.new_empty((capacity, *buffer.shape[1:]))  # rows past n are never read
+                grown[: self.n] = buffer[: self.n]
+                buffers[module] = grown
         self.capacity = capacity
-
-    def _grown(self, buffer: torch.Tensor, capacity: int) -> torch.Tensor:
-        grown = buffer.new_empty((capacity, *buffer.shape[1:]))  # rows past n are never read
-        grown[: self.n] = buffer[: self.n]
-        return grown
 
     def _widen(self, module: str, rank: int) -> None:
         A, B = self._A[module], self._B[module]

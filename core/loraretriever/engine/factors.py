@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from loraretriever.engine.adapter import LoraWeights
-from loraretriever.engine.grouped_lora import DecodePairs
 from loraretriever.engine.routing import Routing
 
 __all__ = ["LayerPlan", "build_layer_plan", "slot_index", "stack_factors"]
@@ -33,14 +32,11 @@ class LayerPlan:
     B_t: torch.Tensor  # (batch, rank, out_features), weights and scaling folded in
     # flow rows: the slot of every rank column; other rows point at an always-1 column
     slot_index: torch.Tensor | None = None  # (batch, rank), long
-    # the same rows for the grouped decoding kernel (CPU float32 only), or None
-    pairs: DecodePairs | None = None
 
     def select(self, index: torch.Tensor) -> LayerPlan:
         """The plan of some rows only (``index`` on the plan's device)."""
         slots = None if self.slot_index is None else self.slot_index.index_select(0, index)
-        pairs = None if self.pairs is None else self.pairs.select(index.cpu())
-        return LayerPlan(self.A_t.index_select(0, index), self.B_t.index_select(0, index), slots, pairs)
+        return LayerPlan(self.A_t.index_select(0, index), self.B_t.index_select(0, index), slots)
 
 
 def build_layer_plan(parts: list[list[tuple[LoraWeights, float]]], modes: Sequence[str], layer: nn.Linear) -> LayerPlan:
