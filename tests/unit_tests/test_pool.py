@@ -33,6 +33,10 @@ def test_add_list_get_remove(tiny_model, tiny_adapters):
     assert events == [("added", "qv"), ("added", "everything"), ("removed", "qv")]
     with pytest.raises(KeyError, match="no adapter named 'qv'"):
         pool.get("qv")
+    # a bad name a caller passes is also a ValueError, as every other bad value is
+    for call in (lambda: pool.get("qv"), lambda: pool.check_names(["qv"]), lambda: pool.remove("qv")):
+        with pytest.raises(ValueError, match="no adapter named 'qv'"):
+            call()
 
 
 def test_heterogeneous_ranks_alphas_and_targets(tiny_model, tiny_adapters):

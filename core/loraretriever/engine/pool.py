@@ -21,7 +21,13 @@ from loraretriever.engine.adapter import (
     read_adapter_files,
 )
 
-__all__ = ["LoraPool", "PoolListener"]
+__all__ = ["LoraPool", "PoolListener", "UnknownAdapterError"]
+
+
+class UnknownAdapterError(KeyError, ValueError):
+    """A name that is not in the pool: a KeyError for lookups, and a ValueError like every other bad
+    value a caller passes (so a request naming an unknown adapter fails with the library's errors)."""
+
 
 PoolListener = Callable[[str, str], None]
 """Called as ``listener(event, name)`` with event ``"added"`` or ``"removed"`` after a change."""
@@ -74,7 +80,7 @@ class LoraPool:
             try:
                 return self._adapters[name]
             except KeyError:
-                raise KeyError(self._unknown(name)) from None
+                raise UnknownAdapterError(self._unknown(name)) from None
 
     def __getitem__(self, name: str) -> LoraAdapter:
         return self.get(name)
@@ -109,10 +115,10 @@ class LoraPool:
             self._version += 1
 
     def check_names(self, names: list[str]) -> None:
-        """Raises ``KeyError`` naming the first adapter not in the pool."""
+        """Raises :class:`UnknownAdapterError` naming the first adapter not in the pool."""
         for name in names:
             if name not in self._adapters:
-                raise KeyError(self._unknown(name))
+                raise UnknownAdapterError(self._unknown(name))
 
     # -- changing ----------------------------------------------------------------------------
     def add(
@@ -166,7 +172,7 @@ class LoraPool:
         return adapter.name
 
     def remove(self, name: str) -> LoraAdapter:
-        """Removes an adapter and returns it; ``KeyError`` if there is none of that name."""
+        """Removes an adapter and returns it; :class:`UnknownAdapterError` if there is none of that name."""
         with self._lock:
             adapter = self.get(name)
             del self._adapters[name]
