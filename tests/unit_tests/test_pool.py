@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loraretriever import AdapterError, LoraPool
+from loraretriever import AdapterError, Composer, LoraPool, Routing
 from tests.conftest import ALL_LINEAR, save_peft_adapter
 
 
@@ -63,11 +63,21 @@ def test_rslora_and_rank_pattern_scaling(tiny_model, make_adapter):
     assert next(iter(rs.modules.values())).scaling == pytest.approx(8 / math.sqrt(4))
 
 
-def test_weights_are_held_in_model_dtype(tiny_adapters):
+def test_stored_weights_are_held_as_stored_and_cast_per_use(tiny_adapters, tmp_path):
     model = LlamaForCausalLM(LlamaConfig(**{**_tiny_kwargs(), "torch_dtype": "float32"})).to(torch.bfloat16)
+    half = shutil.copytree(tiny_adapters["qv"], tmp_path / "half")
+    weights = {k: v.half() for k, v in load_file(half / "adapter_model.safetensors").items()}
+    save_file(weights, half / "adapter_model.safetensors")
     pool = LoraPool(model)
-    adapter = pool.get(pool.add(tiny_adapters["qv"]))
-    assert all(w.A.dtype == torch.bfloat16 and w.B.dtype == torch.bfloat16 for w in adapter.modules.values())
+    stored = pool.get(pool.add(half))
+    assert {w.A.dtype for w in stored.modules.values()} == {torch.float16}, "held in the file's dtype"
+    in_memory = pool.get(
+        pool.add_state_dict("in_memory", json.loads((half / "adapter_config.json").read_text()), weights)
+    )
+    assert {w.A.dtype for w in in_memory.modules.values()} == {torch.bfloat16}, "a state dict: the model's dtype"
+    plan = Composer(model, pool).build_plan([Routing.pinned(["half"]), Routing.pinned(["in_memory"])])
+    assert {p.A_t.dtype for p in plan.layers.values()} == {torch.bfloat16}, "cast to the model's dtype per use"
+    assert stored.digest == in_memory.digest, "one adapter, one digest, whatever dtype it is held in"
 
 
 def _tiny_kwargs() -> dict:
@@ -208,7 +218,7 @@ def test_hub_id_that_cannot_be_fetched_is_a_clear_error(pool_with_one):
     [
         ({"lora_alpha": float("nan")}, "lora_alpha=nan must be a finite number"),
         ({"lora_alpha": float("inf")}, "lora_alpha=inf must be a finite number"),
-        ({"lora_alpha": 1e9}, "scaling .* the limits are 1000"),
+        ({"lora_alpha": 1e9}, "scaling .* the limit is 1000"),
         ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\]=0 must be a positive integer"),
         ({"alpha_pattern": {"v_proj": float("nan")}}, "alpha_pattern.*must be a finite number"),
     ],
@@ -228,7 +238,7 @@ def test_huge_weights_oversize_ranks_and_files_are_refused(pool_with_one, tiny_m
     scaled = shutil.copytree(tiny_adapters["qv"], tmp_path / "scaled")
     weights = load_file(scaled / "adapter_model.safetensors")
     save_file({k: v * 1e30 if "lora_B" in k else v for k, v in weights.items()}, scaled / "adapter_model.safetensors")
-    with pytest.raises(AdapterError, match="largest scaled weight .* the limits"):
+    with pytest.raises(AdapterError, match="largest scaled weight .* the limit is"):
         pool_with_one.add(scaled)
     wide = save_peft_adapter(tiny_model, tmp_path / "wide", r=40, targets=["q_proj"])  # q_proj is 32 -> 32
     with pytest.raises(AdapterError, match="rank 40, over the limit of 32"):

@@ -27,7 +27,10 @@ __all__ = [
     "LoraAdapter",
     "LoraWeights",
     "check_adapter_name",
+    "check_layout",
+    "read_adapter_config",
     "read_adapter_files",
+    "read_safetensors_header",
 ]
 
 CONFIG_FILE = "adapter_config.json"
@@ -40,6 +43,7 @@ _KEY_PATTERN = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<pa
 
 MAX_SCALING = 1e3  # |lora_alpha / r| (or / sqrt(r)): trained adapters use ~0.1 to 64
 MAX_WEIGHT = 1e4  # the largest |A| and |scaling * B| entry: trained adapters stay near 1
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
 class AdapterError(ValueError):
@@ -77,6 +81,15 @@ class LoraAdapter:
     def num_parameters(self) -> int:
         return sum(w.A.numel() + w.B.numel() for w in self.modules.values())
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes its weights take where they are held."""
+        return sum(w.A.nbytes + w.B.nbytes for w in self.modules.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.modules.values())).A.dtype
+
     @classmethod
     def from_state_dict(
         cls,
@@ -86,6 +99,8 @@ class LoraAdapter:
         model: nn.Module,
         *,
         source: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> LoraAdapter:
         """Builds an adapter from a PEFT config and state dict, checking both against ``model``.
 
@@ -95,101 +110,48 @@ class LoraAdapter:
             state_dict: PEFT-format weights (``...<module>.lora_A.weight`` / ``lora_B``).
             model: The base model the adapter must fit.
             source: Where the weights came from, used in error messages.
+            dtype: The dtype to hold the weights in (default: as given, e.g. as stored on disk).
+            device: Where to hold them (default: where they are).
 
         Raises:
             AdapterError: naming the adapter, the file or key, and the fix.
         """
         check_adapter_name(name)
         where = f"adapter {name!r}" + (f" ({source})" if source else "")
-        _check_config(config, where)
-        linear_layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        all_modules = dict(model.named_modules())
-        dtype = next(model.parameters()).dtype
-        device = next(model.parameters()).device
-
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in state_dict.items():
-            match = _KEY_PATTERN.match(key)
-            if match is None:
-                raise AdapterError(
-                    f"{where}: weight {key!r} is not a LoRA A/B matrix of a Linear layer; loraretriever "
-                    "composes plain LoRA only (no modules_to_save, embedding LoRA or DoRA). "
-                    "Fix: save the adapter without those extras."
-                )
-            parts.setdefault(match["module"], {})[match["part"]] = tensor
-        if not parts:
-            raise AdapterError(f"{where}: the weights hold no lora_A/lora_B matrices. Fix: save a LoRA adapter.")
-
-        r_default = int(config.get("r", 8))
-        alpha_default = float(config.get("lora_alpha", r_default))
-        rank_pattern = config.get("rank_pattern") or {}
-        alpha_pattern = config.get("alpha_pattern") or {}
-        rslora = bool(config.get("use_rslora", False))
-
+        shapes = {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
+        layout = check_layout(where, config, shapes, model)
         modules: dict[str, LoraWeights] = {}
-        for module_name, ab in sorted(parts.items()):
-            if set(ab) != {"A", "B"}:
-                missing = ({"A", "B"} - set(ab)).pop()
+        # over the weights as given (as float32): the dtype they are held in does not change it
+        digest = hashlib.sha256()
+        for module_name, (a_key, b_key, scaling) in layout.items():
+            A, B = state_dict[a_key], state_dict[b_key]
+            if not (A.is_floating_point() and B.is_floating_point()):
                 raise AdapterError(
-                    f"{where}: module {module_name!r} has no lora_{missing} weight; the file is incomplete."
-                )
-            if module_name not in linear_layers:
-                kind = type(all_modules[module_name]).__name__ if module_name in all_modules else "no such module"
-                raise AdapterError(
-                    f"{where}: target module {module_name!r} is not a Linear layer of the base model "
-                    f"({kind}). Fix: train the adapter on this base model "
-                    f"({type(model).__name__}), or check its target_modules."
-                )
-            layer = linear_layers[module_name]
-            A, B = ab["A"], ab["B"]
-            if A.dim() != 2 or B.dim() != 2 or A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
-                raise AdapterError(
-                    f"{where}: module {module_name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
-                    f"but the base layer maps {layer.in_features} -> {layer.out_features}; the adapter was "
-                    "trained for another base model. Fix: load it with the model it was trained on."
-                )
-            if A.shape[0] != B.shape[1]:
-                raise AdapterError(
-                    f"{where}: module {module_name!r} has lora_A rank {A.shape[0]} but lora_B rank {B.shape[1]}."
+                    f"{where}: module {module_name!r} holds {A.dtype} / {B.dtype} weights, not floating point. "
+                    "Fix: re-save the adapter with PEFT."
                 )
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                 raise AdapterError(
                     f"{where}: module {module_name!r} holds NaN or infinite weights. Fix: retrain or re-save it."
                 )
-            rank = A.shape[0]
-            pattern_rank = _pattern_value(rank_pattern, module_name, r_default)
-            if rank != pattern_rank:
-                raise AdapterError(
-                    f"{where}: module {module_name!r} has rank {rank} but the config says r={pattern_rank}. "
-                    "Fix: the config and the weights must come from the same save."
-                )
-            if rank > min(layer.in_features, layer.out_features):
-                raise AdapterError(
-                    f"{where}: module {module_name!r} has rank {rank}, over the limit of "
-                    f"{min(layer.in_features, layer.out_features)} (the smaller side of the "
-                    f"{layer.in_features} -> {layer.out_features} layer: a larger rank adds nothing but cost). "
-                    "Fix: train the adapter with a smaller r."
-                )
-            alpha = float(_pattern_value(alpha_pattern, module_name, alpha_default))
-            scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
             largest = max(float(A.abs().max()), float(B.abs().max()) * abs(scaling))
-            if abs(scaling) > MAX_SCALING or largest > MAX_WEIGHT:
+            if largest > MAX_WEIGHT:
                 raise AdapterError(
                     f"{where}: module {module_name!r} has scaling {scaling:g} and largest scaled weight "
-                    f"{largest:g}; the limits are {MAX_SCALING:g} and {MAX_WEIGHT:g} (a trained LoRA is far "
-                    "below both; beyond them its rows are garbage). Fix: check lora_alpha and the weights."
+                    f"{largest:g}; the limit is {MAX_WEIGHT:g} (a trained LoRA is far below it; beyond it "
+                    "its rows are garbage). Fix: check lora_alpha and the weights."
                 )
-            modules[module_name] = LoraWeights(
-                A=A.detach().to(dtype).contiguous(), B=B.detach().to(dtype).contiguous(), scaling=scaling
-            )
-        digest = hashlib.sha256()
-        for module_name, weights in modules.items():
             digest.update(module_name.encode())
-            digest.update(f"{weights.scaling}".encode())
-            for tensor in (weights.A, weights.B):
-                digest.update(tensor.cpu().view(torch.uint8).numpy().tobytes())
+            digest.update(f"{scaling}".encode())
+            for tensor in (A, B):
+                digest.update(tensor.detach().cpu().float().contiguous().view(torch.uint8).numpy().tobytes())
+            modules[module_name] = LoraWeights(
+                A=A.detach().to(dtype or A.dtype).contiguous(),
+                B=B.detach().to(dtype or B.dtype).contiguous(),
+                scaling=scaling,
+            )
         adapter = cls(name=name, modules=modules, config=dict(config), source=source, digest=digest.hexdigest()[:16])
-        return adapter.to(device, dtype)
+        return adapter if device is None else adapter.to(device, dtype or adapter.dtype)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraAdapter:
         """This adapter with its weights on ``device`` in ``dtype`` (itself if they already are)."""
@@ -202,6 +164,121 @@ class LoraAdapter:
         return dataclasses.replace(self, modules=moved)
 
 
+def check_layout(
+    where: str, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], model: nn.Module
+) -> dict[str, tuple[str, str, float]]:
+    """Checks an adapter's config and the shapes of its weights against ``model`` (no weight is
+    read, so a safetensors header is enough).
+
+    Args:
+        where: Names the adapter in errors.
+        config: Its PEFT config.
+        shapes: Its state dict's keys and shapes.
+        model: The base model.
+
+    Returns:
+        ``{module: (lora_A key, lora_B key, scaling)}`` for every adapted Linear layer.
+
+    Raises:
+        AdapterError: naming the adapter, the key or module, and the fix.
+    """
+    _check_config(config, where)
+    linear_layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    parts: dict[str, dict[str, str]] = {}
+    for key in shapes:
+        match = _KEY_PATTERN.match(key)
+        if match is None:
+            raise AdapterError(
+                f"{where}: weight {key!r} is not a LoRA A/B matrix of a Linear layer; loraretriever "
+                "composes plain LoRA only (no modules_to_save, embedding LoRA or DoRA). "
+                "Fix: save the adapter without those extras."
+            )
+        parts.setdefault(match["module"], {})[match["part"]] = key
+    if not parts:
+        raise AdapterError(f"{where}: the weights hold no lora_A/lora_B matrices. Fix: save a LoRA adapter.")
+
+    r_default = int(config.get("r", 8))
+    alpha_default = float(config.get("lora_alpha", r_default))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    layout: dict[str, tuple[str, str, float]] = {}
+    for module_name, ab in sorted(parts.items()):
+        if set(ab) != {"A", "B"}:
+            missing = ({"A", "B"} - set(ab)).pop()
+            raise AdapterError(f"{where}: module {module_name!r} has no lora_{missing} weight; the file is incomplete.")
+        if module_name not in linear_layers:
+            found = dict(model.named_modules()).get(module_name)
+            kind = type(found).__name__ if found is not None else "no such module"
+            raise AdapterError(
+                f"{where}: target module {module_name!r} is not a Linear layer of the base model "
+                f"({kind}). Fix: train the adapter on this base model "
+                f"({type(model).__name__}), or check its target_modules."
+            )
+        layer = linear_layers[module_name]
+        a_shape, b_shape = shapes[ab["A"]], shapes[ab["B"]]
+        if (
+            len(a_shape) != 2
+            or len(b_shape) != 2
+            or a_shape[1] != layer.in_features
+            or b_shape[0] != layer.out_features
+        ):
+            raise AdapterError(
+                f"{where}: module {module_name!r} has lora_A {tuple(a_shape)} and lora_B {tuple(b_shape)}, "
+                f"but the base layer maps {layer.in_features} -> {layer.out_features}; the adapter was "
+                "trained for another base model. Fix: load it with the model it was trained on."
+            )
+        if a_shape[0] != b_shape[1]:
+            raise AdapterError(
+                f"{where}: module {module_name!r} has lora_A rank {a_shape[0]} but lora_B rank {b_shape[1]}."
+            )
+        rank = a_shape[0]
+        pattern_rank = _pattern_value(rank_pattern, module_name, r_default)
+        if rank != pattern_rank:
+            raise AdapterError(
+                f"{where}: module {module_name!r} has rank {rank} but the config says r={pattern_rank}. "
+                "Fix: the config and the weights must come from the same save."
+            )
+        if rank > min(layer.in_features, layer.out_features):
+            raise AdapterError(
+                f"{where}: module {module_name!r} has rank {rank}, over the limit of "
+                f"{min(layer.in_features, layer.out_features)} (the smaller side of the "
+                f"{layer.in_features} -> {layer.out_features} layer: a larger rank adds nothing but cost). "
+                "Fix: train the adapter with a smaller r."
+            )
+        alpha = float(_pattern_value(alpha_pattern, module_name, alpha_default))
+        scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        if abs(scaling) > MAX_SCALING:
+            raise AdapterError(
+                f"{where}: module {module_name!r} has scaling {scaling:g}; the limit is {MAX_SCALING:g} (a "
+                "trained LoRA is far below it). Fix: check lora_alpha and r."
+            )
+        layout[module_name] = (ab["A"], ab["B"], scaling)
+    return layout
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """The tensors a safetensors file holds, from its header only: ``{key: (dtype, shape, nbytes)}``.
+
+    Raises:
+        AdapterError: a file too short, or a header that is not safetensors JSON.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            if not 2 <= size <= _MAX_HEADER_BYTES or size + 8 > path.stat().st_size:
+                raise AdapterError(f"{str(path)!r} is corrupt (a header of {size:,} bytes). Fix: re-save the adapter.")
+            header = json.loads(file.read(size))
+        return {
+            key: (entry["dtype"], tuple(entry["shape"]), entry["data_offsets"][1] - entry["data_offsets"][0])
+            for key, entry in header.items()
+            if key != "__metadata__"
+        }
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise AdapterError(f"{str(path)!r} is corrupt ({err!r}). Fix: re-save the adapter.") from err
+
+
 def check_adapter_name(name: object) -> str:
     """Returns ``name`` if it is a safe adapter name, else raises :class:`AdapterError`."""
     if not isinstance(name, str) or not _NAME_PATTERN.match(name) or ".." in name:
@@ -210,6 +287,27 @@ def check_adapter_name(name: object) -> str:
             "with a letter or digit (no path separators, no '..')."
         )
     return name
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a PEFT adapter directory.
+
+    Raises:
+        AdapterError: a missing directory or file, or a file that is not a JSON object.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"adapter directory {str(directory)!r} does not exist.")
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{str(config_path)!r} is missing. Fix: save the adapter with PEFT's save_pretrained.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise AdapterError(f"{str(config_path)!r} is not valid JSON ({err}). Fix: re-save the adapter.") from err
+    if not isinstance(config, dict):
+        raise AdapterError(f"{str(config_path)!r} must hold a JSON object, not {type(config).__name__}.")
+    return config
 
 
 def read_adapter_files(
@@ -227,17 +325,7 @@ def read_adapter_files(
         AdapterError: for a missing directory, missing, corrupt or oversize files, or a refused pickle.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise AdapterError(f"adapter directory {str(directory)!r} does not exist.")
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise AdapterError(f"{str(config_path)!r} is missing. Fix: save the adapter with PEFT's save_pretrained.")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{str(config_path)!r} is not valid JSON ({err}). Fix: re-save the adapter.") from err
-    if not isinstance(config, dict):
-        raise AdapterError(f"{str(config_path)!r} must hold a JSON object, not {type(config).__name__}.")
+    config = read_adapter_config(directory)
 
     for weights_file in (directory / SAFETENSORS_FILE, directory / PICKLE_FILE):
         if max_bytes is not None and weights_file.is_file() and weights_file.stat().st_size > max_bytes:

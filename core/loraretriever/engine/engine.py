@@ -27,6 +27,7 @@ there and never reaches a shared batch.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import CancelledError
@@ -73,6 +74,12 @@ class EngineConfig:
     max_new_tokens_limit: int | None = field(
         default=None, metadata={"help": "The most max_new_tokens a request may ask for; default: the context window."}
     )
+    max_load_wait: float = field(
+        default=1.0,
+        metadata={
+            "help": "Seconds a request whose adapters are still loading lets requests with loaded ones go first."
+        },
+    )
     policy: Policy = field(
         default="continuous",
         metadata={"help": "continuous: join and leave between steps; static: whole batches (a reference)."},
@@ -87,6 +94,12 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive integer or None.")
+        if (
+            not isinstance(self.max_load_wait, int | float)
+            or isinstance(self.max_load_wait, bool)
+            or not (0 <= self.max_load_wait < float("inf"))
+        ):
+            raise ValueError(f"max_load_wait={self.max_load_wait!r} must be a number of seconds >= 0.")
         if self.policy not in ("continuous", "static"):
             raise ValueError(f"policy={self.policy!r} must be 'continuous' or 'static'.")
 
@@ -217,9 +230,11 @@ class Engine:
             self.busy_periods += 1
         for request in requests:
             request.queued = True
-            if self.composer is not None:  # held: an adapter removed while it waits stays its until it ends
+            if self.composer is not None:
+                # held: loading starts now (prefetch), and an adapter removed while the request waits
+                # stays its until it ends, as does one the pool's cache would evict
                 pool = self.composer.pool
-                request.adapters = {n: pool.get(n) for n in request.routing.adapters if n in pool}
+                request.adapters = pool.hold([n for n in request.routing.adapters if n in pool])
         self.waiting.extend(requests)
 
     @property
@@ -272,11 +287,25 @@ class Engine:
             group = solo[:1] or group  # requests whose shared prefill failed go one by one
         else:
             group = self._continuous_group(running)
+            if not group:
+                return None
         picked = {id(r) for r in group}
         self.waiting = deque(r for r in self.waiting if id(r) not in picked)
         self._solo.difference_update(picked)
         group, plan = self._plan(group)
         return self._new_batch(group, plan) if group else None
+
+    def _head(self, running: int) -> RequestState | None:
+        """The request to admit first: the oldest, unless its adapters are still loading from disk
+        and it has waited less than ``max_load_wait``; then the oldest whose adapters are loaded,
+        or, with none and a batch decoding, no one this step (the batch decodes on)."""
+        oldest = self.waiting[0]
+        if _loaded(oldest) or time.perf_counter() - oldest.arrived_at >= self.config.max_load_wait:
+            return oldest
+        ready = next((r for r in self.waiting if _loaded(r)), None)
+        if ready is not None:
+            return ready
+        return None if running else oldest
 
     def _continuous_group(self, running: int) -> list[RequestState]:
         """The oldest waiting request, and with it, from the next ``max_batch_size`` waiting ones,
@@ -284,11 +313,17 @@ class Engine:
         little of the prefill is padding, and a request is overtaken only by that window)."""
         budget = max(self.config.max_batch_tokens - running, _MIN_CHUNK)
         room = self.config.max_batch_size - running
-        head = self.waiting[0]
+        head = self._head(running)
+        if head is None:
+            return []
         group, longest = [head], len(head.prompt_ids)
         if id(head) in self._solo:
             return group
-        window = [r for r in list(self.waiting)[1 : self.config.max_batch_size] if id(r) not in self._solo]
+        window = [
+            r
+            for r in list(self.waiting)[: self.config.max_batch_size]
+            if r is not head and id(r) not in self._solo and _loaded(r)
+        ]
         for request in sorted(window, key=lambda r: abs(len(r.prompt_ids) - len(head.prompt_ids))):
             if len(group) >= room:
                 break
@@ -306,7 +341,7 @@ class Engine:
             return requests, None
 
         def plan(group: list[RequestState]) -> BatchPlan:
-            held = {n: a for r in group for n, a in (r.adapters or {}).items()}
+            held = {n: a for r in group if r.adapters is not None for n, a in r.adapters.adapters().items()}
             return self.composer.build_plan([r.routing for r in group], held=held)
 
         try:
@@ -471,6 +506,11 @@ class Engine:
         if leaving:
             batch.remove(leaving)
         return batch
+
+
+def _loaded(request: RequestState) -> bool:
+    """Whether the request's adapters are loaded (planning it will not wait for the disk)."""
+    return request.adapters is None or request.adapters.ready
 
 
 def cancelled_error() -> CancelledError:

@@ -41,13 +41,22 @@ class LayerPlan:
 
 def build_layer_plan(parts: list[list[tuple[LoraWeights, float]]], modes: Sequence[str], layer: nn.Linear) -> LayerPlan:
     """One layer's plan for rows given as ``(weights, weight)`` pairs, one mode per row (flow rows
-    are mixtures at weight 1: their gate scales them per token)."""
+    are mixtures at weight 1: their gate scales them per token). Weights held in another dtype
+    (as stored on disk) or elsewhere are cast to the layer's here, per use."""
+    weight = layer.weight
+    parts = [[(_placed(w, weight), x) for w, x in row] for row in parts]
     shared = modes[0] if len(set(modes)) == 1 else None
     plan = _uniform(parts, shared, layer) if shared is not None else None
     if plan is None:
         factors = [_fuse(p) if mode == "fusion" else _concatenate(p) for mode, p in zip(modes, parts, strict=True)]
         plan = _stack(factors, layer)
     return plan
+
+
+def _placed(weights: LoraWeights, like: torch.Tensor) -> LoraWeights:
+    if weights.A.dtype == like.dtype and weights.A.device == like.device:
+        return weights
+    return LoraWeights(weights.A.to(like.device, like.dtype), weights.B.to(like.device, like.dtype), weights.scaling)
 
 
 def stack_factors(present: Sequence[LoraWeights | None], layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:

@@ -163,7 +163,7 @@ class RequestState:
     index: int = 0  # the row number a caller knows it by (its place in a generate() call)
     payload: Any = None  # the upper layer's request (e.g. its routing options)
     rng: torch.Generator | None = None
-    adapters: dict[str, Any] | None = None  # its routing's adapters, held from admission to the end
+    adapters: Any = None  # its routing's adapters (a pool's AdapterHold), held from queueing to the end
     matcher: Any = None  # its grammar's matcher (constrained decoding), if it has a grammar
     arrived_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -194,6 +194,7 @@ class RequestState:
             return
         self.error = error
         self.finished_at = time.perf_counter()
+        self._release()
         if self.on_error is not None:
             self.on_error(error)
 
@@ -221,6 +222,7 @@ class RequestState:
             self.text += _new_text(tokenizer, self, flush=True)  # bytes of a character cut off at the end
         if finish is not None:
             self.finished_at = time.perf_counter()
+            self._release()
             self.done = Completion(
                 text=self.text,
                 finish_reason=finish,
@@ -239,6 +241,11 @@ class RequestState:
             self.emitted = shown
             return self._emit(StreamEvent(self.index, delta))
         return None
+
+    def _release(self) -> None:
+        """Lets the pool evict the adapters again (the request has ended)."""
+        if self.adapters is not None:
+            self.adapters.release()
 
     def _emit(self, event: StreamEvent) -> StreamEvent:
         if self.on_event is not None:

@@ -19,6 +19,7 @@ from typing import Any
 from loraretriever.engine.adapter import AdapterError, check_adapter_name, read_adapter_files
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.pool_dir import (
+    ADAPTERS_DIR,
     adapter_dirs,
     clear_intent,
     delete_adapter,
@@ -158,9 +159,10 @@ def _change(pool_dir: Path | None) -> contextlib.AbstractContextManager:
 
 
 def open_pool_dir(pool: LoraPool, pool_dir: str | Path, *, cards: CardStore | None = None) -> dict[str, list[str]]:
-    """Readies a pool directory and loads its adapters into ``pool``: recovers interrupted changes
-    (:func:`recover`), then moves each adapter that fails to load and each card that cannot be
-    read to ``POOL_DIR/quarantine/`` with its reason, so one bad file never stops the rest.
+    """Readies a pool directory and registers its adapters in ``pool`` (config and shapes read now,
+    weights at their first use): recovers interrupted changes (:func:`recover`), then moves each
+    adapter that fails to register or, later, to load, and each card that cannot be read to
+    ``POOL_DIR/quarantine/`` with its reason, so one bad file never stops the rest.
 
     ``cards`` is the pool's card store, if the caller keeps one (the router): each card is then
     parsed once, here, and the router's reconcile reuses it.
@@ -171,11 +173,17 @@ def open_pool_dir(pool: LoraPool, pool_dir: str | Path, *, cards: CardStore | No
     root = Path(pool_dir).expanduser()
     undone = recover(root)["undone"]
     loaded, bad = [], []
+
+    def quarantine_broken(name: str, error: AdapterError) -> None:  # found at its first load
+        if (root / ADAPTERS_DIR / name).is_dir():
+            quarantine(root, name, f"the adapter does not load: {error}")
+
+    pool.on_load_error(quarantine_broken)
     for name, path in adapter_dirs(root).items():
         if name in pool:
             continue
         try:
-            loaded.append(pool.add(path, name=name))
+            loaded.append(pool.register(path, name=name))
         except AdapterError as error:
             quarantine(root, name, f"the adapter does not load: {error}")
             bad.append(name)

@@ -52,7 +52,7 @@ class PoolSync:
                 if name in self.pool:
                     continue
                 try:
-                    self.pool.add(path, name=name)
+                    self.pool.register(path, name=name)
                     added.append(name)
                 except Exception as error:  # a broken file must not stop this process serving
                     logger.error("stored adapter %r could not be loaded (%s); skipped", name, error)

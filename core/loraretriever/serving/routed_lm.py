@@ -183,6 +183,8 @@ class RoutedLM:
         embedder: Any = None,
         chroma_host: str | None = None,
         chroma_port: int = 8000,
+        host_cache_gb: float | None = None,
+        device_cache_gb: float | None = None,
         **kwargs: Any,
     ) -> RoutedLM:
         """A RoutedLM over a model and tokenizer already loaded.
@@ -198,9 +200,16 @@ class RoutedLM:
             embedder: The router's embedder (an Embedder, model id or directory; default MiniLM).
             chroma_host: Share the index on a ``chroma run`` server at ``chroma_host:chroma_port``.
             chroma_port: The server's port.
+            host_cache_gb: The pool's host cache budget in GiB: the adapters loaded from disk and held
+                in memory (least recently used evicted; default: no limit).
+            device_cache_gb: The same for the device's copies, for a model on a GPU.
             **kwargs: Passed to :class:`RoutedLM`.
         """
-        pool = LoraPool(model)
+        pool = LoraPool(
+            model,
+            host_cache_bytes=_gib_to_bytes(host_cache_gb, "host"),
+            device_cache_bytes=_gib_to_bytes(device_cache_gb, "device"),
+        )
         cards = None
         if router is None and pool_dir is not None:  # the router's store, so each card is parsed once
             from loraretriever.retrieval.cards import CardStore
@@ -225,6 +234,7 @@ class RoutedLM:
         if recorded is not None and "generation" not in kwargs:  # prompts as the pool's LoRAs were trained
             kwargs["generation"] = GenerationConfig(chat_template=recorded == "chat")
         lm = cls(model, tokenizer, pool, router, **kwargs)
+        lm._owned.append(pool)  # its loader thread
         if built_router is not None:
             lm._owned.append(built_router)
         lm.prompt_format = recorded
@@ -523,6 +533,14 @@ LOAD_OPTIONS: tuple[str, ...] = tuple(
     + _parameters(RoutedLM.from_model)
     + _parameters(RoutedLM.__init__)
 )
+
+
+def _gib_to_bytes(value: float | None, tier: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < float("inf"):
+        raise ValueError(f"{tier}_cache_gb={value!r} must be a number of GiB >= 0, or None for no limit.")
+    return int(value * 2**30)
 
 
 def _check_load_options(kwargs: Mapping[str, Any]) -> None:
