@@ -230,12 +230,20 @@ class Engine:
             self.busy_periods += 1
         for request in requests:
             request.queued = True
-            if self.composer is not None:
-                # held: loading starts now (prefetch), and an adapter removed while the request waits
-                # stays its until it ends, as does one the pool's cache would evict
-                pool = self.composer.pool
-                request.adapters = pool.hold([n for n in request.routing.adapters if n in pool])
         self.waiting.extend(requests)
+        self._hold_ahead()
+
+    def _hold_ahead(self) -> None:
+        """The next ``max_batch_size`` waiting requests hold their adapters: loading starts (a
+        prefetch, as soon as they are routed and queued), and from then on an adapter stays theirs
+        until they end, whether the pool's cache would evict it or the pool drops it. Only that
+        window holds, so a long queue never pins more than a batch's worth of adapters."""
+        if self.composer is None:
+            return
+        pool = self.composer.pool
+        for request in list(self.waiting)[: self.config.max_batch_size]:
+            if request.adapters is None:
+                request.adapters = pool.hold([n for n in request.routing.adapters if n in pool])
 
     @property
     def has_work(self) -> bool:
@@ -257,6 +265,7 @@ class Engine:
             if self.running is not None:
                 self.running = self._decode(self.running)
             if self.prefilling is None:
+                self._hold_ahead()
                 self.prefilling = self._admit()
             if self.prefilling is not None:
                 self._prefill_chunk()

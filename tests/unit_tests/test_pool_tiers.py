@@ -1,0 +1,121 @@
+"""A pool larger than its memory: stored adapters registered from their headers, loaded into a
+byte-budgeted host cache on use, pinned while a request holds them, checked at their first load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraretriever import AdapterError, Composer, LoraPool, Routing
+from loraretriever.engine.engine import Engine, EngineConfig
+from loraretriever.engine.pool_dir import ADAPTERS_DIR
+from loraretriever.engine.requests import GenerationConfig
+from loraretriever.serving.adapters import open_pool_dir, quarantined
+from tests.conftest import save_peft_adapter
+
+NAMES = [f"s{i}" for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tiny_lm, tmp_path_factory) -> Path:
+    """A pool directory of five real PEFT adapters of the tiny LM, of different ranks and targets."""
+    root = tmp_path_factory.mktemp("tiered_pool")
+    targets = [["q_proj", "v_proj"], ["o_proj"], ["q_proj", "k_proj"], ["gate_proj"], ["v_proj", "down_proj"]]
+    for i, name in enumerate(NAMES):
+        save_peft_adapter(tiny_lm, root / ADAPTERS_DIR / name, r=2 + 2 * (i % 3), seed=10 + i, targets=targets[i])
+    return root
+
+
+def registered(model, root: Path, **budgets) -> LoraPool:
+    pool = LoraPool(model, **budgets)
+    for name in NAMES:
+        pool.register(root / ADAPTERS_DIR / name, name=name)
+    return pool
+
+
+def test_registering_reads_no_weights_and_eviction_spares_held_adapters(tiny_lm, pool_dir):
+    pool = registered(tiny_lm, pool_dir)
+    sizes = {n: pool.stored(n).nbytes for n in NAMES}
+    assert len(pool) == 5 and len(pool.host_cache) == 0, "nothing loaded at registration"
+    budget = max(sizes.values())  # room for one adapter
+    pool = registered(tiny_lm, pool_dir, host_cache_bytes=budget)
+    hold = pool.hold(["s0"])
+    held = hold.adapters()["s0"]
+    for name in NAMES[1:]:
+        assert pool.get(name).nbytes == sizes[name], "held as stored on disk"
+    assert pool.host_cache.evictions >= 3
+    assert "s0" in pool.host_cache and pool.get("s0") is held, "a held adapter is never evicted"
+    hold.release()
+    biggest = max(NAMES[1:], key=sizes.get)  # fills the budget alone
+    assert sizes[biggest] == budget
+    pool.get(biggest)
+    assert "s0" not in pool.host_cache and pool.host_cache.nbytes <= budget, "released: evicted first"
+
+
+def test_a_pool_larger_than_its_cache_gives_the_outputs_of_an_all_resident_pool(tiny_lm, smol_tokenizer, pool_dir):
+    prompts = ["Name a colour:", "Translate to French: the cat sleeps.", "one two three", "Is it good? Yes", "Hi"] * 2
+    routings = [
+        Routing.pinned(["s0", "s1"]),
+        Routing(("s2", "s3"), (0.7, 0.3), mode="fusion"),
+        Routing.pinned(["s4"], mode="single"),
+        Routing.pinned(["s1", "s2", "s4"]),
+        Routing.pinned(["s3", "s0"]),
+    ] * 2
+    resident = LoraPool(tiny_lm)
+    for name in NAMES:
+        resident.add(pool_dir / ADAPTERS_DIR / name, name=name)
+    two = sorted(resident.stored(n).nbytes for n in NAMES)[-2:]
+    small = registered(tiny_lm, pool_dir, host_cache_bytes=sum(two))
+    outputs = {}
+    for label, pool in (("resident", resident), ("small", small)):
+        composer = Composer(tiny_lm, pool)
+        try:
+            engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_batch_size=2))
+            requests = [
+                engine.new_request(p, GenerationConfig(max_new_tokens=6, ignore_eos=True), r, index=i)
+                for i, (p, r) in enumerate(zip(prompts, routings, strict=True))
+            ]
+            engine.run(requests)
+            assert all(r.error is None for r in requests), [r.error for r in requests]
+            outputs[label] = [r.ids for r in requests]
+        finally:
+            composer.remove_hooks()
+    assert small.host_cache.evictions > 0 and small.cache_stats()["loads"] > len(NAMES), "adapters were reloaded"
+    assert small.host_cache.nbytes <= sum(two)
+    assert outputs["small"] == outputs["resident"]
+    assert len({tuple(ids) for ids in outputs["resident"][:5]}) == 5, "the routings differ"
+
+
+def test_a_corrupt_file_found_at_first_load_fails_only_the_requests_that_need_it(
+    tiny_lm, smol_tokenizer, pool_dir, tmp_path
+):
+    import shutil
+
+    root = shutil.copytree(pool_dir, tmp_path / "pool")
+    weights_file = root / ADAPTERS_DIR / "s2" / "adapter_model.safetensors"
+    weights = load_file(weights_file)
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key] = torch.full_like(weights[key], float("nan"))  # same shapes: the header still reads
+    save_file(weights, weights_file)
+    pool = LoraPool(tiny_lm)
+    opened = open_pool_dir(pool, root)
+    assert "s2" in opened["loaded"] and not opened["quarantined"], "opening reads headers, not weights"
+    composer = Composer(tiny_lm, pool)
+    try:
+        engine = Engine(tiny_lm, smol_tokenizer, composer)
+        routings = [Routing.pinned(["s0"]), Routing.pinned(["s2", "s1"]), Routing.pinned(["s1"]), Routing.base()]
+        requests = [
+            engine.new_request("Name a colour:", GenerationConfig(max_new_tokens=4, ignore_eos=True), r, index=i)
+            for i, r in enumerate(routings)
+        ]
+        engine.run(requests)
+    finally:
+        composer.remove_hooks()
+    assert isinstance(requests[1].error, AdapterError) and "'s2'" in str(requests[1].error)
+    assert "NaN" in str(requests[1].error)
+    assert [r.done.completion_tokens for i, r in enumerate(requests) if i != 1] == [4, 4, 4]
+    assert "s2" not in pool and "s2" in quarantined(root), "the broken adapter left the pool and its files moved"
+    assert not (root / ADAPTERS_DIR / "s2").exists()
