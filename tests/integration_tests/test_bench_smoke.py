@@ -49,3 +49,12 @@ def test_bench_retrieval_smoke(capsys):
 def test_bench_load_smoke(capsys):
     result = run_bench(capsys, "load")
     assert result["requests"] == 4 and result["failed"] == 0 and result["all_complete_and_routed"]
+
+
+def test_bench_scale_smoke(capsys, tmp_path):
+    result = run_bench(capsys, "scale", "--root", str(tmp_path))
+    assert set(result["by_size"]) == {"6", "12"} and result["resident"]["tokens_per_s"] > 0
+    larger = result["by_size"]["12"]
+    assert larger["registered"] == 12 and larger["tokens_per_s"] > 0 and larger["loads"] >= 1
+    assert larger["host_cache_bytes"] <= result["host_cache_bytes"] and larger["cold_miss_p50_s"] > 0
+    assert len(list((tmp_path / "pool_12" / "adapters").iterdir())) == 12

@@ -3,6 +3,7 @@ byte-budgeted host cache on use, pinned while a request holds them, checked at t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,39 @@ def test_a_corrupt_file_found_at_first_load_fails_only_the_requests_that_need_it
     assert [r.done.completion_tokens for i, r in enumerate(requests) if i != 1] == [4, 4, 4]
     assert "s2" not in pool and "s2" in quarantined(root), "the broken adapter left the pool and its files moved"
     assert not (root / ADAPTERS_DIR / "s2").exists()
+
+
+class SlowDiskPool(LoraPool):
+    """A pool whose disk takes ``delay`` seconds to read adapter ``slow`` (the edge mocked: latency)."""
+
+    def __init__(self, *args, slow: str, delay: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.slow, self.delay = slow, delay
+
+    def _read(self, stored):
+        if stored.name == self.slow:
+            time.sleep(self.delay)
+        return super()._read(stored)
+
+
+@pytest.mark.parametrize("max_load_wait", [5.0, 0.0])
+def test_a_request_with_loaded_adapters_goes_first_within_max_load_wait(
+    tiny_lm, smol_tokenizer, pool_dir, max_load_wait
+):
+    pool = SlowDiskPool(tiny_lm, slow="s0", delay=0.5)
+    for name in NAMES:
+        pool.register(pool_dir / ADAPTERS_DIR / name, name=name)
+    pool.get("s1")  # loaded before the requests come
+    composer = Composer(tiny_lm, pool)
+    try:
+        engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_load_wait=max_load_wait))
+        config = GenerationConfig(max_new_tokens=3, ignore_eos=True)
+        cold, warm = (engine.new_request("Name a colour:", config, Routing.pinned([n])) for n in ("s0", "s1"))
+        engine.run([cold, warm])
+    finally:
+        composer.remove_hooks()
+    assert cold.done.completion_tokens == warm.done.completion_tokens == 3
+    if max_load_wait:  # the older request's adapter was still loading: the younger one went first
+        assert warm.first_token_at < cold.first_token_at
+    else:  # no waiting allowed: first come, first served
+        assert cold.first_token_at <= warm.first_token_at

@@ -1,4 +1,4 @@
-"""``loraretriever bench serve | integrations | gates | retrieval | load | lifecycle``: benchmarks that print JSON.
+"""``loraretriever bench serve | scale | integrations | gates | retrieval | load | lifecycle``: benchmarks that print JSON.
 
 Progress goes to stderr with ``--json``; the JSON result is the last line of stdout. ``--smoke``
 runs the smallest workload that still exercises every method (CI runs each command so).
@@ -47,6 +47,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "rate_fractions": [0.5],
             "rounds": 1,
         },
+    )
+
+    scale = benches.add_parser(
+        "scale", help="Serving from 100 to 10,000 stored LoRAs: open time, RSS, cache hits, throughput."
+    )
+    scale.add_argument("--sizes", type=int, nargs="*", default=[100, 1000, 10_000], help="Pool sizes N.")
+    scale.add_argument("--requests", type=int, default=64)
+    scale.add_argument("--new-tokens", type=int, default=16)
+    scale.add_argument("--k", type=int, default=3, help="Adapters per request (a mixture).")
+    scale.add_argument("--zipf-s", type=float, default=1.1, help="The popularity law's exponent.")
+    scale.add_argument("--host-cache-gb", type=float, default=0.5, help="The pool's host cache budget.")
+    scale.add_argument("--rounds", type=int, default=2, help="Rounds of the resident reference and each N in turns.")
+    scale.add_argument("--root", default=None, help="Where the pools are written (default: LORARETRIEVER_HOME).")
+    _common(scale)
+    scale.set_defaults(
+        handler=_run_scale,
+        smoke_overrides={"sizes": [6, 12], "requests": 4, "new_tokens": 2, "host_cache_gb": 0.004, "rounds": 1},
     )
 
     integrations = benches.add_parser(
@@ -160,6 +177,25 @@ def _run_serve(args: argparse.Namespace) -> int:
         mixed_max_new_tokens=args.mixed_max_new_tokens,
         rate_fractions=args.rate_fractions,
         rounds=args.rounds,
+        log=log,
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def _run_scale(args: argparse.Namespace) -> int:
+    from loraretriever.evaluation.bench_scale import run_scale_benchmark
+
+    log = _prepare(args)
+    result = run_scale_benchmark(
+        sizes=args.sizes,
+        requests=args.requests,
+        new_tokens=args.new_tokens,
+        k=args.k,
+        zipf_s=args.zipf_s,
+        host_cache_gb=args.host_cache_gb,
+        rounds=args.rounds,
+        root=args.root,
         log=log,
     )
     print(json.dumps(result))

@@ -43,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
     parser.add_argument("--max-batch-size", type=int, default=32, help="The most requests decoding at once.")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="Tokens per engine step.")
+    parser.add_argument(
+        "--host-cache-gb", type=float, default=None, help="Adapters held in memory, in GiB (default: no limit)."
+    )
+    parser.add_argument(
+        "--device-cache-gb", type=float, default=None, help="Adapters held on the GPU, in GiB (default: no limit)."
+    )
     helps = {f.name: f.metadata["help"] for f in dataclasses.fields(ServerConfig)}
     parser.add_argument("--max-pending", type=int, default=ServerConfig.max_pending, help=helps["max_pending"])
     parser.add_argument(
@@ -117,6 +123,8 @@ def _run(args: argparse.Namespace) -> int:
             chroma_port=args.chroma_port,
             max_batch_size=args.max_batch_size,
             max_batch_tokens=args.max_batch_tokens,
+            host_cache_gb=args.host_cache_gb,
+            device_cache_gb=args.device_cache_gb,
             route_defaults=route_defaults,
         )
 

@@ -311,7 +311,8 @@ class Engine:
         oldest = self.waiting[0]
         if _loaded(oldest) or time.perf_counter() - oldest.arrived_at >= self.config.max_load_wait:
             return oldest
-        ready = next((r for r in self.waiting if _loaded(r)), None)
+        window = list(self.waiting)[: self.config.max_batch_size]  # those holding their adapters
+        ready = next((r for r in window if _loaded(r)), None)
         if ready is not None:
             return ready
         return None if running else oldest

@@ -1,0 +1,245 @@
+"""``loraretriever bench scale``: serving from pools of 100 to 10,000 stored LoRAs in bounded memory.
+
+For each pool size N, the benchmark writes N real PEFT adapter directories (random non-zero
+weights, ranks drawn from ``ranks``, q and v projections, float16 safetensors: what PEFT saves),
+once, under ``root``. Then, in each of ``rounds`` rounds and in turns:
+
+* ``resident``: the smallest pool with every adapter loaded before the clock starts and no cache
+  budget, the reference;
+* each N: the pool directory opened cold (:func:`~loraretriever.serving.adapters.open_pool_dir`
+  registers the adapters from their headers; nothing is loaded) with a host cache of
+  ``host_cache_gb``, then the same workload.
+
+The workload: ``requests`` prompts arriving at once, each routed to ``k`` distinct adapters drawn
+by popularity following a Zipf law (exponent ``zipf_s``; popularity ranks shuffled over the
+names), ``new_tokens`` tokens each, through the continuous-batching engine. Reported per N: open
+seconds, process RSS after the run, host cache hit rate, loads from disk and their latency (a cold
+miss), throughput, TTFT p50/p99; and the ratios the targets need.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from loraretriever.engine.adapter import CONFIG_FILE, SAFETENSORS_FILE
+from loraretriever.engine.base_model import load_base_model
+from loraretriever.engine.composer import Composer
+from loraretriever.engine.engine import Engine, EngineConfig
+from loraretriever.engine.home import loraretriever_home
+from loraretriever.engine.pool import LoraPool
+from loraretriever.engine.pool_dir import ADAPTERS_DIR
+from loraretriever.engine.requests import GenerationConfig
+from loraretriever.engine.routing import Routing
+from loraretriever.evaluation.workload import PROMPT_SUBJECTS, PROMPT_TEMPLATES
+from loraretriever.serving.adapters import open_pool_dir
+
+__all__ = ["rss_bytes", "run_scale_benchmark", "write_pool", "zipf_routings"]
+
+TARGET_MODULES = ("q_proj", "v_proj")
+_DONE = ".written"
+
+
+def write_pool(model: nn.Module, pool_dir: Path, n: int, ranks: Sequence[int], seed: int) -> Path:
+    """Writes ``n`` PEFT LoRA adapters of ``model`` under ``pool_dir/adapters/`` (float16
+    safetensors and ``adapter_config.json``), unless a finished write of the same spec is there."""
+    spec = {"n": n, "ranks": list(ranks), "seed": seed, "targets": list(TARGET_MODULES)}
+    marker = pool_dir / _DONE
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return pool_dir
+    generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    layers = [(name, m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in TARGET_MODULES]
+    for i in range(n):
+        directory = pool_dir / ADAPTERS_DIR / f"lora{i:05d}"
+        if (directory / SAFETENSORS_FILE).is_file():
+            continue
+        directory.mkdir(parents=True, exist_ok=True)
+        rank = rng.choice(list(ranks))
+        state = {}
+        for name, module in layers:
+            state[f"base_model.model.{name}.lora_A.weight"] = (
+                torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5
+            ).half()
+            state[f"base_model.model.{name}.lora_B.weight"] = (
+                torch.randn(module.out_features, rank, generator=generator) * 0.02
+            ).half()
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGET_MODULES)}
+        (directory / CONFIG_FILE).write_text(json.dumps(config))
+        save_file(state, str(directory / SAFETENSORS_FILE))
+    marker.write_text(json.dumps(spec))
+    return pool_dir
+
+
+def zipf_routings(names: Sequence[str], count: int, k: int, s: float, seed: int) -> list[Routing]:
+    """``count`` mixtures of ``k`` distinct adapters, each drawn with probability proportional to
+    ``1 / rank**s`` of its popularity rank (ranks a seeded shuffle of ``names``)."""
+    order = list(names)
+    random.Random(seed).shuffle(order)
+    weights = torch.tensor([1.0 / (i + 1) ** s for i in range(len(order))], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    picks = [torch.multinomial(weights, k, replacement=False, generator=generator).tolist() for _ in range(count)]
+    return [Routing.pinned([order[i] for i in row]) for row in picks]
+
+
+def rss_bytes() -> int:
+    """The process's resident set size (after handing freed heap back to the OS)."""
+    gc.collect()
+    from loraretriever.serving.routed_lm import _return_freed_memory
+
+    _return_freed_memory()
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _serve(model, tokenizer, pool: LoraPool, routings: list[Routing], prompts: list[str], new_tokens: int) -> dict:
+    composer = Composer(model, pool)
+    try:
+        engine = Engine(model, tokenizer, composer, EngineConfig(max_batch_size=32))
+        config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        requests = [
+            engine.new_request(p, config, r, index=i) for i, (p, r) in enumerate(zip(prompts, routings, strict=True))
+        ]
+        engine.run(requests)
+        elapsed = time.perf_counter() - start
+    finally:
+        composer.remove_hooks()
+    failed = [r for r in requests if r.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, the first: {failed[0].error!r}")
+    ttft = sorted(r.first_token_at - start for r in requests)
+    tokens = sum(r.done.completion_tokens for r in requests)
+    return {
+        "tokens_per_s": round(tokens / elapsed, 2),
+        "ttft_p50_s": round(ttft[len(ttft) // 2], 3),
+        "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))], 3),
+    }
+
+
+def run_scale_benchmark(
+    sizes: Sequence[int] = (100, 1000, 10_000),
+    ranks: Sequence[int] = (4, 5, 6, 7, 8),
+    requests: int = 64,
+    new_tokens: int = 16,
+    k: int = 3,
+    zipf_s: float = 1.1,
+    host_cache_gb: float = 0.5,
+    rounds: int = 2,
+    root: str | Path | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Runs the benchmark (see the module docstring) and returns its JSON-ready result."""
+    torch.manual_seed(seed)
+    model, tokenizer = load_base_model()
+    root = Path(root) if root is not None else loraretriever_home() / "bench-scale"
+    budget = int(host_cache_gb * 2**30)
+    rng = random.Random(seed)
+    prompts = [rng.choice(PROMPT_TEMPLATES).format(rng.choice(PROMPT_SUBJECTS)) for _ in range(requests)]
+    pools = {}
+    for n in sorted(set(sizes)):
+        started = time.perf_counter()
+        pools[n] = write_pool(model, root / f"pool_{n}", n, ranks, seed)
+        log(f"pool of {n}: ready in {time.perf_counter() - started:.1f} s ({pools[n]})")
+    disk = {
+        n: sum(f.stat().st_size for f in (p / ADAPTERS_DIR).glob(f"*/{SAFETENSORS_FILE}")) for n, p in pools.items()
+    }
+
+    warm = LoraPool(model)  # kernels and allocator warm before anything is timed
+    _serve(model, tokenizer, warm, [Routing.base()] * 4, prompts[:4], 2)
+    del warm
+    base_rss = rss_bytes()
+    smallest = min(sizes)
+    runs: dict[str, list[dict]] = {}
+    for round_index in range(rounds):
+        workload_seed = seed + round_index
+        resident = LoraPool(model)
+        open_pool_dir(resident, pools[smallest])
+        for name in resident.names:
+            resident.get(name)
+        routings = zipf_routings(resident.names, requests, k, zipf_s, workload_seed)
+        runs.setdefault("resident", []).append(_serve(model, tokenizer, resident, routings, prompts, new_tokens))
+        log(f"round {round_index + 1}: resident {smallest}: {runs['resident'][-1]}")
+        del resident
+        for n in sizes:
+            gc.collect()
+            started = time.perf_counter()
+            pool = LoraPool(model, host_cache_bytes=budget)
+            opened = open_pool_dir(pool, pools[n])
+            open_seconds = time.perf_counter() - started
+            routings = zipf_routings(pool.names, requests, k, zipf_s, workload_seed)
+            served = _serve(model, tokenizer, pool, routings, prompts, new_tokens)
+            stats = pool.cache_stats()
+            served.update(
+                open_seconds=round(open_seconds, 3),
+                registered=len(opened["loaded"]),
+                rss_bytes=rss_bytes(),
+                host_hit_rate=stats["host"]["hit_rate"],
+                host_cache_bytes=stats["host"]["bytes"],
+                loads=stats["loads"],
+                cold_miss_p50_s=stats["load_seconds_p50"],
+                cold_miss_p99_s=stats["load_seconds_p99"],
+            )
+            pool.close()
+            del pool
+            runs.setdefault(str(n), []).append(served)
+            log(f"round {round_index + 1}: pool of {n}: {served}")
+
+    def median(label: str, key: str) -> float | None:
+        values = [run[key] for run in runs[label] if run.get(key) is not None]
+        return round(statistics.median(values), 4) if values else None
+
+    per_size = {}
+    for n in sizes:
+        label = str(n)
+        per_size[label] = {key: median(label, key) for key in runs[label][0]}
+        per_size[label]["disk_bytes"] = disk[n]
+        per_size[label]["throughput_vs_resident"] = round(
+            statistics.median(
+                r["tokens_per_s"] / ref["tokens_per_s"] for r, ref in zip(runs[label], runs["resident"], strict=True)
+            ),
+            3,
+        )
+    largest = str(max(sizes))
+    rss_limit = base_rss + budget + 2**30
+    result = {
+        "benchmark": "scale",
+        "model": type(model).__name__,
+        "sizes": list(sizes),
+        "ranks": list(ranks),
+        "targets": list(TARGET_MODULES),
+        "stored_dtype": "float16",
+        "requests": requests,
+        "new_tokens": new_tokens,
+        "k": k,
+        "zipf_s": zipf_s,
+        "host_cache_bytes": budget,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "base_rss_bytes": base_rss,
+        "resident": {key: median("resident", key) for key in runs["resident"][0]},
+        "by_size": per_size,
+        "runs": runs,
+        "targets_met": {
+            "open_seconds_at_largest<10": per_size[largest]["open_seconds"] < 10,
+            "rss_at_largest<=base+cache+1GiB": per_size[largest]["rss_bytes"] <= rss_limit,
+            "throughput_at_largest>=0.9x_resident": per_size[largest]["throughput_vs_resident"] >= 0.9,
+        },
+        "notes": (
+            "Cards are not written: routing is the Zipf draw, so this measures the pool's memory tiers; the "
+            "router's cost at 10,000 LoRAs is bench retrieval's. Adapter files were just written, so a cold "
+            "miss reads the OS page cache, not the disk."
+        ),
+    }
+    return result
