@@ -44,6 +44,8 @@ def test_bench_gates_smoke(capsys):
 def test_bench_retrieval_smoke(capsys):
     result = run_bench(capsys, "retrieval")
     assert result["loras"] == 50 and result["batch"] == 4 and result["route_ms"] > 0
+    assert result["generation_tokens"] == 2 and result["generation_ms"] > 0
+    assert result["routing_over_generation"] == pytest.approx(result["route_ms"] / result["generation_ms"], rel=0.01)
 
 
 def test_bench_load_smoke(capsys):
@@ -55,6 +57,6 @@ def test_bench_scale_smoke(capsys, tmp_path):
     result = run_bench(capsys, "scale", "--root", str(tmp_path))
     assert set(result["by_size"]) == {"6", "12"} and result["resident"]["tokens_per_s"] > 0
     larger = result["by_size"]["12"]
-    assert larger["registered"] == 12 and larger["tokens_per_s"] > 0 and larger["loads"] >= 1
-    assert larger["host_cache_bytes"] <= result["host_cache_bytes"] and larger["cold_miss_p50_s"] > 0
+    assert larger["registered"] == 12 and larger["warm_tokens_per_s"] > 0 and larger["cold_loads"] >= 1
+    assert larger["host_cache_bytes"] <= result["host_cache_bytes"] and larger["cold_load_p50_s"] > 0
     assert len(list((tmp_path / "pool_12" / "adapters").iterdir())) == 12

@@ -156,3 +156,22 @@ def test_a_request_with_loaded_adapters_goes_first_within_max_load_wait(
         assert warm.first_token_at < cold.first_token_at
     else:  # no waiting allowed: first come, first served
         assert cold.first_token_at <= warm.first_token_at
+
+
+def test_off_the_cpu_a_device_cache_holds_copies_under_its_own_budget(pool_dir):
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import TINY_CONFIG
+
+    with torch.device("meta"):  # any device but the CPU: a tensor left behind would fail the plan there
+        model = LlamaForCausalLM(TINY_CONFIG).eval()
+    names = ["s0", "s2"]  # adapters of the tiny Llama's shapes (the tiny LM shares them but its vocabulary)
+    pool = LoraPool(model, device_cache_bytes=1)  # room for none: each use copies again
+    for name in names:
+        pool.register(pool_dir / ADAPTERS_DIR / name, name=name)
+    for name in names:
+        assert {w.A.device.type for w in pool.get(name).modules.values()} == {"meta"}
+    assert pool.device_cache.evictions >= 1 and len(pool.host_cache) == 2, "host copies stay, device ones go"
+    assert pool.cache_stats()["loads"] == 2, "read from disk once each"
+    plan = Composer(model, pool).build_plan([Routing.pinned(names)])
+    assert {p.A_t.device.type for p in plan.layers.values()} == {"meta"}

@@ -90,6 +90,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retrieval.add_argument("--top-k", type=int, default=3)
     retrieval.add_argument("--repeats", type=int, default=10)
     retrieval.add_argument("--queries", default=None, help="test_dev.json-style prompts (default: built-in ones).")
+    retrieval.add_argument(
+        "--generation-tokens",
+        type=int,
+        default=32,
+        help="Also time generating this many tokens for the same prompts (routing_over_generation; 0 skips).",
+    )
     retrieval.add_argument("--embedder", default=None, help="Model id or directory (default: all-MiniLM-L6-v2).")
     retrieval.add_argument("--max-seq-length", type=int, default=None, help="Truncate prompts (speed vs accuracy).")
     retrieval.add_argument("--embed-batch-size", type=int, default=16, help="Texts per embedder forward pass.")
@@ -99,7 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retrieval.add_argument("--seed", type=int, default=0)
     _common(retrieval)
     retrieval.set_defaults(
-        handler=_run_retrieval, smoke_overrides={"loras": 50, "batch": 4, "repeats": 1, "ephemeral": True}
+        handler=_run_retrieval,
+        smoke_overrides={"loras": 50, "batch": 4, "repeats": 1, "ephemeral": True, "generation_tokens": 2},
     )
 
     load = benches.add_parser(
@@ -245,6 +252,7 @@ def _run_retrieval(args: argparse.Namespace) -> int:
             device=args.device,
             ephemeral=args.ephemeral,
             seed=args.seed,
+            generation_tokens=args.generation_tokens,
         )
     except RetrievalError as err:
         print(f"error: {err}", file=sys.stderr)

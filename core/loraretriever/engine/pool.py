@@ -25,6 +25,7 @@ from loraretriever.engine.adapter import (
     LoraAdapter,
     check_adapter_name,
     check_layout,
+    linear_modules,
     read_adapter_config,
     read_adapter_files,
     read_safetensors_header,
@@ -220,6 +221,7 @@ class LoraPool:
         self.model = model
         # an adapter file larger than its base model's weights is not a LoRA of it
         self.max_adapter_bytes = max_adapter_bytes or sum(p.numel() * p.element_size() for p in model.parameters())
+        self._linear_layers = linear_modules(model)  # listed once: registering 10,000 adapters checks each
         self._adapters: dict[str, LoraAdapter] = {}  # held in memory, never evicted
         self._stored: dict[str, StoredAdapter] = {}  # on disk, loaded into the caches when used
         self.host_cache = AdapterCache(host_cache_bytes)
@@ -418,7 +420,13 @@ class LoraPool:
     def _read(self, stored: StoredAdapter) -> LoraAdapter:
         config, state_dict = read_adapter_files(stored.directory, max_bytes=self.max_adapter_bytes)
         adapter = LoraAdapter.from_state_dict(
-            stored.name, config, state_dict, self.model, source=str(stored.directory), device="cpu"
+            stored.name,
+            config,
+            state_dict,
+            self.model,
+            source=str(stored.directory),
+            device="cpu",
+            linear_layers=self._linear_layers,
         )
         if not stored.identity.startswith("file:") and adapter.digest != stored.identity:
             raise AdapterError(
@@ -520,7 +528,8 @@ class LoraPool:
             )
         header = read_safetensors_header(weights)
         check_adapter_name(name)
-        check_layout(f"adapter {name!r} ({directory})", config, {k: v[1] for k, v in header.items()}, self.model)
+        shapes = {k: v[1] for k, v in header.items()}
+        check_layout(f"adapter {name!r} ({directory})", config, shapes, self.model, self._linear_layers)
         signature = f"file:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
         return StoredAdapter(name, directory, config, sum(v[2] for v in header.values()), signature)
 

@@ -58,6 +58,7 @@ def run_benchmark(
     device: str = "cpu",
     ephemeral: bool = False,
     seed: int = 0,
+    generation_tokens: int = 32,
 ) -> dict[str, Any]:
     """Builds the index, routes ``repeats`` batches and returns the timings (see the module doc)."""
     import torch
@@ -112,6 +113,19 @@ def run_benchmark(
     def p90(values: list[float]) -> float:
         return round(float(np.percentile(values, 90)), 2)
 
+    generation_ms = _generation_ms(prompts, generation_tokens) if generation_tokens else None
+    routing = (
+        {
+            "generation_tokens": generation_tokens,
+            "generation_ms": round(generation_ms, 1),
+            "routing_over_generation": round(statistics.median(route_ms) / generation_ms, 4),
+            "routing_over_generation_target": 0.10,
+            "meets_routing_over_generation": statistics.median(route_ms) / generation_ms <= 0.10,
+        }
+        if generation_ms
+        else {}
+    )
+
     return {
         "bench": "retrieval",
         "loras": loras,
@@ -134,4 +148,26 @@ def run_benchmark(
         "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "repeats": repeats,
+        **routing,
     }
+
+
+def _generation_ms(prompts: list[str], new_tokens: int) -> float:
+    """Milliseconds to generate ``new_tokens`` tokens for every prompt in one batch on the default
+    base model with no adapters (a lower bound of a routed generation, so the ratio to it is an upper
+    bound of routing's share); the faster of two runs, after a warm-up."""
+    from loraretriever.engine.base_model import load_base_model
+    from loraretriever.engine.generation import Generator
+    from loraretriever.engine.requests import GenerationConfig
+    from loraretriever.engine.routing import Routing
+
+    model, tokenizer = load_base_model()
+    generator = Generator(model, tokenizer)
+    generator.generate(prompts[:2], [Routing.base()] * 2, GenerationConfig(max_new_tokens=2))
+    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, truncation="left")
+    best = float("inf")
+    for _ in range(2):
+        started = time.perf_counter()
+        generator.generate(prompts, [Routing.base()] * len(prompts), config)
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
