@@ -59,11 +59,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scale.add_argument("--zipf-s", type=float, default=1.1, help="The popularity law's exponent.")
     scale.add_argument("--host-cache-gb", type=float, default=0.5, help="The pool's host cache budget.")
     scale.add_argument("--rounds", type=int, default=2, help="Rounds of the resident reference and each N in turns.")
+    scale.add_argument(
+        "--warmup-requests", type=int, default=2000, help="Requests whose adapters warm the caches before 'warm'."
+    )
     scale.add_argument("--root", default=None, help="Where the pools are written (default: LORARETRIEVER_HOME).")
     _common(scale)
     scale.set_defaults(
         handler=_run_scale,
-        smoke_overrides={"sizes": [6, 12], "requests": 4, "new_tokens": 2, "host_cache_gb": 0.004, "rounds": 1},
+        smoke_overrides={
+            "sizes": [6, 12],
+            "requests": 4,
+            "new_tokens": 2,
+            "host_cache_gb": 0.004,
+            "rounds": 1,
+            "warmup_requests": 8,
+        },
     )
 
     integrations = benches.add_parser(
@@ -202,6 +212,7 @@ def _run_scale(args: argparse.Namespace) -> int:
         zipf_s=args.zipf_s,
         host_cache_gb=args.host_cache_gb,
         rounds=args.rounds,
+        warmup_requests=args.warmup_requests,
         root=args.root,
         log=log,
     )

@@ -72,7 +72,24 @@ class LoraAdapter:
     modules: dict[str, LoraWeights] = field(metadata={"help": "Adapted Linear layers by module name."})
     config: dict[str, Any] = field(default_factory=dict, metadata={"help": "The PEFT adapter config."})
     source: str | None = field(default=None, metadata={"help": "Where it was loaded from, if anywhere."})
-    digest: str = field(default="", metadata={"help": "SHA-256 of the weights (first 16 hex digits)."})
+    known_digest: str | None = field(
+        default=None, repr=False, metadata={"help": "The digest, if computed already (see :attr:`digest`)."}
+    )
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the module names, scalings and weights as float32 (first 16 hex digits): the
+        same for an adapter held in float16 or float32. Computed on first use (loading thousands of
+        adapters needs none), then kept."""
+        if self.known_digest is None:
+            digest = hashlib.sha256()
+            for module_name, weights in self.modules.items():
+                digest.update(module_name.encode())
+                digest.update(f"{weights.scaling}".encode())
+                for tensor in (weights.A, weights.B):
+                    digest.update(tensor.detach().cpu().float().contiguous().numpy())
+            object.__setattr__(self, "known_digest", digest.hexdigest()[:16])
+        return self.known_digest
 
     @property
     def ranks(self) -> set[int]:
@@ -146,20 +163,18 @@ class LoraAdapter:
                     f"{max(a_max, b_max * abs(scaling)):g}; the limit is {MAX_WEIGHT:g} (a trained LoRA is far "
                     "below it; beyond it its rows are garbage). Fix: check lora_alpha and the weights."
                 )
-        # over the weights as given, as float32: the dtype they are held in does not change it
-        digest = hashlib.sha256()
         modules: dict[str, LoraWeights] = {}
         for module_name, A, B, scaling in pairs:
-            digest.update(module_name.encode())
-            digest.update(f"{scaling}".encode())
-            for tensor in (A, B):
-                digest.update(tensor.detach().cpu().float().contiguous().numpy())
             modules[module_name] = LoraWeights(
                 A=A.detach().to(dtype or A.dtype).contiguous(),
                 B=B.detach().to(dtype or B.dtype).contiguous(),
                 scaling=scaling,
             )
-        adapter = cls(name=name, modules=modules, config=dict(config), source=source, digest=digest.hexdigest()[:16])
+        digest = None
+        if dtype is not None and any(_loses_precision(t.dtype, dtype) for _, A, B, _ in pairs for t in (A, B)):
+            given = {m: LoraWeights(A.detach(), B.detach(), scaling) for m, A, B, scaling in pairs}
+            digest = cls(name=name, modules=given).digest  # of the weights as given, not as narrowed
+        adapter = cls(name=name, modules=modules, config=dict(config), source=source, known_digest=digest)
         return adapter if device is None else adapter.to(device, dtype or adapter.dtype)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraAdapter:
@@ -170,7 +185,8 @@ class LoraAdapter:
         moved = {
             m: LoraWeights(w.A.to(device, dtype), w.B.to(device, dtype), w.scaling) for m, w in self.modules.items()
         }
-        return dataclasses.replace(self, modules=moved)
+        lossy = any(_loses_precision(w.A.dtype, dtype) for w in self.modules.values())
+        return dataclasses.replace(self, modules=moved, known_digest=self.digest if lossy else self.known_digest)
 
 
 def check_layout(
@@ -298,6 +314,11 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int,
         }
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
         raise AdapterError(f"{str(path)!r} is corrupt ({err!r}). Fix: re-save the adapter.") from err
+
+
+def _loses_precision(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether casting ``source`` to ``target`` can change a value (float16 -> float32 cannot)."""
+    return source != target and target not in (torch.float32, torch.float64)
 
 
 def check_adapter_name(name: object) -> str:

@@ -9,7 +9,8 @@ once, under ``root``. Then, in each of ``rounds`` rounds and in turns:
 * each N: the pool directory opened cold (:func:`~loraretriever.serving.adapters.open_pool_dir`
   registers the adapters from their headers; nothing is loaded) with a host cache of
   ``host_cache_gb``, then a ``cold`` workload (the caches empty) and a ``warm`` one (another draw of
-  the same law: the steady state of a server that has run a while).
+  the same law) after the adapters of ``warmup_requests`` more requests of the same law went
+  through the caches: the steady state of a server that has served that many.
 
 The workload: ``requests`` prompts arriving at once, each routed to ``k`` distinct adapters drawn
 by popularity following a Zipf law (exponent ``zipf_s``; popularity ranks shuffled over the
@@ -141,6 +142,7 @@ def run_scale_benchmark(
     zipf_s: float = 1.1,
     host_cache_gb: float = 0.5,
     rounds: int = 2,
+    warmup_requests: int = 2000,
     root: str | Path | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
@@ -205,6 +207,11 @@ def run_scale_benchmark(
             names = pool.names
             run = {"open_seconds": round(open_seconds, 3), "registered": len(opened["loaded"])}
             run.update(_prefixed(phase(pool, names, cold_seed), "cold_"))
+            started = time.perf_counter()
+            for routing in zipf_routings(names, warmup_requests, k, zipf_s, seed + 1000 + round_index):
+                for name in routing.adapters:  # the caches as a server leaves them after these requests
+                    pool.get(name)
+            run["warmup_seconds"] = round(time.perf_counter() - started, 2)
             run.update(_prefixed(phase(pool, names, warm_seed), "warm_"))
             run.update(rss_bytes=rss_bytes(), host_cache_bytes=pool.host_cache.nbytes)
             pool.close()
@@ -242,6 +249,7 @@ def run_scale_benchmark(
         "zipf_s": zipf_s,
         "host_cache_bytes": budget,
         "rounds": rounds,
+        "warmup_requests": warmup_requests,
         "threads": torch.get_num_threads(),
         "base_rss_bytes": base_rss,
         "resident": {key: median("resident", key) for key in runs["resident"][0]},
