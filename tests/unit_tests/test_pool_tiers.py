@@ -175,3 +175,19 @@ def test_off_the_cpu_a_device_cache_holds_copies_under_its_own_budget(pool_dir):
     assert pool.cache_stats()["loads"] == 2, "read from disk once each"
     plan = Composer(model, pool).build_plan([Routing.pinned(names)])
     assert {p.A_t.device.type for p in plan.layers.values()} == {"meta"}
+
+
+def test_routed_lm_takes_cache_budgets_and_refuses_a_bad_one(tiny_lm, smol_tokenizer, pool_dir):
+    from loraretriever import RoutedLM
+
+    with pytest.raises(ValueError, match=r"host_cache_gb=-1 must be a number of GiB >= 0"):
+        RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=None, host_cache_gb=-1)
+    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=None, host_cache_gb=0.0001)
+    try:
+        assert lm.pool.host_cache.budget_bytes == int(0.0001 * 2**30) and len(lm.pool.host_cache) == 0
+        results = lm.generate(["Name a colour:"] * 3, adapters=["s0", "s4"], max_new_tokens=2)
+        assert [r.completion_tokens for r in results] == [2, 2, 2]
+        assert results[0].routing.adapters == ("s0", "s4")
+        assert 0 < lm.pool.host_cache.nbytes <= lm.pool.host_cache.budget_bytes
+    finally:
+        lm.close()

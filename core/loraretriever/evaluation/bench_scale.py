@@ -83,11 +83,14 @@ def write_pool(model: nn.Module, pool_dir: Path, n: int, ranks: Sequence[int], s
     return pool_dir
 
 
-def zipf_routings(names: Sequence[str], count: int, k: int, s: float, seed: int) -> list[Routing]:
+def zipf_routings(
+    names: Sequence[str], count: int, k: int, s: float, seed: int, popularity_seed: int = 0
+) -> list[Routing]:
     """``count`` mixtures of ``k`` distinct adapters, each drawn with probability proportional to
-    ``1 / rank**s`` of its popularity rank (ranks a seeded shuffle of ``names``)."""
+    ``1 / rank**s`` of its popularity rank. The ranks are a shuffle of ``names`` seeded by
+    ``popularity_seed`` (one law per pool), the draws are seeded by ``seed``."""
     order = list(names)
-    random.Random(seed).shuffle(order)
+    random.Random(popularity_seed).shuffle(order)
     weights = torch.tensor([1.0 / (i + 1) ** s for i in range(len(order))], dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
     picks = [torch.multinomial(weights, k, replacement=False, generator=generator).tolist() for _ in range(count)]
@@ -174,7 +177,7 @@ def run_scale_benchmark(
         """One workload on ``pool``, with the cache's hits and loads during it."""
         cache, loads_before = pool.host_cache, len(pool.load_seconds)
         hits, misses = cache.hits, cache.misses
-        routings = zipf_routings(names, requests, k, zipf_s, workload_seed)
+        routings = zipf_routings(names, requests, k, zipf_s, workload_seed, popularity_seed=seed)
         served = _serve(model, tokenizer, pool, routings, prompts, new_tokens)
         lookups = cache.hits - hits + cache.misses - misses
         loads = sorted(pool.load_seconds[loads_before:])
@@ -208,7 +211,8 @@ def run_scale_benchmark(
             run = {"open_seconds": round(open_seconds, 3), "registered": len(opened["loaded"])}
             run.update(_prefixed(phase(pool, names, cold_seed), "cold_"))
             started = time.perf_counter()
-            for routing in zipf_routings(names, warmup_requests, k, zipf_s, seed + 1000 + round_index):
+            stream = zipf_routings(names, warmup_requests, k, zipf_s, seed + 1000 + round_index, popularity_seed=seed)
+            for routing in stream:
                 for name in routing.adapters:  # the caches as a server leaves them after these requests
                     pool.get(name)
             run["warmup_seconds"] = round(time.perf_counter() - started, 2)
