@@ -16,7 +16,8 @@ The workload: ``requests`` prompts arriving at once, each routed to ``k`` distin
 by popularity following a Zipf law (exponent ``zipf_s``; popularity ranks shuffled over the
 names), ``new_tokens`` tokens each, through the continuous-batching engine. Reported per N: open
 seconds, process RSS after the run, host cache hit rate, loads from disk and their latency (a cold
-miss), throughput, TTFT p50/p99; and the ratios the targets need.
+miss), throughput, TTFT p50/p99; and the ratios the targets need. The base RSS is the process's
+after the base model served the same workload with no adapters.
 """
 
 from __future__ import annotations
@@ -166,10 +167,13 @@ def run_scale_benchmark(
         n: sum(f.stat().st_size for f in (p / ADAPTERS_DIR).glob(f"*/{SAFETENSORS_FILE}")) for n, p in pools.items()
     }
 
-    warm = LoraPool(model)  # kernels and allocator warm before anything is timed
-    _serve(model, tokenizer, warm, [Routing.base()] * 4, prompts[:4], 2)
-    del warm
+    # the base model serving the same workload, no adapters: warms kernels and the allocator, and
+    # its RSS is the base the adapters' memory is measured against
+    empty = LoraPool(model)
+    base_served = _serve(model, tokenizer, empty, [Routing.base()] * requests, prompts, new_tokens)
+    del empty
     base_rss = rss_bytes()
+    log(f"base model, no adapters: {base_served}, RSS {base_rss / 2**30:.2f} GiB")
     smallest = min(sizes)
     runs: dict[str, list[dict]] = {}
 
@@ -256,6 +260,7 @@ def run_scale_benchmark(
         "warmup_requests": warmup_requests,
         "threads": torch.get_num_threads(),
         "base_rss_bytes": base_rss,
+        "base_model_no_adapters": base_served,
         "resident": {key: median("resident", key) for key in runs["resident"][0]},
         "by_size": per_size,
         "runs": runs,
