@@ -41,6 +41,8 @@ def gated_pool(model: torch.nn.Module, adapters) -> tuple[Composer, list[Routing
     routings = [
         Routing((names[0], names[1]), (0.6, 0.4)),
         Routing((names[1], names[2]), (0.5, 0.5), mode="fusion"),
+        Routing((names[0], names[2]), (0.5, 0.5), mode="fusion", fusion="ties"),
+        Routing((names[1], names[0]), (0.5, 0.5), mode="fusion", fusion="dare_ties"),
         Routing.pinned([names[2]], mode="single"),
         Routing((names[0], names[2]), (0.7, 0.3), mode="flow", gate="flow"),
         Routing.meteora("moe"),
@@ -63,7 +65,7 @@ def test_every_mode_runs_on_the_meta_device(tiny_model, tiny_adapters):
     running.extend(composer.build_plan(routings[3:]))
     running.remove([1])
     with torch.no_grad(), composer.use(running.view()):
-        assert model(tokens[:5]).logits.device.type == "meta"
+        assert model(tokens[: len(routings) - 1]).logits.device.type == "meta"
     with torch.no_grad(), composer.use(composer.select(running.view(), [3, 0, 4])):
         assert model(tokens[:3]).logits.device.type == "meta"
 
@@ -78,7 +80,7 @@ def test_a_model_moved_after_loading_takes_its_adapters_and_gates_along(tiny_mod
 
 
 def test_bfloat16_matches_float32_within_tolerance(tiny_model, tiny_adapters):
-    tokens = torch.randint(0, TINY_CONFIG.vocab_size, (6, 7), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, TINY_CONFIG.vocab_size, (8, 7), generator=torch.Generator().manual_seed(1))
     outputs = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = copy.deepcopy(tiny_model).to(dtype)
@@ -124,7 +126,7 @@ def test_device_and_dtype_names_are_checked():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_mixed_batch_equals_cpu(tiny_model, tiny_adapters):
-    tokens = torch.randint(0, TINY_CONFIG.vocab_size, (6, 7), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, TINY_CONFIG.vocab_size, (8, 7), generator=torch.Generator().manual_seed(2))
     outputs = []
     for device in ("cpu", "cuda"):
         model = copy.deepcopy(tiny_model).to(device)

@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from loraretriever.engine.routing import MODES
+from loraretriever.engine.routing import FUSIONS, MODES
 from loraretriever.retrieval.cards import RetrievalError
 from loraretriever.retrieval.options import ROUTE_OPTIONS, WEIGHTINGS, RouteOptions
 
@@ -25,6 +25,8 @@ _HOW: dict[str, dict[str, Any]] = {
     "routing_temperature": {"type": float},
     "min_similarity": {"type": float},
     "gate": {},
+    "fusion": {"choices": FUSIONS},
+    "density": {"type": float},
 }
 
 

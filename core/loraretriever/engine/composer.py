@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 import threading
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from loraretriever.engine.adapter import LoraAdapter
-from loraretriever.engine.factors import LayerPlan, build_layer_plan, slot_index, stack_factors
+from loraretriever.engine.factors import FusionSpec, LayerPlan, build_layer_plan, slot_index, stack_factors
 from loraretriever.engine.gate_set import GatedRows, GateSet
 from loraretriever.engine.gates import MeteoraGate, layer_index
 from loraretriever.engine.kv import move_rows, swap_moves
@@ -132,7 +133,13 @@ class Composer:
             parts = [
                 [(adapters[n].modules[module], w) for n, w in row if module in adapters[n].modules] for row in rows
             ]
-            plan = build_layer_plan(parts, modes, self._linear[module])
+            fusions = [
+                FusionSpec(r.fusion, r.density, zlib.crc32(f"{module}|{'|'.join(r.adapters)}".encode()))
+                if r.mode == "fusion" and r.fusion != "linear"
+                else None
+                for r in routings
+            ]
+            plan = build_layer_plan(parts, modes, self._linear[module], fusions)
             if gated.flow:
                 plan = LayerPlan(plan.A_t, plan.B_t, slot_index(rows, routings, adapters, module, plan, gated.k_max))
             layers[module] = plan

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from peft.utils import merge_utils
 from torch import nn
 
 from loraretriever.engine.adapter import LoraWeights
 from loraretriever.engine.routing import Routing
 
-__all__ = ["LayerPlan", "build_layer_plan", "slot_index", "stack_factors"]
+__all__ = ["FusionSpec", "LayerPlan", "build_layer_plan", "slot_index", "stack_factors"]
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,36 @@ class LayerPlan:
         return LayerPlan(self.A_t.index_select(0, index), self.B_t.index_select(0, index), slots)
 
 
-def build_layer_plan(parts: list[list[tuple[LoraWeights, float]]], modes: Sequence[str], layer: nn.Linear) -> LayerPlan:
+@dataclass(frozen=True)
+class FusionSpec:
+    """How one row's fusion merges its matrices (see :class:`~loraretriever.engine.routing.Routing`)."""
+
+    method: str = "linear"
+    density: float = 1.0
+    seed: int = 0  # of dare's random drops
+
+
+def build_layer_plan(
+    parts: list[list[tuple[LoraWeights, float]]],
+    modes: Sequence[str],
+    layer: nn.Linear,
+    fusions: Sequence[FusionSpec | None] | None = None,
+) -> LayerPlan:
     """One layer's plan for rows given as ``(weights, weight)`` pairs, one mode per row (flow rows
-    are mixtures at weight 1: their gate scales them per token). Weights held in another dtype
-    (as stored on disk) or elsewhere are cast to the layer's here, per use."""
+    are mixtures at weight 1: their gate scales them per token), and for fusion rows how they merge
+    (default: linear). Weights held in another dtype (as stored on disk) or elsewhere are cast to the
+    layer's here, per use."""
     weight = layer.weight
     parts = [[(_placed(w, weight), x) for w, x in row] for row in parts]
-    shared = modes[0] if len(set(modes)) == 1 else None
+    fusions = fusions or [None] * len(parts)
+    linear = all(f is None or f.method == "linear" for f in fusions)
+    shared = modes[0] if len(set(modes)) == 1 and linear else None
     plan = _uniform(parts, shared, layer) if shared is not None else None
     if plan is None:
-        factors = [_fuse(p) if mode == "fusion" else _concatenate(p) for mode, p in zip(modes, parts, strict=True)]
+        factors = [
+            _fuse(p, fusion or FusionSpec()) if mode == "fusion" else _concatenate(p)
+            for mode, p, fusion in zip(modes, parts, fusions, strict=True)
+        ]
         plan = _stack(factors, layer)
     return plan
 
@@ -81,18 +102,46 @@ def _concatenate(parts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
     return A, B
 
 
-def _fuse(parts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Fusion: ``(sum_j wj sj Bj)(sum_j wj Aj)``, ranks zero-padded to the largest."""
+def _fuse(parts: list, fusion: FusionSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Fusion: ``(sum_j wj sj Bj)(sum_j wj Aj)``, ranks zero-padded to the largest, or that merge
+    done the TIES / DARE way on A and B apart (PEFT's ``merge_utils``)."""
     if not parts:
         return None
     rank = max(weights.rank for weights, _ in parts)
     first = parts[0][0]
-    A = first.A.new_zeros(rank, first.A.shape[1])
-    B = first.B.new_zeros(first.B.shape[0], rank)
-    for weights, w in parts:
-        A[: weights.rank] += w * weights.A
-        B[:, : weights.rank] += (w * weights.scaling) * weights.B
-    return A, B
+    A = first.A.new_zeros(len(parts), rank, first.A.shape[1])
+    B = first.B.new_zeros(len(parts), first.B.shape[0], rank)
+    for j, (weights, _) in enumerate(parts):
+        A[j, : weights.rank] = weights.A
+        B[j, :, : weights.rank] = weights.B
+    w_A = torch.tensor([w for _, w in parts], dtype=A.dtype, device=A.device)
+    w_B = w_A * torch.tensor([weights.scaling for weights, _ in parts], dtype=A.dtype, device=A.device)
+    if fusion.method in ("dare_linear", "dare_ties"):
+        generator = torch.Generator().manual_seed(fusion.seed)
+        A, B = _drop_at_random(A, fusion.density, generator), _drop_at_random(B, fusion.density, generator)
+    elif fusion.method == "ties" and fusion.density < 1:
+        A = torch.stack([merge_utils.magnitude_based_pruning(t, fusion.density) for t in A])
+        B = torch.stack([merge_utils.magnitude_based_pruning(t, fusion.density) for t in B])
+    if fusion.method in ("ties", "dare_ties"):
+        return _elect(A, w_A), _elect(B, w_B)
+    return (A * w_A.view(-1, 1, 1)).sum(0), (B * w_B.view(-1, 1, 1)).sum(0)
+
+
+def _drop_at_random(tensors: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE's drop: each entry kept with probability ``density`` and rescaled by ``1/density``; the
+    mask is drawn on the CPU from a seeded generator, so it is the same on every device."""
+    if density >= 1:
+        return tensors
+    keep = torch.bernoulli(torch.full(tensors.shape, density), generator=generator)
+    return tensors * keep.to(tensors.device, tensors.dtype) / density
+
+
+def _elect(tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """TIES' sign election and disjoint mean over ``(k, ...)`` tensors, scaled by k: k adapters that
+    all agree merge to their weighted sum, as a linear fusion would."""
+    mask = merge_utils.calculate_majority_sign_mask(tensors, method="total")
+    weighted = tensors * weights.view(-1, *([1] * (tensors.dim() - 1)))
+    return merge_utils.disjoint_merge(weighted, mask) * len(tensors)
 
 
 def _uniform(parts: list[list[tuple[LoraWeights, float]]], mode: str, layer: nn.Linear) -> LayerPlan | None:

@@ -7,11 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["GATED_MODES", "MODES", "Mode", "Routing"]
+__all__ = ["FUSIONS", "GATED_MODES", "MODES", "Fusion", "Mode", "Routing"]
 
 Mode = Literal["mixture", "fusion", "single", "flow", "meteora"]
 MODES: tuple[str, ...] = ("mixture", "fusion", "single", "flow", "meteora")
 GATED_MODES: tuple[str, ...] = ("flow", "meteora")
+Fusion = Literal["linear", "ties", "dare_linear", "dare_ties"]
+FUSIONS: tuple[str, ...] = ("linear", "ties", "dare_linear", "dare_ties")
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,13 @@ class Routing:
     * ``mixture``: ``y = W0 x + sum_j w_j s_j B_j A_j x`` (the weighted sum of the LoRAs' outputs).
     * ``fusion``: ``y = W0 x + (sum_j w_j s_j B_j)(sum_j w_j A_j) x`` (one LoRA from averaged
       matrices; ranks differ -> smaller ones are zero-padded to the largest).
+      ``fusion`` says how the matrices are merged, each A and B apart (PEFT's ``merge_utils``, as
+      LoRAX offers per request): ``linear`` as above; ``ties`` keeps each adapter's ``density``
+      largest entries, elects each entry's sign by the weighted total and averages the agreeing
+      entries; ``dare_linear`` drops entries at random (keeping ``density``, the rest rescaled
+      by ``1/density``, seeded by the adapters and layer so a routing always fuses alike) before the
+      linear merge; ``dare_ties`` drops them so before the TIES merge. The TIES averages are scaled
+      by the number of adapters, so adapters that all agree fuse as ``linear`` does.
     * ``single``: the first adapter alone, at weight 1.
     * ``flow``: the adapters are the slots of the LoRA-Flow ``gate``, which gives every token its
       own weights over them, starting from ``weights`` (the gate's prior).
@@ -42,6 +51,12 @@ class Routing:
     mode: Mode = field(default="mixture", metadata={"help": "mixture, fusion or single."})
     fallback: str | None = field(default=None, metadata={"help": "Why the routing differs from the request."})
     gate: str | None = field(default=None, metadata={"help": "The gate of a flow or meteora routing."})
+    fusion: Fusion = field(
+        default="linear", metadata={"help": "How a fusion merges matrices: linear, ties, dare_linear or dare_ties."}
+    )
+    density: float = field(
+        default=0.5, metadata={"help": "The share of entries ties / dare keep of each matrix, in (0, 1]."}
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapters", tuple(self.adapters))
@@ -65,6 +80,13 @@ class Routing:
             raise ValueError(
                 f"a meteora routing lists no adapters (its gate picks them per token); got {self.adapters}."
             )
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion={self.fusion!r} is not one of {FUSIONS}.")
+        if self.fusion != "linear" and self.mode != "fusion":
+            raise ValueError(f"fusion={self.fusion!r} merges matrices, so it needs mode='fusion' (got {self.mode!r}).")
+        density = self.density
+        if isinstance(density, bool) or not isinstance(density, int | float) or not 0 < density <= 1:
+            raise ValueError(f"density={density!r} must be a share in (0, 1], e.g. 0.5.")
         if len(set(self.adapters)) != len(self.adapters):
             raise ValueError(f"Routing names an adapter twice: {self.adapters}.")
         for name, weight in zip(self.adapters, self.weights, strict=True):
@@ -77,12 +99,19 @@ class Routing:
         return cls(fallback=reason)
 
     @classmethod
-    def pinned(cls, adapters: Sequence[str], weights: Sequence[float] | None = None, mode: Mode = "mixture") -> Routing:
+    def pinned(
+        cls,
+        adapters: Sequence[str],
+        weights: Sequence[float] | None = None,
+        mode: Mode = "mixture",
+        fusion: Fusion = "linear",
+        density: float = 0.5,
+    ) -> Routing:
         """Fixed adapters, by default with uniform weights ``1/k``."""
         adapters = tuple(adapters)
         if weights is None:
             weights = tuple(1.0 / len(adapters) for _ in adapters) if adapters else ()
-        return cls(adapters, tuple(weights), mode=mode)
+        return cls(adapters, tuple(weights), mode=mode, fusion=fusion, density=density)
 
     @classmethod
     def meteora(cls, gate: str) -> Routing:
@@ -110,6 +139,7 @@ class Routing:
             "mode": self.mode,
             "fallback": self.fallback,
             "gate": self.gate,
+            **({"fusion": self.fusion, "density": self.density} if self.fusion != "linear" else {}),
         }
 
     def __str__(self) -> str:
@@ -123,5 +153,7 @@ class Routing:
             for name, weight, sim in zip(self.adapters, self.weights, sims, strict=True)
         ]
         mode = f"flow[{self.gate}]" if self.mode == "flow" else self.mode
+        if self.fusion != "linear":
+            mode = f"fusion[{self.fusion}, density {self.density:g}]"
         text = f"{mode}: " + ", ".join(parts)
         return text + (f" ({self.fallback})" if self.fallback else "")

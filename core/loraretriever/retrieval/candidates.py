@@ -53,4 +53,11 @@ def make_routing(found: list[tuple[str, float]], opts: RouteOptions, any_routabl
     else:
         logits = (sims - sims.max()) / opts.routing_temperature
         weights = np.exp(logits) / np.exp(logits).sum()
-    return Routing(names, tuple(weights.tolist()), similarities=tuple(sims.tolist()), mode=opts.mode)
+    return Routing(
+        names,
+        tuple(weights.tolist()),
+        similarities=tuple(sims.tolist()),
+        mode=opts.mode,
+        fusion=opts.fusion,
+        density=opts.density,
+    )

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from loraretriever.engine.routing import GATED_MODES, MODES, Mode
+from loraretriever.engine.routing import FUSIONS, GATED_MODES, MODES, Fusion, Mode
 from loraretriever.retrieval.cards import RetrievalError
 
 __all__ = ["DEFAULT_TOP_K", "ROUTE_OPTIONS", "WEIGHTINGS", "RouteOptions", "Weighting"]
@@ -80,6 +80,13 @@ class RouteOptions:
         default=None, metadata={"help": "Drop adapters below this cosine; none left -> the base model."}
     )
     gate: str | None = field(default=None, metadata={"help": "The flow or meteora gate (default: the only one)."})
+    fusion: Fusion = field(
+        default="linear",
+        metadata={"help": "With mode=fusion, how matrices merge: linear, ties, dare_linear or dare_ties."},
+    )
+    density: float = field(
+        default=0.5, metadata={"help": "The share of each matrix's entries ties / dare keep, in (0, 1]."}
+    )
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -104,6 +111,16 @@ class RouteOptions:
             raise RetrievalError(f"min_similarity={self.min_similarity!r} must lie in [-1, 1] (a cosine similarity).")
         if self.filter is not None and not isinstance(self.filter, Mapping):
             raise RetrievalError(f"filter={self.filter!r} must be a mapping, e.g. {{'customer': 'a'}}.")
+        if self.fusion not in FUSIONS:
+            raise RetrievalError(f"fusion={self.fusion!r} is not one of {FUSIONS}.")
+        if self.fusion != "linear" and self.mode != "fusion":
+            raise RetrievalError(
+                f"fusion={self.fusion!r} merges the adapters' matrices, which only mode='fusion' does (mode is "
+                f"{self.mode!r}). Fix: pass mode='fusion', or drop fusion."
+            )
+        density = self.density
+        if isinstance(density, bool) or not isinstance(density, int | float) or not 0 < density <= 1:
+            raise RetrievalError(f"density={density!r} must be a share in (0, 1], e.g. 0.5.")
         if self.gate is not None and self.mode not in GATED_MODES:
             raise RetrievalError(f"gate={self.gate!r} needs mode='flow' or 'meteora' (mode is {self.mode!r}).")
         self._check_pinned()

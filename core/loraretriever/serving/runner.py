@@ -90,7 +90,13 @@ class BatchRunner:
             routings = [Routing.base()] * len(texts)
         elif retrieval.adapters is not None:
             self.pool.check_names(list(retrieval.adapters))
-            pinned = Routing.pinned(retrieval.adapters, retrieval.adapter_weights, mode=retrieval.mode)
+            pinned = Routing.pinned(
+                retrieval.adapters,
+                retrieval.adapter_weights,
+                mode=retrieval.mode,
+                fusion=retrieval.fusion,
+                density=retrieval.density,
+            )
             routings = [pinned] * len(texts)
         elif self.router is None:
             routings = [Routing.base("no router: pass adapters= to pin some")] * len(texts)
