@@ -53,9 +53,13 @@ def test_every_method_in_domain_and_out_of_domain(tiny_lm, smol_tokenizer, minil
             "retriever_single",
             "retriever_mixture_k3",
             "retriever_fusion_k3",
+            "retriever_fusion_ties_k3",
+            "retriever_fusion_dare_linear_k3",
+            "retriever_fusion_dare_ties_k3",
             "adaptersoup",
         ]
     )
+    assert {r.get("fusion") for r in report["routings"]["retriever_fusion_dare_ties_k3"]} == {"dare_ties"}
     assert "oracle" not in ood["methods"], "OOD removes the own LoRA, so there is no oracle"
     for row in report["methods"].values():
         assert 0.0 <= row["average"] <= 1.0
@@ -63,7 +67,7 @@ def test_every_method_in_domain_and_out_of_domain(tiny_lm, smol_tokenizer, minil
     assert [r["adapters"] for r in report["routings"]["oracle"]] == [[t] for t in TASKS]
     assert [r["adapters"][0] for r in report["routings"]["retriever_mixture_k3"]] == TASKS
     assert all(r["mode"] == "fusion" and len(r["adapters"]) == 4 for r in report["routings"]["adaptersoup"])
-    for method in ("retriever_single", "retriever_mixture_k3", "retriever_fusion_k3", "adaptersoup"):
+    for method in ("retriever_single", "retriever_mixture_k3", "retriever_fusion_ties_k3", "adaptersoup"):
         for task, routing in zip(TASKS, ood["routings"][method], strict=True):
             assert task not in routing["adapters"], (method, routing)
     write_report(report, queries, tmp_path / "report")

@@ -49,11 +49,20 @@ METHODS: tuple[str, ...] = (
     "retriever_single",
     "retriever_mixture_k3",
     "retriever_fusion_k3",
+    "retriever_fusion_ties_k3",
+    "retriever_fusion_dare_linear_k3",
+    "retriever_fusion_dare_ties_k3",
     "adaptersoup",
     "flow_k3",
     "meteora_top2",
 )
 GATED_METHODS = {"flow_k3": "flow", "meteora_top2": "meteora"}
+# fusion by TIES / DARE (their density: the route options', 0.5 unless given)
+_FUSION_METHODS = {
+    "retriever_fusion_ties_k3": "ties",
+    "retriever_fusion_dare_linear_k3": "dare_linear",
+    "retriever_fusion_dare_ties_k3": "dare_ties",
+}
 _RETRIEVER_MODES = {"retriever_single": "single", "retriever_mixture_k3": "mixture", "retriever_fusion_k3": "fusion"}
 
 
@@ -95,6 +104,9 @@ def _routings(lm, method: str, queries: Sequence[dict], ood: bool, route_options
         return lm.route(texts, **{**route_options, "top_k": 3}, mode="flow", exclude=own)
     if method == "meteora_top2":
         return lm.route(texts, mode="meteora")
+    if method in _FUSION_METHODS:
+        options = {"top_k": 3, **route_options, "mode": "fusion", "fusion": _FUSION_METHODS[method]}
+        return lm.route(texts, **options, exclude=own)
     return lm.route(texts, **{"top_k": 3, **route_options}, mode=_RETRIEVER_MODES[method], exclude=own)
 
 
