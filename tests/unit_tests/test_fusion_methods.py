@@ -4,6 +4,7 @@ mixtures in one batch, on a tiny Llama with real PEFT adapters."""
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -31,14 +32,14 @@ def padded(tensors: list[torch.Tensor], rank: int, axis: int) -> list[torch.Tens
     return [torch.nn.functional.pad(t, p) for t, p in zip(tensors, pad, strict=True)]
 
 
-def test_ties_is_peft_ties_on_each_factor_scaled_by_k(tiny_pool):
+def test_ties_is_peft_ties_on_each_factor_with_its_weights(tiny_pool):
     pairs = parts(tiny_pool)
     A, B = _fuse(pairs, FusionSpec("ties", 0.5))
     rank = max(w.rank for w, _ in pairs)
-    weights = torch.tensor([w for _, w in pairs])
-    scaled = weights * torch.tensor([w.scaling for w, _ in pairs])
-    expected_A = merge_utils.ties(padded([w.A for w, _ in pairs], rank, 0), weights, 0.5) * len(pairs)
-    expected_B = merge_utils.ties(padded([w.B for w, _ in pairs], rank, 1), scaled, 0.5) * len(pairs)
+    # PEFT's add_weighted_adapter(combination_type="ties"): sqrt(weight * scaling) on each factor
+    root = torch.tensor([math.sqrt(w * weights.scaling) for weights, w in pairs])
+    expected_A = merge_utils.ties(padded([w.A for w, _ in pairs], rank, 0), root, 0.5)
+    expected_B = merge_utils.ties(padded([w.B for w, _ in pairs], rank, 1), root, 0.5)
     torch.testing.assert_close(A, expected_A)
     torch.testing.assert_close(B, expected_B)
     linear_A, _ = _fuse(pairs, FusionSpec())
@@ -51,13 +52,16 @@ def test_dare_keeps_density_of_entries_rescaled_and_draws_the_same_mask_for_a_se
     A, _ = _fuse(alone, FusionSpec("dare_linear", 0.5, seed=7))
     kept = A != 0
     assert 0.4 < kept.float().mean() < 0.6
-    torch.testing.assert_close(A[kept], weights.A[kept] / 0.5)
+    torch.testing.assert_close(A[kept], weights.A[kept] * math.sqrt(weights.scaling) / 0.5)
     again, _ = _fuse(alone, FusionSpec("dare_linear", 0.5, seed=7))
     other, _ = _fuse(alone, FusionSpec("dare_linear", 0.5, seed=8))
     assert torch.equal(A, again) and not torch.equal(A, other)
     full = _fuse(parts(tiny_pool), FusionSpec("dare_linear", 1.0))
-    linear = _fuse(parts(tiny_pool), FusionSpec())
-    torch.testing.assert_close(full, linear)  # nothing dropped: the linear merge
+    pairs = parts(tiny_pool)
+    root = torch.tensor([math.sqrt(w * weights.scaling) for weights, w in pairs])
+    rank = max(w.rank for w, _ in pairs)
+    summed = merge_utils.task_arithmetic(padded([w.A for w, _ in pairs], rank, 0), root)
+    torch.testing.assert_close(full[0], summed)  # nothing dropped: PEFT's weighted sum
 
 
 def test_every_fusion_method_in_one_batch_equals_each_row_alone(tiny_model, composer):

@@ -103,8 +103,9 @@ def _concatenate(parts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def _fuse(parts: list, fusion: FusionSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Fusion: ``(sum_j wj sj Bj)(sum_j wj Aj)``, ranks zero-padded to the largest, or that merge
-    done the TIES / DARE way on A and B apart (PEFT's ``merge_utils``)."""
+    """Fusion: ``(sum_j wj sj Bj)(sum_j wj Aj)``, ranks zero-padded to the largest; or A and B each
+    merged the TIES / DARE way with weights ``sqrt(wj sj)``, as PEFT's ``add_weighted_adapter`` does
+    (its ``merge_utils``), DARE's drops seeded."""
     if not parts:
         return None
     rank = max(weights.rank for weights, _ in parts)
@@ -114,8 +115,12 @@ def _fuse(parts: list, fusion: FusionSpec) -> tuple[torch.Tensor, torch.Tensor] 
     for j, (weights, _) in enumerate(parts):
         A[j, : weights.rank] = weights.A
         B[j, :, : weights.rank] = weights.B
-    w_A = torch.tensor([w for _, w in parts], dtype=A.dtype, device=A.device)
-    w_B = w_A * torch.tensor([weights.scaling for weights, _ in parts], dtype=A.dtype, device=A.device)
+    weight = torch.tensor([w for _, w in parts], dtype=A.dtype, device=A.device)
+    scaled = weight * torch.tensor([weights.scaling for weights, _ in parts], dtype=A.dtype, device=A.device)
+    if fusion.method == "linear":
+        return (A * weight.view(-1, 1, 1)).sum(0), (B * scaled.view(-1, 1, 1)).sum(0)
+    # PEFT's add_weighted_adapter: each factor weighted by sqrt(w s), the sign on A
+    w_A, w_B = scaled.sign() * scaled.abs().sqrt(), scaled.abs().sqrt()
     if fusion.method in ("dare_linear", "dare_ties"):
         generator = torch.Generator().manual_seed(fusion.seed)
         A, B = _drop_at_random(A, fusion.density, generator), _drop_at_random(B, fusion.density, generator)
@@ -137,11 +142,11 @@ def _drop_at_random(tensors: torch.Tensor, density: float, generator: torch.Gene
 
 
 def _elect(tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """TIES' sign election and disjoint mean over ``(k, ...)`` tensors, scaled by k: k adapters that
-    all agree merge to their weighted sum, as a linear fusion would."""
+    """TIES' sign election (by the total of the pruned tensors) and disjoint mean of the weighted
+    ``(k, ...)`` tensors, as PEFT's ``ties``."""
     mask = merge_utils.calculate_majority_sign_mask(tensors, method="total")
     weighted = tensors * weights.view(-1, *([1] * (tensors.dim() - 1)))
-    return merge_utils.disjoint_merge(weighted, mask) * len(tensors)
+    return merge_utils.disjoint_merge(weighted, mask)
 
 
 def _uniform(parts: list[list[tuple[LoraWeights, float]]], mode: str, layer: nn.Linear) -> LayerPlan | None:

@@ -23,13 +23,13 @@ class Routing:
     * ``mixture``: ``y = W0 x + sum_j w_j s_j B_j A_j x`` (the weighted sum of the LoRAs' outputs).
     * ``fusion``: ``y = W0 x + (sum_j w_j s_j B_j)(sum_j w_j A_j) x`` (one LoRA from averaged
       matrices; ranks differ -> smaller ones are zero-padded to the largest).
-      ``fusion`` says how the matrices are merged, each A and B apart (PEFT's ``merge_utils``, as
-      LoRAX offers per request): ``linear`` as above; ``ties`` keeps each adapter's ``density``
-      largest entries, elects each entry's sign by the weighted total and averages the agreeing
-      entries; ``dare_linear`` drops entries at random (keeping ``density``, the rest rescaled
-      by ``1/density``, seeded by the adapters and layer so a routing always fuses alike) before the
-      linear merge; ``dare_ties`` drops them so before the TIES merge. The TIES averages are scaled
-      by the number of adapters, so adapters that all agree fuse as ``linear`` does.
+      ``fusion`` says how the matrices are merged: ``linear`` as above; ``ties``, ``dare_linear``
+      and ``dare_ties`` merge each of A and B as PEFT's ``add_weighted_adapter`` does (weights
+      ``sqrt(w_j s_j)`` on each, its ``merge_utils``; LoRAX offers them per request): ``ties``
+      keeps each adapter's ``density`` largest entries, elects each entry's sign by their total
+      and averages the agreeing weighted entries; ``dare_linear`` drops entries at random
+      (keeping ``density``, rescaled by ``1/density``; seeded by the adapters and layer, so a
+      routing always fuses alike) before a weighted sum; ``dare_ties`` drops them so before TIES.
     * ``single``: the first adapter alone, at weight 1.
     * ``flow``: the adapters are the slots of the LoRA-Flow ``gate``, which gives every token its
       own weights over them, starting from ``weights`` (the gate's prior).
