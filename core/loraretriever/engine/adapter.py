@@ -27,10 +27,12 @@ __all__ = [
     "LoraAdapter",
     "LoraWeights",
     "check_adapter_name",
+    "check_file_size",
     "check_layout",
     "linear_modules",
     "read_adapter_config",
     "read_adapter_files",
+    "read_safetensors",
     "read_safetensors_header",
 ]
 
@@ -352,6 +354,37 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def check_file_size(path: Path, max_bytes: int | None) -> int:
+    """The size of weight file ``path`` in bytes, refused before it is read when over ``max_bytes``.
+
+    Raises:
+        AdapterError: naming the file, its size, the limit and the fix; or a file that is gone.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise AdapterError(f"{str(path)!r} cannot be read ({err}). Fix: check the adapter's files.") from err
+    if max_bytes is not None and size > max_bytes:
+        raise AdapterError(
+            f"{str(path)!r} is {size:,} bytes, over the limit of {max_bytes:,} "
+            "(max_adapter_bytes; by default the size of the base model's weights). Fix: check that this is a "
+            "LoRA adapter, or raise the limit."
+        )
+    return size
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors weight file.
+
+    Raises:
+        AdapterError: a file that does not read as safetensors.
+    """
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{str(path)!r} is corrupt ({err}). Fix: re-save the adapter.") from err
+
+
 def read_adapter_files(
     directory: str | Path, *, allow_pickle: bool = False, max_bytes: int | None = None
 ) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -370,19 +403,11 @@ def read_adapter_files(
     config = read_adapter_config(directory)
 
     for weights_file in (directory / SAFETENSORS_FILE, directory / PICKLE_FILE):
-        if max_bytes is not None and weights_file.is_file() and weights_file.stat().st_size > max_bytes:
-            raise AdapterError(
-                f"{str(weights_file)!r} is {weights_file.stat().st_size:,} bytes, over the limit of {max_bytes:,} "
-                "(max_adapter_bytes; by default the size of the base model's weights). Fix: check that this is a "
-                "LoRA adapter, or raise the limit."
-            )
+        if weights_file.is_file():
+            check_file_size(weights_file, max_bytes)
     weights_path = directory / SAFETENSORS_FILE
     if weights_path.is_file():
-        try:
-            state_dict = load_file(weights_path)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise AdapterError(f"{str(weights_path)!r} is corrupt ({err}). Fix: re-save the adapter.") from err
-        return config, state_dict
+        return config, read_safetensors(weights_path)
     pickle_path = directory / PICKLE_FILE
     if pickle_path.is_file():
         if not allow_pickle:

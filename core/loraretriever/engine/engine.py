@@ -26,6 +26,7 @@ there and never reaches a shared batch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -241,7 +242,7 @@ class Engine:
         if self.composer is None:
             return
         pool = self.composer.pool
-        for request in list(self.waiting)[: self.config.max_batch_size]:
+        for request in self._window():
             if request.adapters is None:
                 request.adapters = pool.hold([n for n in request.routing.adapters if n in pool])
 
@@ -291,7 +292,7 @@ class Engine:
         if self.config.policy == "static":
             if running:
                 return None
-            group = list(self.waiting)[: self.config.max_batch_size]
+            group = self._window()
             solo = [r for r in group if id(r) in self._solo]
             group = solo[:1] or group  # requests whose shared prefill failed go one by one
         else:
@@ -304,6 +305,11 @@ class Engine:
         group, plan = self._plan(group)
         return self._new_batch(group, plan) if group else None
 
+    def _window(self) -> list[RequestState]:
+        """The next ``max_batch_size`` waiting requests: those that hold their adapters, and among
+        which a batch is formed (without copying a long queue)."""
+        return list(itertools.islice(self.waiting, self.config.max_batch_size))
+
     def _head(self, running: int) -> RequestState | None:
         """The request to admit first: the oldest, unless its adapters are still loading from disk
         and it has waited less than ``max_load_wait``; then the oldest whose adapters are loaded,
@@ -311,8 +317,7 @@ class Engine:
         oldest = self.waiting[0]
         if _loaded(oldest) or time.perf_counter() - oldest.arrived_at >= self.config.max_load_wait:
             return oldest
-        window = list(self.waiting)[: self.config.max_batch_size]  # those holding their adapters
-        ready = next((r for r in window if _loaded(r)), None)
+        ready = next((r for r in self._window() if _loaded(r)), None)
         if ready is not None:
             return ready
         return None if running else oldest
@@ -329,11 +334,7 @@ class Engine:
         group, longest = [head], len(head.prompt_ids)
         if id(head) in self._solo:
             return group
-        window = [
-            r
-            for r in list(self.waiting)[: self.config.max_batch_size]
-            if r is not head and id(r) not in self._solo and _loaded(r)
-        ]
+        window = [r for r in self._window() if r is not head and id(r) not in self._solo and _loaded(r)]
         for request in sorted(window, key=lambda r: abs(len(r.prompt_ids) - len(head.prompt_ids))):
             if len(group) >= room:
                 break
@@ -422,7 +423,7 @@ class Engine:
             )
         # KV room for the newcomers' and the next waiting requests' prompts and answers (up to
         # _RESERVE answer tokens), so that neither decoding nor the next joins regrow the cache
-        soon = kept.requests + list(self.waiting)[: self.config.max_batch_size]
+        soon = kept.requests + self._window()
         self.running.extend(kept, max(len(r.prompt_ids) + min(r.config.max_new_tokens, _RESERVE) for r in soon))
 
     def _empty_plan(self) -> BatchPlan | None:

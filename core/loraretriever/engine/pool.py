@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,10 +24,12 @@ from loraretriever.engine.adapter import (
     AdapterError,
     LoraAdapter,
     check_adapter_name,
+    check_file_size,
     check_layout,
     linear_modules,
     read_adapter_config,
     read_adapter_files,
+    read_safetensors,
     read_safetensors_header,
 )
 
@@ -122,9 +124,6 @@ class AdapterCache:
         if self._pins[name] <= 0:
             del self._pins[name]
             self._evict()
-
-    def pinned(self, name: str) -> bool:
-        return self._pins[name] > 0
 
     def _evict(self) -> None:
         if self.budget_bytes is None:
@@ -228,7 +227,9 @@ class LoraPool:
         self.device_cache = AdapterCache(device_cache_bytes)
         self._loading: dict[str, Future] = {}
         self._loader: ThreadPoolExecutor | None = None
-        self.load_seconds: list[float] = []  # each load from disk (a cold miss), for benchmarks
+        self.loads = 0  # loads from disk (cold misses) so far
+        # the latest loads' seconds, for benchmarks (bounded: a server runs for months)
+        self.recent_load_seconds: deque[float] = deque(maxlen=4096)
         self._listeners: list[PoolListener] = []
         self._load_error_listeners: list[LoadErrorListener] = []
         self._lock = threading.RLock()
@@ -278,12 +279,6 @@ class LoraPool:
         """The disk entry of a stored adapter (None for one held in memory only)."""
         return self._stored.get(name)
 
-    def resident(self, name: str) -> bool:
-        """Whether using ``name`` now needs no load from disk."""
-        with self._lock:
-            cache = self._cache_for_use()
-            return name in self._adapters or name in (cache if cache is not None else self.host_cache)
-
     def fingerprint(self) -> str:
         """A short hash of the adapters' names and weights; changes whenever the pool does."""
         with self._lock:
@@ -297,13 +292,10 @@ class LoraPool:
     def cache_stats(self) -> dict[str, Any]:
         """Hits, misses, bytes and budget of the host and device caches; loads from disk."""
         with self._lock:
-            loads = sorted(self.load_seconds)
             return {
                 "host": self.host_cache.stats(),
                 "device": self.device_cache.stats() if self._cache_for_use() is not None else None,
-                "loads": len(loads),
-                "load_seconds_p50": round(loads[len(loads) // 2], 5) if loads else None,
-                "load_seconds_p99": round(loads[min(len(loads) - 1, int(len(loads) * 0.99))], 5) if loads else None,
+                "loads": self.loads,
             }
 
     def follow_model(self) -> None:
@@ -405,7 +397,8 @@ class LoraPool:
                 self._drop_broken(name, stored, error)
                 raise
             with self._lock:
-                self.load_seconds.append(time.perf_counter() - started)
+                self.loads += 1
+                self.recent_load_seconds.append(time.perf_counter() - started)
                 if self._stored.get(name) is stored:
                     self.host_cache.put(name, host)
         device_cache = self._cache_for_use()
@@ -418,11 +411,12 @@ class LoraPool:
         return on_device
 
     def _read(self, stored: StoredAdapter) -> LoraAdapter:
-        config, state_dict = read_adapter_files(stored.directory, max_bytes=self.max_adapter_bytes)
+        """The adapter's weights from its file, checked with the config read when it was registered."""
+        check_file_size(stored.weights_file, self.max_adapter_bytes)
         adapter = LoraAdapter.from_state_dict(
             stored.name,
-            config,
-            state_dict,
+            stored.config,
+            read_safetensors(stored.weights_file),
             self.model,
             source=str(stored.directory),
             device="cpu",
@@ -519,15 +513,9 @@ class LoraPool:
         weights = directory / SAFETENSORS_FILE
         if not weights.is_file():
             raise AdapterError(f"{str(directory)!r} has no {SAFETENSORS_FILE}. Fix: save the adapter with PEFT.")
+        check_file_size(weights, self.max_adapter_bytes)
         stat = weights.stat()
-        if stat.st_size > self.max_adapter_bytes:
-            raise AdapterError(
-                f"{str(weights)!r} is {stat.st_size:,} bytes, over the limit of {self.max_adapter_bytes:,} "
-                "(max_adapter_bytes; by default the size of the base model's weights). Fix: check that this is "
-                "a LoRA adapter, or raise the limit."
-            )
         header = read_safetensors_header(weights)
-        check_adapter_name(name)
         shapes = {k: v[1] for k, v in header.items()}
         check_layout(f"adapter {name!r} ({directory})", config, shapes, self.model, self._linear_layers)
         signature = f"file:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"

@@ -124,13 +124,16 @@ def _serve(model, tokenizer, pool: LoraPool, routings: list[Routing], prompts: l
     failed = [r for r in requests if r.error is not None]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed, the first: {failed[0].error!r}")
-    ttft = sorted(r.first_token_at - start for r in requests)
+    ttft = [r.first_token_at - start for r in requests]
     tokens = sum(r.done.completion_tokens for r in requests)
-    return {
-        "tokens_per_s": round(tokens / elapsed, 2),
-        "ttft_p50_s": round(ttft[len(ttft) // 2], 3),
-        "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))], 3),
-    }
+    return {"tokens_per_s": round(tokens / elapsed, 2), **_p50_p99(ttft, "ttft", 3)}
+
+
+def _p50_p99(values: Sequence[float], label: str, digits: int) -> dict[str, float | None]:
+    """``{label}_p50_s`` and ``{label}_p99_s`` of ``values`` (None for none)."""
+    ordered = sorted(values)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], digits) if ordered else None  # noqa: E731
+    return {f"{label}_p50_s": pick(0.5), f"{label}_p99_s": pick(0.99)}
 
 
 def _prefixed(values: dict, prefix: str) -> dict:
@@ -179,18 +182,15 @@ def run_scale_benchmark(
 
     def phase(pool: LoraPool, names: list[str], workload_seed: int) -> dict:
         """One workload on ``pool``, with the cache's hits and loads during it."""
-        cache, loads_before = pool.host_cache, len(pool.load_seconds)
+        cache, loads_before = pool.host_cache, pool.loads
         hits, misses = cache.hits, cache.misses
         routings = zipf_routings(names, requests, k, zipf_s, workload_seed, popularity_seed=seed)
         served = _serve(model, tokenizer, pool, routings, prompts, new_tokens)
         lookups = cache.hits - hits + cache.misses - misses
-        loads = sorted(pool.load_seconds[loads_before:])
-        served.update(
-            host_hit_rate=round((cache.hits - hits) / lookups, 4) if lookups else None,
-            loads=len(loads),
-            load_p50_s=round(loads[len(loads) // 2], 5) if loads else None,
-            load_p99_s=round(loads[min(len(loads) - 1, int(len(loads) * 0.99))], 5) if loads else None,
-        )
+        loads = pool.loads - loads_before
+        latest = list(pool.recent_load_seconds)[-loads:] if loads else []
+        served.update(host_hit_rate=round((cache.hits - hits) / lookups, 4) if lookups else None, loads=loads)
+        served.update(_p50_p99(latest, "load", 5))
         return served
 
     for round_index in range(rounds):
