@@ -12,6 +12,9 @@ Methods:
 * ``paper_union_einsum``: the paper's mixture, every row computed against the batch's union of
   adapters and combined by a mapping matrix;
 * ``ours_mixture_k3`` again with pools of 10, 100 and 1,000 adapters;
+* ``floor``: the mixture's LoRA matmuls alone per decoding step against the base model's step, so
+  ``mixture_ceiling`` is the ratio to ``base`` these per-row factors allow on this machine (the
+  matmuls read every row's factors each step: bound by memory bandwidth on a CPU);
 * ``mixed``: real prompt lengths from ``test_dev.json`` with answers of mixed length, ``.batch()``
   against an ``invoke`` loop and Poisson arrivals, continuous against static (:mod:`.bench_mixed`).
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import random
+import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -155,6 +160,8 @@ def run_serve_benchmark(
     results, ratios = tokens_per_second_in_turns(methods, reference="base", rounds=rounds)
     for name in methods:
         log(f"{name}: {results[name]:.1f} tokens/s, {ratios[name]:.3f} x base")
+    floor = _mixture_floor(composer, row_sets, batch_size / results["base"])
+    log(f"ours_mixture_k3 ceiling: {floor['mixture_ceiling']:.3f} x base (its LoRA matmuls alone)")
     composer.remove_hooks()
     union.remove_hooks()
 
@@ -188,6 +195,7 @@ def run_serve_benchmark(
         "rounds": rounds,
         "tokens_per_s": {k: round(v, 2) for k, v in results.items()},
         "ratio_to_base": {k: round(v, 3) for k, v in ratios.items()},
+        "floor": floor,
         "ours_mixture_k3_by_pool_size": {k: round(v, 2) for k, v in scaling.items()},
         "pool_1000_over_pool_10": round(scaling["pool_1000"] / scaling["pool_10"], 3)
         if {"pool_10", "pool_1000"} <= scaling.keys()
@@ -198,6 +206,38 @@ def run_serve_benchmark(
             "mixture_vs_peft_adapter_names>=1.0": results["ours_mixture_k3"] >= results["peft_adapter_names"],
             "mixture_vs_peft_sequential>=4": results["ours_mixture_k3"] >= 4 * results["peft_sequential"],
         },
+    }
+
+
+def _mixture_floor(composer: Composer, row_sets: list[list[str]], base_step_s: float, repeats: int = 20) -> dict:
+    """What the mixture's LoRA arithmetic alone costs per decoding step: its plan's two batched
+    matmuls at every adapted layer, on one token per row, as the hooks run them (no model, no
+    engine). With the base model's time per step (its tokens/s over the batch), this bounds the
+    ratio to ``base`` any engine could reach with these per-row factors on this machine:
+    ``ceiling = base_step / (base_step + lora_step)``. The median of ``repeats`` timed steps."""
+    plan = composer.build_plan([Routing.pinned(s, mode="mixture") for s in row_sets])
+    rows = len(row_sets)
+    inputs = {m: torch.randn(rows, 1, p.A_t.shape[1]) for m, p in plan.layers.items()}
+    outputs = {m: torch.randn(rows, 1, p.B_t.shape[2]) for m, p in plan.layers.items()}
+
+    def step() -> None:
+        for module, layer in plan.layers.items():
+            torch.baddbmm(outputs[module], torch.bmm(inputs[module], layer.A_t), layer.B_t)
+
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    lora_step_s = statistics.median(times)
+    factor_bytes = sum(p.A_t.nbytes + p.B_t.nbytes for p in plan.layers.values())
+    return {
+        "factor_mb_per_step": round(factor_bytes / 1e6, 1),
+        "lora_step_ms": round(lora_step_s * 1e3, 2),
+        "lora_gb_per_s": round(factor_bytes / lora_step_s / 1e9, 1),
+        "base_step_ms": round(base_step_s * 1e3, 2),
+        "mixture_ceiling": round(base_step_s / (base_step_s + lora_step_s), 3),
     }
 
 
