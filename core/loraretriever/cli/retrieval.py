@@ -1,4 +1,4 @@
-"""Retrieval commands: ``eval-retrieval``, ``train-retriever``, ``reindex`` and ``route``.
+"""Retrieval commands: ``eval-retrieval``, ``train-retriever``, ``reindex``, ``route`` and ``calibrate``.
 
 Every command that reports numbers prints one JSON object as its last line with ``--json``.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import asdict
 from typing import Any
 
 from loraretriever.cli import fail
@@ -15,7 +16,17 @@ from loraretriever.cli.route_flags import add_route_arguments, route_options_fro
 from loraretriever.retrieval.cards import RetrievalError
 
 # What a Router alone does: retrieval (gated modes and pinned adapters need a RoutedLM).
-RETRIEVAL_OPTIONS = ("mode", "top_k", "filter", "exclude", "weighting", "routing_temperature", "min_similarity")
+RETRIEVAL_OPTIONS = (
+    "mode",
+    "top_k",
+    "filter",
+    "exclude",
+    "weighting",
+    "routing_temperature",
+    "min_similarity",
+    "uncertain",
+    "soup_k",
+)
 
 __all__ = ["register"]
 
@@ -25,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_train(subparsers)
     _register_reindex(subparsers)
     _register_route(subparsers)
+    _register_calibrate(subparsers)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -231,4 +243,41 @@ def _run_route(args: argparse.Namespace) -> int:
         for prompt, routing in zip(args.prompts, routings, strict=True):
             print(f"{prompt[:60]!r} -> {routing}")
     print(json.dumps([routing.to_dict() for routing in routings]))
+    return 0
+
+
+def _register_calibrate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="Fit the pool's routing confidence (for --uncertain soup/base) on prompts of known tasks.",
+        description="Routes each prompt with and without its own task's adapter and fits the chance that the "
+        "top-1 is right from the similarity profile; writes POOL/confidence.json. Use a train split.",
+    )
+    _index_arguments(parser)
+    parser.add_argument("--queries", required=True, help="A splits directory (e.g. data/bigbench) or a JSON list.")
+    parser.add_argument("--split", default="train", help="The split to read when --queries is a directory.")
+    parser.add_argument("--limit", type=int, default=None, help="At most N queries per task.")
+    _common(parser)
+    parser.set_defaults(handler=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from loraretriever.evaluation.tasks import select_queries
+    from loraretriever.retrieval.confidence import CONFIDENCE_FILE, calibrate_router
+    from loraretriever.retrieval.embedder import EmbedderError
+    from loraretriever.retrieval.queries import load_queries
+
+    _set_threads(args)
+    try:
+        queries = select_queries(load_queries(args.queries, args.split), None, args.limit)
+        router = _open_router(args)
+        confidence = calibrate_router(router, queries)
+    except (RetrievalError, EmbedderError, ValueError) as err:
+        return fail(err)
+    path = Path(args.pool) / CONFIDENCE_FILE
+    confidence.save(path)
+    result = {"path": str(path), **asdict(confidence)}
+    print(json.dumps(result) if args.json else f"wrote {path}: {result}")
     return 0

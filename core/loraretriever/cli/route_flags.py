@@ -10,7 +10,7 @@ from typing import Any
 
 from loraretriever.engine.routing import FUSIONS, MODES
 from loraretriever.retrieval.cards import RetrievalError
-from loraretriever.retrieval.options import ROUTE_OPTIONS, WEIGHTINGS, RouteOptions
+from loraretriever.retrieval.options import ROUTE_OPTIONS, UNCERTAIN, WEIGHTINGS, RouteOptions
 
 __all__ = ["add_route_arguments", "route_options_from"]
 
@@ -27,6 +27,8 @@ _HOW: dict[str, dict[str, Any]] = {
     "gate": {},
     "fusion": {"choices": FUSIONS},
     "density": {"type": float},
+    "uncertain": {"choices": UNCERTAIN},
+    "soup_k": {"type": int},
 }
 
 

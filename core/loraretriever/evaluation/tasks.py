@@ -100,8 +100,10 @@ def _routings(lm, method: str, queries: Sequence[dict], ood: bool, route_options
             routings.append(Routing.pinned(names, mode="fusion"))
         return routings
     texts = [q["inputs"] for q in queries]
-    if method == "flow_k3":  # the retrieval weights are the gate's prior: same options as the mixture
-        return lm.route(texts, **{**route_options, "top_k": 3}, mode="flow", exclude=own)
+    if method == "flow_k3":  # the retrieval weights are the gate's prior: same options as the mixture,
+        # but its gate weighs its own slots (no confidence blend)
+        options = {k: v for k, v in route_options.items() if k not in ("uncertain", "soup_k")}
+        return lm.route(texts, **{**options, "top_k": 3}, mode="flow", exclude=own)
     if method == "meteora_top2":
         return lm.route(texts, mode="meteora")
     if method in _FUSION_METHODS:

@@ -7,10 +7,12 @@ from typing import Any
 import numpy as np
 
 from loraretriever.engine.routing import Routing
+from loraretriever.retrieval.cards import RetrievalError
+from loraretriever.retrieval.confidence import Confidence
 from loraretriever.retrieval.index import LoraIndex
 from loraretriever.retrieval.options import RouteOptions
 
-__all__ = ["make_routing", "nearest"]
+__all__ = ["fetch_size", "make_routing", "nearest"]
 
 
 def nearest(
@@ -38,7 +40,21 @@ def nearest(
     return out
 
 
-def make_routing(found: list[tuple[str, float]], opts: RouteOptions, any_routable: bool) -> Routing:
+def fetch_size(opts: RouteOptions) -> int:
+    """How many nearest adapters a routing needs: ``top_k``, the soup's ``soup_k``, and two for the
+    confidence's lead of the top-1 over the second."""
+    if opts.uncertain == "keep":
+        return opts.k
+    return max(opts.k, 2, opts.soup_k if opts.uncertain == "soup" else 0)
+
+
+def make_routing(
+    found: list[tuple[str, float]], opts: RouteOptions, any_routable: bool, confidence: Confidence | None = None
+) -> Routing:
+    """The routing of one prompt from its nearest adapters (best first, ``fetch_size(opts)`` of them):
+    the top ``k`` weighted by ``opts.weighting``, then, with ``opts.uncertain``, blended by the
+    router's ``confidence`` toward a soup of the nearest or toward the base model."""
+    nearby, found = found, found[: opts.k]
     if not found:
         reason = "no routable adapter matched" if any_routable else "no routable adapters (no cards, or empty pool)"
         return Routing.base(reason)
@@ -53,10 +69,32 @@ def make_routing(found: list[tuple[str, float]], opts: RouteOptions, any_routabl
     else:
         logits = (sims - sims.max()) / opts.routing_temperature
         weights = np.exp(logits) / np.exp(logits).sum()
+    fallback = None
+    if opts.uncertain != "keep":
+        if confidence is None:
+            raise RetrievalError(
+                f"uncertain={opts.uncertain!r} needs the pool's confidence calibration, which this router has not. "
+                "Fix: `loraretriever calibrate --pool DIR --queries SPLITS`, or drop uncertain."
+            )
+        sure = confidence.probability([sim for _, sim in nearby])
+        if opts.uncertain == "base":
+            weights = weights * sure
+            fallback = f"confidence {sure:.2f}: the rest is the base model"
+        else:  # every adapter of the soup gets (1 - sure) / soup_k on top of its sure share
+            soup = nearby[: opts.soup_k]
+            blended = {name: sure * w for name, w in zip(names, weights.tolist(), strict=True)}
+            for name, _ in soup:
+                blended[name] = blended.get(name, 0.0) + (1 - sure) / len(soup)
+            similarity = dict(soup) | dict(zip(names, sims.tolist(), strict=True))
+            names = tuple(blended)
+            weights = np.array(list(blended.values()))
+            sims = np.array([similarity[name] for name in names])
+            fallback = f"confidence {sure:.2f}: {1 - sure:.0%} of the weight on a soup of the {len(soup)} nearest"
     return Routing(
         names,
         tuple(weights.tolist()),
         similarities=tuple(sims.tolist()),
+        fallback=fallback,
         mode=opts.mode,
         fusion=opts.fusion,
         density=opts.density,

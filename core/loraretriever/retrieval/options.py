@@ -16,10 +16,12 @@ from typing import Any, Literal
 from loraretriever.engine.routing import FUSIONS, GATED_MODES, MODES, Fusion, Mode
 from loraretriever.retrieval.cards import RetrievalError
 
-__all__ = ["DEFAULT_TOP_K", "ROUTE_OPTIONS", "WEIGHTINGS", "RouteOptions", "Weighting"]
+__all__ = ["DEFAULT_TOP_K", "ROUTE_OPTIONS", "UNCERTAIN", "WEIGHTINGS", "RouteOptions", "Uncertain", "Weighting"]
 
 Weighting = Literal["uniform", "softmax"]
 WEIGHTINGS: tuple[str, ...] = ("uniform", "softmax")
+Uncertain = Literal["keep", "soup", "base"]
+UNCERTAIN: tuple[str, ...] = ("keep", "soup", "base")
 DEFAULT_TOP_K = 3  # the paper's k
 
 # The options that choose WHICH adapters serve a prompt; each mode honours them or refuses them.
@@ -87,6 +89,15 @@ class RouteOptions:
     density: float = field(
         default=0.5, metadata={"help": "The share of each matrix's entries ties / dare keep, in (0, 1]."}
     )
+    uncertain: Uncertain = field(
+        default="keep",
+        metadata={
+            "help": "When retrieval is unsure (the pool's calibrated confidence p that the top-1 is right): keep "
+            "the top_k weights, blend p * them + (1 - p) * a uniform soup of the soup_k nearest, or scale "
+            "them by p toward the base model."
+        },
+    )
+    soup_k: int = field(default=10, metadata={"help": "The nearest adapters in the soup of uncertain='soup'."})
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -121,6 +132,20 @@ class RouteOptions:
         density = self.density
         if isinstance(density, bool) or not isinstance(density, int | float) or not 0 < density <= 1:
             raise RetrievalError(f"density={density!r} must be a share in (0, 1], e.g. 0.5.")
+        if self.uncertain not in UNCERTAIN:
+            raise RetrievalError(f"uncertain={self.uncertain!r} is not one of {UNCERTAIN}.")
+        if isinstance(self.soup_k, bool) or not isinstance(self.soup_k, int) or self.soup_k < 1:
+            raise RetrievalError(f"soup_k={self.soup_k!r} must be a positive integer (e.g. 10).")
+        if self.uncertain != "keep" and (self.adapters is not None or self.mode in GATED_MODES):
+            why = (
+                f"adapters={self.adapters!r} pins them"
+                if self.adapters is not None
+                else f"mode={self.mode!r} gates them"
+            )
+            raise RetrievalError(
+                f"uncertain={self.uncertain!r} reweighs retrieved adapters by the router's confidence, but {why}. "
+                "Fix: drop uncertain, or route with mode='mixture' / 'fusion' / 'single'."
+            )
         if self.gate is not None and self.mode not in GATED_MODES:
             raise RetrievalError(f"gate={self.gate!r} needs mode='flow' or 'meteora' (mode is {self.mode!r}).")
         self._check_pinned()

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from loraretriever.engine.routing import GATED_MODES, Routing
-from loraretriever.retrieval.candidates import make_routing, nearest
+from loraretriever.retrieval.candidates import fetch_size, make_routing, nearest
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
+from loraretriever.retrieval.confidence import CONFIDENCE_FILE, Confidence
 from loraretriever.retrieval.embedder import Embedder
 from loraretriever.retrieval.index import (
     DEFAULT_COLLECTION,
@@ -50,6 +51,8 @@ class Router:
             adapters (the index still holds every card: processes that share a pool share it).
         options: Routing defaults.
         reconcile: Bring the index in line with the cards now.
+        confidence: The calibrated confidence of this pool and embedder, which
+            ``uncertain='soup'`` / ``'base'`` need (:mod:`~loraretriever.retrieval.confidence`).
 
     Example:
         >>> router = Router.from_cards([AdapterCard("sst2", ["a great movie", "dull and boring"]),
@@ -69,12 +72,19 @@ class Router:
         options: RouteOptions | None = None,
         reconcile: bool = True,
         drop_index_on_close: bool = False,
+        confidence: Confidence | None = None,
     ) -> None:
         if (index.embedder_name, index.dim) != (embedder.name, embedder.dim):
             raise RetrievalError(
                 f"the index is for embedder {index.embedder_name!r} (dim {index.dim}) but the router's embedder is "
                 f"{embedder.name!r} (dim {embedder.dim}). Fix: open the index with this embedder."
             )
+        if confidence is not None and confidence.embedder != embedder.name:
+            raise RetrievalError(
+                f"the confidence calibration is for embedder {confidence.embedder!r}, not {embedder.name!r}; "
+                "similarities of another embedder do not fit it. Fix: `loraretriever calibrate` again."
+            )
+        self.confidence = confidence
         self.embedder = embedder
         self.index = index
         self.store = store
@@ -140,7 +150,19 @@ class Router:
         index = _open_index(
             client, embedder, collection, where, rebuild=reindex, directory=path if host is None else None
         )
-        return cls(embedder, index, store, pool=pool, options=options)
+        confidence = None
+        if (pool_dir / CONFIDENCE_FILE).exists():
+            confidence = Confidence.load(pool_dir / CONFIDENCE_FILE)
+            if confidence.embedder != embedder.name:
+                logger.warning(
+                    "%s was calibrated for embedder %r, not %r: uncertain='soup'/'base' are off until "
+                    "`loraretriever calibrate` runs again",
+                    pool_dir / CONFIDENCE_FILE,
+                    confidence.embedder,
+                    embedder.name,
+                )
+                confidence = None
+        return cls(embedder, index, store, pool=pool, options=options, confidence=confidence)
 
     @classmethod
     def from_cards(
@@ -149,6 +171,7 @@ class Router:
         *,
         embedder: Embedder | str | Path | None = None,
         options: RouteOptions | None = None,
+        confidence: Confidence | None = None,
     ) -> Router:
         """A throwaway router over in-memory cards and an in-memory index (dropped by :meth:`close`)."""
         if not isinstance(embedder, Embedder):
@@ -157,7 +180,7 @@ class Router:
         store.put_all(list(cards))
         client = open_chroma_client(ephemeral=True)
         index = _open_index(client, embedder, throwaway_collection_name(), "throwaway in-memory index")
-        return cls(embedder, index, store, options=options, drop_index_on_close=True)
+        return cls(embedder, index, store, options=options, drop_index_on_close=True, confidence=confidence)
 
     def close(self) -> None:
         """Drops a throwaway index; a persistent one is kept."""
@@ -315,8 +338,9 @@ class Router:
             return []
         routable = self.routable()
         vectors = self.embedder.embed(prompts)
-        candidates = self._with_index(lambda: nearest(self.index, vectors, opts.k, chroma_where, excludes, routable))
-        return [make_routing(found, opts, bool(routable)) for found in candidates]
+        size = fetch_size(opts)
+        candidates = self._with_index(lambda: nearest(self.index, vectors, size, chroma_where, excludes, routable))
+        return [make_routing(found, opts, bool(routable), self.confidence) for found in candidates]
 
     def __repr__(self) -> str:
         return f"Router({self.embedder.name!r}, {self.index.where}, {len(self.store)} cards)"

@@ -1,0 +1,111 @@
+"""The confidence-aware router: a calibration fitted on real MiniLM similarities, and the blends
+it drives (toward a soup of the nearest adapters, or toward the base model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraretriever.cli import main
+from loraretriever.retrieval.cards import CardStore, RetrievalError
+from loraretriever.retrieval.confidence import CONFIDENCE_FILE, Confidence, calibrate, calibrate_router
+from loraretriever.retrieval.options import RouteOptions
+from loraretriever.retrieval.router import Router
+
+# Prompts of the toy cards' tasks that are none of the cards' own samples.
+KNOWN = [
+    ("sentiment", "Was this customer happy or unhappy? 'The soup was cold and the waiter was rude.'"),
+    ("sentiment", "Positive or negative review: 'I would happily watch this movie again tomorrow.'"),
+    ("translate_de", "Translate into German: I am reading a very long book."),
+    ("translate_de", "How do you say 'good morning, my friend' in German?"),
+    ("nli", "Premise: The cat sleeps on the sofa. Hypothesis: The cat is awake. Entailment or contradiction?"),
+    ("nli", "Sentence 1: A woman rides a bike. Sentence 2: A person is cycling. Entailment, neutral or contradiction?"),
+    ("closed_qa", "Answer the question: who painted the Mona Lisa?"),
+    ("closed_qa", "Question: what is the capital city of Australia? Answer:"),
+]
+QUERIES = [{"task": task, "inputs": text} for task, text in KNOWN]
+
+
+@pytest.fixture
+def router(toy_cards, minilm):
+    with Router.from_cards(toy_cards, embedder=minilm) as router:
+        yield router
+
+
+def test_calibration_tells_a_known_task_from_an_unknown_one(router):
+    confidence = calibrate_router(router, QUERIES)
+    assert confidence.embedder == router.embedder.name and confidence.fitted_on["profiles"] == 2 * len(KNOWN)
+    texts = [q["inputs"] for q in QUERIES]
+    known = router.route(texts, top_k=2)
+    unknown = router.route(texts, top_k=2, exclude=[[q["task"]] for q in QUERIES])  # own adapter gone
+    assert [r.adapters[0] for r in known] == [q["task"] for q in QUERIES]
+    sure = [confidence.probability(r.similarities) for r in known]
+    unsure = [confidence.probability(r.similarities) for r in unknown]
+    assert all(a > b for a, b in zip(sure, unsure, strict=True))  # each prompt: surer with its own adapter
+    assert sum(p > 0.5 for p in sure) + sum(p < 0.5 for p in unsure) >= 13  # of 16
+
+
+def test_soup_and_base_blends_follow_the_confidence(router):
+    router.confidence = calibrate_router(router, QUERIES)
+    prompt = KNOWN[0][1]
+    kept = router.route([prompt], top_k=1)[0]
+    profile = router.route([prompt], top_k=2)[0].similarities
+    sure = router.confidence.probability(profile)
+    assert 0 < sure < 1
+    soup = router.route([prompt], top_k=1, uncertain="soup", soup_k=4)[0]
+    expected = {name: (1 - sure) / 4 for name in soup.adapters}
+    expected[kept.adapters[0]] += sure
+    assert len(soup.adapters) == 4 and soup.adapters[0] == kept.adapters[0]
+    assert dict(zip(soup.adapters, soup.weights, strict=True)) == pytest.approx(expected)
+    assert sum(soup.weights) == pytest.approx(1.0) and f"confidence {sure:.2f}" in soup.fallback
+    base = router.route([prompt], top_k=1, uncertain="base")[0]
+    assert base.adapters == kept.adapters and base.weights == pytest.approx((sure,))
+    # a prompt of no card's task: flatter weights than a known one's
+    haiku = router.route(
+        ["Write a haiku about autumn leaves falling in the rain."], top_k=1, uncertain="soup", soup_k=4
+    )
+    assert max(haiku[0].weights) < max(soup.weights)
+
+
+def test_confidence_errors_name_the_fix(router, tmp_path, minilm, toy_cards):
+    with pytest.raises(RetrievalError, match="loraretriever calibrate"):
+        router.route([KNOWN[0][1]], uncertain="soup")
+    with pytest.raises(RetrievalError, match="pins them"):
+        RouteOptions(adapters=["sentiment"], uncertain="soup")
+    with pytest.raises(RetrievalError, match="gates them"):
+        RouteOptions(mode="flow", uncertain="base")
+    with pytest.raises(RetrievalError, match="soup_k=0"):
+        RouteOptions(soup_k=0)
+    with pytest.raises(RetrievalError, match="uncertain='maybe'"):
+        RouteOptions(uncertain="maybe")
+    with pytest.raises(ValueError, match="at least 2 prompts whose top-1 is right"):
+        calibrate([[0.9, 0.1], [0.5, 0.4]], [True, False], "e")
+    bad = tmp_path / CONFIDENCE_FILE
+    bad.write_text("{not json")
+    with pytest.raises(RetrievalError, match="is unreadable"):
+        Confidence.load(bad)
+    with pytest.raises(RetrievalError, match="for embedder 'other'"):
+        Router.from_cards(toy_cards, embedder=minilm, confidence=Confidence((1.0, 1.0), 0.0, "other"))
+
+
+def test_calibrate_command_writes_the_pools_confidence(tmp_path, toy_cards, capsys):
+    pool_dir = tmp_path / "pool"
+    CardStore(pool_dir / "cards").put_all(toy_cards)
+    queries = tmp_path / "queries.json"
+    queries.write_text(json.dumps(QUERIES))
+    assert main(["calibrate", "--pool", str(pool_dir), "--queries", str(queries), "--json"]) == 0
+    written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert written["fitted_on"]["profiles"] == 16 and (pool_dir / CONFIDENCE_FILE).exists()
+    reopened = Router.open(pool_dir)
+    assert reopened.confidence == Confidence.load(pool_dir / CONFIDENCE_FILE)
+    prompt = KNOWN[2][1]
+    assert (
+        main(
+            ["route", "--pool", str(pool_dir), prompt, "--top-k", "1", "--uncertain", "soup", "--soup-k", "3", "--json"]
+        )
+        == 0
+    )
+    routing = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert routing["adapters"][0] == "translate_de" and len(routing["adapters"]) == 3
+    assert main(["calibrate", "--pool", str(pool_dir), "--queries", str(tmp_path / "missing.json")]) == 2
