@@ -66,6 +66,9 @@ def test_every_method_in_domain_and_out_of_domain(tiny_lm, smol_tokenizer, minil
         assert set(row["by_domain"]) == {TOY_CARDS[t][0] for t in TASKS}
     assert [r["adapters"] for r in report["routings"]["oracle"]] == [[t] for t in TASKS]
     assert [r["adapters"][0] for r in report["routings"]["retriever_mixture_k3"]] == TASKS
+    assert report["methods"]["retriever_mixture_k3"]["routing_accuracy"] == {"top1": 1.0, "top3": 1.0}
+    assert "routing_accuracy" not in report["methods"]["adaptersoup"]  # pinned, not retrieved
+    assert "routing_accuracy" not in ood["methods"]["retriever_mixture_k3"]  # no own LoRA to find
     assert all(r["mode"] == "fusion" and len(r["adapters"]) == 4 for r in report["routings"]["adaptersoup"])
     for method in ("retriever_single", "retriever_mixture_k3", "retriever_fusion_ties_k3", "adaptersoup"):
         for task, routing in zip(TASKS, ood["routings"][method], strict=True):
@@ -80,8 +83,27 @@ def test_every_method_in_domain_and_out_of_domain(tiny_lm, smol_tokenizer, minil
         "routing_heatmap_ood.png",
         "scores.png",
         "scores_ood.png",
+        "tasks.png",
+        "tasks_ood.png",
     ]
-    assert "| retriever_mixture_k3 |" in (tmp_path / "report" / "results.md").read_text()
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "own LoRA in top-3 |" in table and "| retriever_mixture_k3 |" in table
+    assert table.splitlines()[[m for m in report["methods"]].index("adaptersoup") + 2].endswith("| - | - |")
+
+
+def test_routing_accuracy_ranks_by_weight():
+    from loraretriever.engine.routing import Routing
+    from loraretriever.evaluation.tasks import routing_accuracy
+
+    queries = [{"task": "a"}, {"task": "b"}, {"task": "c"}]
+    routings = [
+        Routing(("x", "a"), (0.4, 0.6)),  # own weighted first although listed second
+        Routing(("x", "y", "z", "b"), (0.4, 0.3, 0.2, 0.1)),  # own fourth
+        Routing(("x", "c", "y"), (0.5, 0.3, 0.2)),  # own second
+    ]
+    assert routing_accuracy(queries, routings) == {"top1": round(1 / 3, 4), "top3": round(2 / 3, 4)}
+    tied = [Routing(("a", "x"), (0.5, 0.5)), Routing(("x", "b"), (0.5, 0.5)), Routing(("c",), (1.0,))]
+    assert routing_accuracy(queries, tied)["top1"] == round(2 / 3, 4)  # a tie goes to the first listed
 
 
 def test_cli_prints_one_json_line(tiny_lm, smol_tokenizer, toy_pool_dir, queries, tmp_path, capsys, monkeypatch):

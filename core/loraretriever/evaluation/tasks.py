@@ -39,6 +39,7 @@ __all__ = [
     "evaluate_composites",
     "evaluate_own_tasks",
     "evaluate_tasks",
+    "routing_accuracy",
     "score",
     "select_queries",
 ]
@@ -112,6 +113,22 @@ def _routings(lm, method: str, queries: Sequence[dict], ood: bool, route_options
     return lm.route(texts, **{"top_k": 3, **route_options}, mode=_RETRIEVER_MODES[method], exclude=own)
 
 
+# the methods whose adapters come from retrieval (the others pin theirs, or pick them per token)
+ROUTED_METHODS = (*_RETRIEVER_MODES, *_FUSION_METHODS, "flow_k3")
+
+
+def routing_accuracy(queries: Sequence[dict], routings: Sequence[Routing], k: int = 3) -> dict[str, float]:
+    """The share of prompts whose own task's LoRA has the routing's largest weight (``top1``) and
+    is among its ``k`` largest (``top3``); ties are ranked in the routing's order (best first)."""
+    top1 = topk = 0
+    for query, routing in zip(queries, routings, strict=True):
+        # by weight; equal weights (uniform weighting) keep the routing's order, best first
+        ranked = [name for name, _ in sorted(zip(routing.adapters, routing.weights, strict=True), key=lambda p: -p[1])]
+        top1 += ranked[:1] == [query["task"]]
+        topk += query["task"] in ranked[:k]
+    return {"top1": round(top1 / len(queries), 4), f"top{k}": round(topk / len(queries), 4)}
+
+
 def available_methods(lm) -> list[str]:
     """Every method ``lm`` can run: the gated ones only when its pool has a gate of that kind."""
     kinds = {gate.kind for gate in lm.gates.values()}
@@ -178,6 +195,8 @@ def evaluate_tasks(
             "by_domain": {d: round(sum(v) / len(v), 4) for d, v in sorted(by_domain.items())},
             "by_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
         }
+        if method in ROUTED_METHODS and not ood:
+            report["methods"][method]["routing_accuracy"] = routing_accuracy(queries, routings)
         report["routings"][method] = [r.to_dict() for r in routings]
         log(f"{method}{' (OOD)' if ood else ''}: {report['methods'][method]['average']:.4f}")
     return report
@@ -268,7 +287,9 @@ def evaluate_composite(
 
 
 def write_report(report: dict[str, Any], queries: Sequence[dict], out_dir: Path) -> None:
-    """A Markdown table and two PNG plots (scores per method and domain; routing weights heatmap)."""
+    """A Markdown table (scores per domain, and for retrieved routings the share of prompts whose own
+    LoRA is weighted first / in the top 3) and three PNG plots: scores per method and domain, per
+    task (base, oracle, retriever mixture, soup), and the routing weights heatmap."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,10 +299,13 @@ def write_report(report: dict[str, Any], queries: Sequence[dict], out_dir: Path)
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = list(report["methods"])
     domains = sorted({d for m in methods for d in report["methods"][m]["by_domain"]})
-    lines = ["| method | average | " + " | ".join(domains) + " |", "|---" * (len(domains) + 2) + "|"]
+    head = ["method", "average", *domains, "own LoRA top-1", "own LoRA in top-3"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for method in methods:
         row = report["methods"][method]
         cells = [f"{row['by_domain'].get(d, float('nan')):.3f}" for d in domains]
+        accuracy = row.get("routing_accuracy")
+        cells += [f"{accuracy['top1']:.3f}", f"{accuracy['top3']:.3f}"] if accuracy else ["-", "-"]
         lines.append(f"| {method} | {row['average']:.3f} | " + " | ".join(cells) + " |")
     suffix = "_ood" if report["ood"] else ""
     (out_dir / f"results{suffix}.md").write_text("\n".join(lines) + "\n")
@@ -297,6 +321,21 @@ def write_report(report: dict[str, Any], queries: Sequence[dict], out_dir: Path)
     figure.tight_layout()
     figure.savefig(out_dir / f"scores{suffix}.png", dpi=120)
     plt.close(figure)
+
+    shown = [m for m in ("base", "oracle", "retriever_mixture_k3", "adaptersoup") if m in methods]
+    tasks = sorted({t for m in shown for t in report["methods"][m]["by_task"]})
+    if shown and tasks:  # per task: what routing earns against the base model, the oracle and a soup
+        figure, axis = plt.subplots(figsize=(max(8, 0.45 * len(tasks) * len(shown) / 2), 4.5))
+        width = 0.8 / len(shown)
+        for i, method in enumerate(shown):
+            values = [report["methods"][method]["by_task"].get(t, 0.0) for t in tasks]
+            axis.bar(np.arange(len(tasks)) + i * width, values, width, label=method)
+        axis.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=60, ha="right", fontsize=7)
+        axis.set_ylabel("score")
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out_dir / f"tasks{suffix}.png", dpi=120)
+        plt.close(figure)
 
     if "retriever_mixture_k3" in report["routings"]:
         routings = report["routings"]["retriever_mixture_k3"][:48]
