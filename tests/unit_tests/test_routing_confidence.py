@@ -46,26 +46,22 @@ def test_calibration_tells_a_known_task_from_an_unknown_one(router):
     assert sum(p > 0.5 for p in sure) + sum(p < 0.5 for p in unsure) >= 13  # of 16
 
 
-def test_soup_and_base_blends_follow_the_confidence(router):
+def test_an_unsure_prompt_gets_the_soup_or_the_base_model(router):
     router.confidence = calibrate_router(router, QUERIES)
-    prompt = KNOWN[0][1]
-    kept = router.route([prompt], top_k=1)[0]
-    profile = router.route([prompt], top_k=2)[0].similarities
-    sure = router.confidence.probability(profile)
-    assert 0 < sure < 1
-    soup = router.route([prompt], top_k=1, uncertain="soup", soup_k=4)[0]
-    expected = {name: (1 - sure) / 4 for name in soup.adapters}
-    expected[kept.adapters[0]] += sure
-    assert len(soup.adapters) == 4 and soup.adapters[0] == kept.adapters[0]
-    assert dict(zip(soup.adapters, soup.weights, strict=True)) == pytest.approx(expected)
-    assert sum(soup.weights) == pytest.approx(1.0) and f"confidence {sure:.2f}" in soup.fallback
-    base = router.route([prompt], top_k=1, uncertain="base")[0]
-    assert base.adapters == kept.adapters and base.weights == pytest.approx((sure,))
-    # a prompt of no card's task: flatter weights than a known one's
-    haiku = router.route(
-        ["Write a haiku about autumn leaves falling in the rain."], top_k=1, uncertain="soup", soup_k=4
+    known, unknown = KNOWN[2][1], "Write a haiku about autumn leaves falling in the rain."
+    profiles = router.route([known, unknown], top_k=2)
+    assert (
+        router.confidence.probability(profiles[0].similarities)
+        > 0.5
+        > router.confidence.probability(profiles[1].similarities)
     )
-    assert max(haiku[0].weights) < max(soup.weights)
+    kept, soup = router.route([known, unknown], top_k=1, uncertain="soup", soup_k=3)
+    assert kept == router.route([known], top_k=1)[0]  # a confident prompt keeps its routing
+    assert soup.mode == "fusion" and soup.adapters == profiles[1].adapters + soup.adapters[2:]
+    assert len(soup.adapters) == 3 and soup.weights == pytest.approx((1 / 3,) * 3)
+    assert soup.fallback.startswith(f"unsure of {profiles[1].adapters[0]} (confidence 0.")
+    kept, base = router.route([known, unknown], top_k=1, uncertain="base")
+    assert kept.adapters == ("translate_de",) and base.adapters == () and "unsure of" in base.fallback
 
 
 def test_confidence_errors_name_the_fix(router, tmp_path, minilm, toy_cards):

@@ -52,12 +52,32 @@ def make_routing(
     found: list[tuple[str, float]], opts: RouteOptions, any_routable: bool, confidence: Confidence | None = None
 ) -> Routing:
     """The routing of one prompt from its nearest adapters (best first, ``fetch_size(opts)`` of them):
-    the top ``k`` weighted by ``opts.weighting``, then, with ``opts.uncertain``, blended by the
-    router's ``confidence`` toward a soup of the nearest or toward the base model."""
+    the top ``k`` weighted by ``opts.weighting``; with ``opts.uncertain``, a prompt whose top-1 the
+    router's ``confidence`` judges more likely wrong than right gets a soup of the ``soup_k``
+    nearest (a uniform fusion, AdapterSoup's weight average) or the base model instead."""
     nearby, found = found, found[: opts.k]
     if not found:
         reason = "no routable adapter matched" if any_routable else "no routable adapters (no cards, or empty pool)"
         return Routing.base(reason)
+    if opts.uncertain != "keep":
+        if confidence is None:
+            raise RetrievalError(
+                f"uncertain={opts.uncertain!r} needs the pool's confidence calibration, which this router has not. "
+                "Fix: `loraretriever calibrate --pool DIR --queries SPLITS`, or drop uncertain."
+            )
+        sure = confidence.probability([sim for _, sim in nearby])
+        if sure < 0.5:  # the calibrated decision: the nearest adapter is more likely not the prompt's
+            why = f"unsure of {nearby[0][0]} (confidence {sure:.2f})"
+            if opts.uncertain == "base":
+                return Routing.base(why)
+            soup = nearby[: opts.soup_k]
+            return Routing(
+                tuple(name for name, _ in soup),
+                (1.0 / len(soup),) * len(soup),
+                similarities=tuple(sim for _, sim in soup),
+                mode="fusion",
+                fallback=f"{why}: a soup of the {len(soup)} nearest",
+            )
     kept = found if opts.min_similarity is None else [(n, s) for n, s in found if s >= opts.min_similarity]
     if not kept:
         best_name, best_sim = found[0]
@@ -69,32 +89,10 @@ def make_routing(
     else:
         logits = (sims - sims.max()) / opts.routing_temperature
         weights = np.exp(logits) / np.exp(logits).sum()
-    fallback = None
-    if opts.uncertain != "keep":
-        if confidence is None:
-            raise RetrievalError(
-                f"uncertain={opts.uncertain!r} needs the pool's confidence calibration, which this router has not. "
-                "Fix: `loraretriever calibrate --pool DIR --queries SPLITS`, or drop uncertain."
-            )
-        sure = confidence.probability([sim for _, sim in nearby])
-        if opts.uncertain == "base":
-            weights = weights * sure
-            fallback = f"confidence {sure:.2f}: the rest is the base model"
-        else:  # every adapter of the soup gets (1 - sure) / soup_k on top of its sure share
-            soup = nearby[: opts.soup_k]
-            blended = {name: sure * w for name, w in zip(names, weights.tolist(), strict=True)}
-            for name, _ in soup:
-                blended[name] = blended.get(name, 0.0) + (1 - sure) / len(soup)
-            similarity = dict(soup) | dict(zip(names, sims.tolist(), strict=True))
-            names = tuple(blended)
-            weights = np.array(list(blended.values()))
-            sims = np.array([similarity[name] for name in names])
-            fallback = f"confidence {sure:.2f}: {1 - sure:.0%} of the weight on a soup of the {len(soup)} nearest"
     return Routing(
         names,
         tuple(weights.tolist()),
         similarities=tuple(sims.tolist()),
-        fallback=fallback,
         mode=opts.mode,
         fusion=opts.fusion,
         density=opts.density,

@@ -11,9 +11,12 @@ median), an unknown one a flat profile (0.02).
 features of the profile, the top-1 similarity and its lead over the second, fitted by
 :func:`calibrate` on prompts whose task is known: each prompt is routed twice, with its own adapter
 among the candidates and with it left out (so the model sees both in-domain and out-of-domain
-profiles). The router then blends (``RouteOptions.uncertain``) ``p * top_k weights + (1 - p) *``
-a uniform soup of the ``soup_k`` nearest, or scales the weights by ``p`` toward the base model.
-A pool keeps its calibration in ``POOL_DIR/confidence.json`` (``loraretriever calibrate``).
+profiles). With ``RouteOptions.uncertain``, a prompt whose ``p`` is below one half (its top-1 more
+likely wrong than right) gets a uniform soup of the ``soup_k`` nearest adapters, or the base
+model, instead of its top-k. (A soft blend, ``p * top-k + (1 - p) * soup``, was tried first on the
+train split and lost to this switch both in domain and out of it: a confident prompt's own LoRA
+scaled by 0.9 already loses points.) A pool keeps its calibration in ``POOL_DIR/confidence.json``
+(``loraretriever calibrate``).
 """
 
 from __future__ import annotations

@@ -92,9 +92,9 @@ class RouteOptions:
     uncertain: Uncertain = field(
         default="keep",
         metadata={
-            "help": "When retrieval is unsure (the pool's calibrated confidence p that the top-1 is right): keep "
-            "the top_k weights, blend p * them + (1 - p) * a uniform soup of the soup_k nearest, or scale "
-            "them by p toward the base model."
+            "help": "When the pool's calibrated confidence that the nearest adapter is the prompt's own is below "
+            "one half: keep the top_k routing anyway, use a soup of the soup_k nearest (a uniform fusion) or the "
+            "base model."
         },
     )
     soup_k: int = field(default=10, metadata={"help": "The nearest adapters in the soup of uncertain='soup'."})
