@@ -95,13 +95,9 @@ def test_calibrate_command_writes_the_pools_confidence(tmp_path, toy_cards, caps
     assert written["fitted_on"]["profiles"] == 16 and (pool_dir / CONFIDENCE_FILE).exists()
     reopened = Router.open(pool_dir)
     assert reopened.confidence == Confidence.load(pool_dir / CONFIDENCE_FILE)
-    prompt = KNOWN[2][1]
-    assert (
-        main(
-            ["route", "--pool", str(pool_dir), prompt, "--top-k", "1", "--uncertain", "soup", "--soup-k", "3", "--json"]
-        )
-        == 0
-    )
-    routing = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
-    assert routing["adapters"][0] == "translate_de" and len(routing["adapters"]) == 3
+    prompts = [KNOWN[2][1], "Write a haiku about autumn leaves falling in the rain."]
+    flags = ["--top-k", "1", "--uncertain", "soup", "--soup-k", "3", "--json"]
+    assert main(["route", "--pool", str(pool_dir), *prompts, *flags]) == 0
+    known, unknown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert known["adapters"] == ["translate_de"] and len(unknown["adapters"]) == 3 and unknown["mode"] == "fusion"
     assert main(["calibrate", "--pool", str(pool_dir), "--queries", str(tmp_path / "missing.json")]) == 2
