@@ -3,7 +3,7 @@
 # (5 prompts per task), in domain and out of domain, never on test prompts. The calibration
 # (pools/bigbench/confidence.json) is itself fitted on the train split:
 #   loraretriever calibrate --pool pools/bigbench --queries data/bigbench --split train --json
-# Usage: tune_uncertain.sh [CONFIG...] (default: all of keep soup10 soup28 base reference)
+# Usage: tune_uncertain.sh [CONFIG...] (default: all of keep soup10 soup28 soup28domain base reference)
 set -euo pipefail
 W="--weighting softmax --routing-temperature 0.02"
 eval_train() {  # output file, flags
@@ -17,6 +17,7 @@ run() {  # config
     keep) flags=() ;;
     soup10) flags=(--uncertain soup --soup-k 10) ;;
     soup28) flags=(--uncertain soup --soup-k 28) ;;
+    soup28domain) flags=(--uncertain soup --soup-k 28 --soup-of domain) ;;
     base) flags=(--uncertain base) ;;
     reference) eval_train uncertain_reference_ood --ood --methods adaptersoup base; return ;;
     *) echo "unknown config $1" >&2; exit 2 ;;
@@ -24,6 +25,6 @@ run() {  # config
   eval_train "uncertain_$1" ${flags[@]+"${flags[@]}"} $methods
   eval_train "uncertain_$1_ood" --ood ${flags[@]+"${flags[@]}"} $methods
 }
-for config in "${@:-keep soup10 soup28 base reference}"; do
+for config in "${@:-keep soup10 soup28 soup28domain base reference}"; do
   for c in $config; do run "$c"; done
 done

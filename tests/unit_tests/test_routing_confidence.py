@@ -101,3 +101,21 @@ def test_calibrate_command_writes_the_pools_confidence(tmp_path, toy_cards, caps
     known, unknown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert known["adapters"] == ["translate_de"] and len(unknown["adapters"]) == 3 and unknown["mode"] == "fusion"
     assert main(["calibrate", "--pool", str(pool_dir), "--queries", str(tmp_path / "missing.json")]) == 2
+
+
+def test_a_domain_soup_takes_the_family_of_the_nearest(toy_cards, minilm):
+    from loraretriever.retrieval.cards import AdapterCard
+
+    reviews = [
+        AdapterCard("imdb", ["Movie review: a tender, funny film. Positive or negative?"], domain="sentiment"),
+        AdapterCard("yelp", ["Restaurant review: cold food, slow service. Positive or negative?"], domain="sentiment"),
+    ]
+    never_sure = Confidence((0.0, 0.0), -5.0, minilm.name)  # every prompt unsure: always the soup
+    with Router.from_cards([*toy_cards, *reviews], embedder=minilm, confidence=never_sure) as router:
+        prompt = "Review: the hotel room was spotless and the staff lovely. Positive or negative?"
+        nearest = router.route([prompt], top_k=6)[0].adapters
+        by_domain = router.route([prompt], uncertain="soup", soup_k=6, soup_of="domain")[0]
+        by_rank = router.route([prompt], uncertain="soup", soup_k=6)[0]
+    assert set(nearest[:3]) >= {"imdb", "yelp"}  # two of the three nearest are sentiment cards
+    assert set(by_domain.adapters) == {"sentiment", "imdb", "yelp"} and by_domain.mode == "fusion"
+    assert by_rank.adapters == nearest  # soup_of="nearest": the soup_k nearest, whatever their family

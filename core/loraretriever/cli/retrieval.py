@@ -26,6 +26,7 @@ RETRIEVAL_OPTIONS = (
     "min_similarity",
     "uncertain",
     "soup_k",
+    "soup_of",
 )
 
 __all__ = ["register"]

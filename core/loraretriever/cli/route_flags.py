@@ -10,7 +10,7 @@ from typing import Any
 
 from loraretriever.engine.routing import FUSIONS, MODES
 from loraretriever.retrieval.cards import RetrievalError
-from loraretriever.retrieval.options import ROUTE_OPTIONS, UNCERTAIN, WEIGHTINGS, RouteOptions
+from loraretriever.retrieval.options import ROUTE_OPTIONS, SOUP_OF, UNCERTAIN, WEIGHTINGS, RouteOptions
 
 __all__ = ["add_route_arguments", "route_options_from"]
 
@@ -29,6 +29,7 @@ _HOW: dict[str, dict[str, Any]] = {
     "density": {"type": float},
     "uncertain": {"choices": UNCERTAIN},
     "soup_k": {"type": int},
+    "soup_of": {"choices": SOUP_OF},
 }
 
 

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "of <task>.json splits (e.g. data/bigbench), whose --split is used.",
     )
     parser.add_argument("--split", default="test", help="The split to read when --queries is a directory.")
-    add_route_arguments(parser, ("weighting", "routing_temperature", "density", "uncertain", "soup_k"))
+    add_route_arguments(parser, ("weighting", "routing_temperature", "density", "uncertain", "soup_k", "soup_of"))
     parser.add_argument(
         "--methods", nargs="*", default=None, choices=METHODS, help="Default: every method the pool supports."
     )

@@ -103,7 +103,7 @@ def _routings(lm, method: str, queries: Sequence[dict], ood: bool, route_options
     texts = [q["inputs"] for q in queries]
     if method == "flow_k3":  # the retrieval weights are the gate's prior: same options as the mixture,
         # but its gate weighs its own slots (no confidence blend)
-        options = {k: v for k, v in route_options.items() if k not in ("uncertain", "soup_k")}
+        options = {k: v for k, v in route_options.items() if k not in ("uncertain", "soup_k", "soup_of")}
         return lm.route(texts, **{**options, "top_k": 3}, mode="flow", exclude=own)
     if method == "meteora_top2":
         return lm.route(texts, mode="meteora")

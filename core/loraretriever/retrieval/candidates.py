@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -45,16 +47,36 @@ def fetch_size(opts: RouteOptions) -> int:
     confidence's lead of the top-1 over the second."""
     if opts.uncertain == "keep":
         return opts.k
-    return max(opts.k, 2, opts.soup_k if opts.uncertain == "soup" else 0)
+    soup = 0 if opts.uncertain != "soup" else opts.soup_k * (10 if opts.soup_of == "domain" else 1)
+    return max(opts.k, 2, soup)
+
+
+def _soup(nearby: list[tuple[str, float]], opts: RouteOptions, domains: Mapping[str, str | None]) -> list:
+    """The soup's adapters: the ``soup_k`` nearest, or with ``soup_of='domain'`` the ``soup_k``
+    nearest of the domain most common among the 3 nearest (ties: the nearer; no domains: nearest),
+    looked for among the ``10 * soup_k`` nearest (see :func:`fetch_size`)."""
+    if opts.soup_of == "domain":
+        votes = Counter(domains.get(name) for name, _ in nearby[:3])
+        votes.pop(None, None)
+        if votes:
+            top = max(votes.values())
+            family = next(domains[n] for n, _ in nearby[:3] if votes.get(domains.get(n)) == top)
+            return [(n, s) for n, s in nearby if domains.get(n) == family][: opts.soup_k]
+    return nearby[: opts.soup_k]
 
 
 def make_routing(
-    found: list[tuple[str, float]], opts: RouteOptions, any_routable: bool, confidence: Confidence | None = None
+    found: list[tuple[str, float]],
+    opts: RouteOptions,
+    any_routable: bool,
+    confidence: Confidence | None = None,
+    domains: Mapping[str, str | None] | None = None,
 ) -> Routing:
     """The routing of one prompt from its nearest adapters (best first, ``fetch_size(opts)`` of them):
     the top ``k`` weighted by ``opts.weighting``; with ``opts.uncertain``, a prompt whose top-1 the
-    router's ``confidence`` judges more likely wrong than right gets a soup of the ``soup_k``
-    nearest (a uniform fusion, AdapterSoup's weight average) or the base model instead."""
+    router's ``confidence`` judges more likely wrong than right gets a soup (a uniform fusion,
+    AdapterSoup's weight average) or the base model instead. ``domains`` (adapter -> card domain)
+    serve ``soup_of='domain'``."""
     nearby, found = found, found[: opts.k]
     if not found:
         reason = "no routable adapter matched" if any_routable else "no routable adapters (no cards, or empty pool)"
@@ -70,7 +92,7 @@ def make_routing(
             why = f"unsure of {nearby[0][0]} (confidence {sure:.2f})"
             if opts.uncertain == "base":
                 return Routing.base(why)
-            soup = nearby[: opts.soup_k]
+            soup = _soup(nearby, opts, domains or {})
             return Routing(
                 tuple(name for name, _ in soup),
                 (1.0 / len(soup),) * len(soup),

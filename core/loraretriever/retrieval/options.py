@@ -16,12 +16,24 @@ from typing import Any, Literal
 from loraretriever.engine.routing import FUSIONS, GATED_MODES, MODES, Fusion, Mode
 from loraretriever.retrieval.cards import RetrievalError
 
-__all__ = ["DEFAULT_TOP_K", "ROUTE_OPTIONS", "UNCERTAIN", "WEIGHTINGS", "RouteOptions", "Uncertain", "Weighting"]
+__all__ = [
+    "DEFAULT_TOP_K",
+    "ROUTE_OPTIONS",
+    "SOUP_OF",
+    "UNCERTAIN",
+    "WEIGHTINGS",
+    "RouteOptions",
+    "SoupOf",
+    "Uncertain",
+    "Weighting",
+]
 
 Weighting = Literal["uniform", "softmax"]
 WEIGHTINGS: tuple[str, ...] = ("uniform", "softmax")
 Uncertain = Literal["keep", "soup", "base"]
 UNCERTAIN: tuple[str, ...] = ("keep", "soup", "base")
+SoupOf = Literal["nearest", "domain"]
+SOUP_OF: tuple[str, ...] = ("nearest", "domain")
 DEFAULT_TOP_K = 3  # the paper's k
 
 # The options that choose WHICH adapters serve a prompt; each mode honours them or refuses them.
@@ -98,6 +110,13 @@ class RouteOptions:
         },
     )
     soup_k: int = field(default=10, metadata={"help": "The nearest adapters in the soup of uncertain='soup'."})
+    soup_of: SoupOf = field(
+        default="nearest",
+        metadata={
+            "help": "The soup's adapters: the soup_k nearest, or the soup_k nearest of the task family (card "
+            "domain) most common among the 3 nearest (a prompt of an unknown task still has a known answer format)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -136,6 +155,8 @@ class RouteOptions:
             raise RetrievalError(f"uncertain={self.uncertain!r} is not one of {UNCERTAIN}.")
         if isinstance(self.soup_k, bool) or not isinstance(self.soup_k, int) or self.soup_k < 1:
             raise RetrievalError(f"soup_k={self.soup_k!r} must be a positive integer (e.g. 10).")
+        if self.soup_of not in SOUP_OF:
+            raise RetrievalError(f"soup_of={self.soup_of!r} is not one of {SOUP_OF}.")
         if self.uncertain != "keep" and (self.adapters is not None or self.mode in GATED_MODES):
             why = (
                 f"adapters={self.adapters!r} pins them"

@@ -340,7 +340,10 @@ class Router:
         vectors = self.embedder.embed(prompts)
         size = fetch_size(opts)
         candidates = self._with_index(lambda: nearest(self.index, vectors, size, chroma_where, excludes, routable))
-        return [make_routing(found, opts, bool(routable), self.confidence) for found in candidates]
+        domains = None
+        if opts.uncertain == "soup" and opts.soup_of == "domain":
+            domains = {name: self.store.get(name).domain for found in candidates for name, _ in found}
+        return [make_routing(found, opts, bool(routable), self.confidence, domains) for found in candidates]
 
     def __repr__(self) -> str:
         return f"Router({self.embedder.name!r}, {self.index.where}, {len(self.store)} cards)"
