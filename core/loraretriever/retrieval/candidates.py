@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,13 +54,10 @@ def _soup(nearby: list[tuple[str, float]], opts: RouteOptions, domains: Mapping[
     """The soup's adapters: the ``soup_k`` nearest, or with ``soup_of='domain'`` the ``soup_k``
     nearest of the domain most common among the 3 nearest (ties: the nearer; no domains: nearest),
     looked for among the ``10 * soup_k`` nearest (see :func:`fetch_size`)."""
-    if opts.soup_of == "domain":
-        votes = Counter(domains.get(name) for name, _ in nearby[:3])
-        votes.pop(None, None)
-        if votes:
-            top = max(votes.values())
-            family = next(domains[n] for n, _ in nearby[:3] if votes.get(domains.get(n)) == top)
-            return [(n, s) for n, s in nearby if domains.get(n) == family][: opts.soup_k]
+    voters = [domains[n] for n, _ in nearby[:3] if domains.get(n) is not None]
+    if opts.soup_of == "domain" and voters:
+        family = max(voters, key=voters.count)  # max keeps the first (nearest) of tied families
+        return [(n, s) for n, s in nearby if domains.get(n) == family][: opts.soup_k]
     return nearby[: opts.soup_k]
 
 

@@ -151,7 +151,7 @@ def calibrate_router(router: Any, queries: Sequence[dict], *, regularisation: fl
     profiles: list[Sequence[float]] = []
     right: list[bool] = []
     for exclude in (None, [[task] for task in own]):
-        routings = router.route(texts, top_k=2, uncertain="keep", min_similarity=None, exclude=exclude)
+        routings = router.route(texts, top_k=2, uncertain="keep", exclude=exclude)
         for routing, task in zip(routings, own, strict=True):
             if routing.similarities:
                 profiles.append(routing.similarities)

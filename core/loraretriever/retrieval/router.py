@@ -342,7 +342,8 @@ class Router:
         candidates = self._with_index(lambda: nearest(self.index, vectors, size, chroma_where, excludes, routable))
         domains = None
         if opts.uncertain == "soup" and opts.soup_of == "domain":
-            domains = {name: self.store.get(name).domain for found in candidates for name, _ in found}
+            names = {name for found in candidates for name, _ in found}  # each card read once per call
+            domains = {name: self.store.get(name).domain for name in names}
         return [make_routing(found, opts, bool(routable), self.confidence, domains) for found in candidates]
 
     def __repr__(self) -> str:
