@@ -85,7 +85,7 @@ def test_confidence_errors_name_the_fix(router, tmp_path, minilm, toy_cards):
         Router.from_cards(toy_cards, embedder=minilm, confidence=Confidence((1.0, 1.0), 0.0, "other"))
 
 
-def test_calibrate_command_writes_the_pools_confidence(tmp_path, toy_cards, capsys):
+def test_calibrate_command_writes_the_pools_confidence(tmp_path, toy_cards, capsys, caplog):
     pool_dir = tmp_path / "pool"
     CardStore(pool_dir / "cards").put_all(toy_cards)
     queries = tmp_path / "queries.json"
@@ -101,6 +101,13 @@ def test_calibrate_command_writes_the_pools_confidence(tmp_path, toy_cards, caps
     known, unknown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert known["adapters"] == ["translate_de"] and len(unknown["adapters"]) == 3 and unknown["mode"] == "fusion"
     assert main(["calibrate", "--pool", str(pool_dir), "--queries", str(tmp_path / "missing.json")]) == 2
+    (pool_dir / CONFIDENCE_FILE).write_text("{half a fi")  # a corrupt calibration: the pool still opens
+    with caplog.at_level("WARNING", logger="loraretriever.retrieval.router"):
+        uncalibrated = Router.open(pool_dir)
+    assert uncalibrated.confidence is None and "is unreadable" in caplog.text
+    assert uncalibrated.route([prompts[0]], top_k=1)[0].adapters == ("translate_de",)
+    with pytest.raises(RetrievalError, match="loraretriever calibrate"):
+        uncalibrated.route([prompts[0]], uncertain="soup")
 
 
 def test_a_domain_soup_takes_the_family_of_the_nearest(toy_cards, minilm):

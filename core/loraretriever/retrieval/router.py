@@ -150,19 +150,7 @@ class Router:
         index = _open_index(
             client, embedder, collection, where, rebuild=reindex, directory=path if host is None else None
         )
-        confidence = None
-        if (pool_dir / CONFIDENCE_FILE).exists():
-            confidence = Confidence.load(pool_dir / CONFIDENCE_FILE)
-            if confidence.embedder != embedder.name:
-                logger.warning(
-                    "%s was calibrated for embedder %r, not %r: uncertain='soup'/'base' are off until "
-                    "`loraretriever calibrate` runs again",
-                    pool_dir / CONFIDENCE_FILE,
-                    confidence.embedder,
-                    embedder.name,
-                )
-                confidence = None
-        return cls(embedder, index, store, pool=pool, options=options, confidence=confidence)
+        return cls(embedder, index, store, pool=pool, options=options, confidence=_pool_confidence(pool_dir, embedder))
 
     @classmethod
     def from_cards(
@@ -373,6 +361,30 @@ def _open_index(
         where=where,
         directory=directory,
     )
+
+
+def _pool_confidence(pool_dir: Path, embedder: Embedder) -> Confidence | None:
+    """The pool's calibration, if it has one that fits ``embedder``. A corrupt file or one fitted for
+    another embedder leaves routing uncalibrated (a warning; ``uncertain`` then names the fix) rather
+    than the pool unopenable."""
+    path = pool_dir / CONFIDENCE_FILE
+    if not path.exists():
+        return None
+    try:
+        confidence = Confidence.load(path)
+    except RetrievalError as err:
+        logger.warning("%s; uncertain='soup'/'base' are off until it is rewritten", err)
+        return None
+    if confidence.embedder != embedder.name:
+        logger.warning(
+            "%s was calibrated for embedder %r, not %r: uncertain='soup'/'base' are off until "
+            "`loraretriever calibrate` runs again",
+            path,
+            confidence.embedder,
+            embedder.name,
+        )
+        return None
+    return confidence
 
 
 def _retrieval_options(options: RouteOptions) -> RouteOptions:
