@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from loraretriever.cli import main
 from loraretriever.evaluation.tasks import available_methods, evaluate_tasks, score, write_report
+from loraretriever.retrieval.embedder import default_embedder_path
 from loraretriever.serving.routed_lm import RoutedLM
 from tests.conftest import TOY_CARDS
 
@@ -135,3 +137,19 @@ def test_cli_prints_one_json_line(tiny_lm, smol_tokenizer, toy_pool_dir, queries
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 4 and set(result["methods"]) == {"base", "oracle"}
+
+    # --embedder: the router embeds with it, so the pool's index must be built with it
+    other = tmp_path / "other_embedder"
+    shutil.copytree(default_embedder_path(), other)  # the same weights under another name
+    pool = tmp_path / "pool_for_other_embedder"
+    shutil.copytree(toy_pool_dir, pool, ignore=shutil.ignore_patterns("index"))
+    routed = ["eval-tasks", "--pool", str(pool), "--queries", str(queries_file), "--model", str(model_dir)]
+    routed += ["--methods", "retriever_mixture_k3", "--only-pool-tasks", "--limit", "1", "--max-new-tokens", "3"]
+    assert main(["reindex", "--pool", str(pool)]) == 0
+    capsys.readouterr()
+    assert main([*routed, "--embedder", str(other)]) == 2
+    assert "was built with embedder 'all-MiniLM-L6-v2@" in capsys.readouterr().err
+    assert main(["reindex", "--pool", str(pool), "--embedder", str(other)]) == 0
+    assert main([*routed, "--embedder", str(other), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["methods"]["retriever_mixture_k3"]["routing_accuracy"]["top1"] == 1.0

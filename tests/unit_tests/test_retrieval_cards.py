@@ -103,6 +103,13 @@ def test_paper_files(tmp_path):
     path.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(RetrievalError, match="JSON list"):
         load_paper_cards(path)
+    pool = tmp_path / "pool"
+    CardStore(pool / "cards").put_all([AdapterCard("b", ["y"]), AdapterCard("a", ["x", "z"])])
+    for source in (pool, pool / "cards"):  # a pool or its card directory
+        assert [(card.name, card.samples) for card in load_paper_cards(source)] == [("a", ("x", "z")), ("b", ("y",))]
+    (pool / "empty").mkdir()
+    with pytest.raises(RetrievalError, match="holds no cards"):
+        load_paper_cards(pool / "empty")
     with pytest.raises(RetrievalError, match="does not exist"):
         load_queries(tmp_path / "nope.json")
     path.write_text(json.dumps([{"inputs": "x"}]))

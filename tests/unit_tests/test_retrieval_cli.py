@@ -119,6 +119,26 @@ def test_train_retriever_command_and_embedder_from_it(paper_files, tmp_path, cap
     assert last_json(capsys)["embedder"] == embedder.name
 
 
+def test_train_retriever_on_a_pools_cards_and_a_splits_directory(tmp_path, capsys, toy_cards):
+    """The demo pool's recipe: its own cards, and one half of each task's train split."""
+    pool = tmp_path / "pool"
+    CardStore(pool / "cards").put_all(toy_cards)
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for task in {t for t, _, _ in QUERIES}:
+        train = [{"inputs": q, "targets": "-"} for t, _, q in QUERIES if t == task]
+        (splits / f"{task}.json").write_text(json.dumps({"task": task, "kind": task, "train": train, "test": []}))
+    out = tmp_path / "retriever"
+    args = ["train-retriever", "--cards", str(pool), "--queries", str(splits), "--query-split", "even"]
+    args += ["--max-steps", "1", "--no-progress", "--json"]
+    assert main([*args, "--split", "train", "--out", str(out)]) == 0
+    summary = last_json(capsys)
+    assert summary["train_tasks"] == sorted(card.name for card in toy_cards) and summary["cards_file"] == str(pool)
+    assert summary["queries_used"] == 4  # the even half: the first query of each of the 4 tasks
+    assert main([*args, "--split", "validation", "--out", str(tmp_path / "other")]) == 2
+    assert "has no split 'validation'" in capsys.readouterr().err
+
+
 def test_reindex_and_route_commands(tmp_path, minilm, toy_cards, capsys):
     pool_dir = tmp_path / "pool"
     CardStore(pool_dir / "cards").put_all(toy_cards)  # cards written by another process, never indexed

@@ -100,6 +100,9 @@ def test_calibrate_command_writes_the_pools_confidence(tmp_path, toy_cards, caps
     assert main(["route", "--pool", str(pool_dir), *prompts, *flags]) == 0
     known, unknown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert known["adapters"] == ["translate_de"] and len(unknown["adapters"]) == 3 and unknown["mode"] == "fusion"
+    odd = ["calibrate", "--pool", str(pool_dir), "--queries", str(queries), "--query-split", "odd", "--json"]
+    assert main(odd) == 0  # the half a fine-tuned embedder was not trained on: one prompt per task
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fitted_on"]["profiles"] == 8
     assert main(["calibrate", "--pool", str(pool_dir), "--queries", str(tmp_path / "missing.json")]) == 2
     (pool_dir / CONFIDENCE_FILE).write_text("{half a fi")  # a corrupt calibration: the pool still opens
     with caplog.at_level("WARNING", logger="loraretriever.retrieval.router"):

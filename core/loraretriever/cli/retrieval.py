@@ -60,7 +60,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         description="Routes every query over the cards in a throwaway in-memory index (a user's pool is never "
         "touched) and scores whether its own task's LoRA is retrieved.",
     )
-    parser.add_argument("--cards", required=True, help="JSON list of {model_name, sample: [{inputs}, ...]}.")
+    parser.add_argument(
+        "--cards", required=True, help="JSON list of {model_name, sample: [{inputs}, ...]}, or a pool directory."
+    )
     parser.add_argument("--queries", required=True, help="JSON list of {inputs, task, domain, ...}.")
     parser.add_argument("--embedder", default=None, help="Model id or directory (default: all-MiniLM-L6-v2).")
     parser.add_argument("--instruction", default=None, help="Instruction prefix (default: the embedder's own).")
@@ -109,8 +111,15 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         description="Trains on a fraction of the tasks (same-task positives, other-task in-batch negatives) and "
         "saves a sentence-transformers model usable as --embedder DIR.",
     )
-    parser.add_argument("--cards", required=True, help="JSON list of {model_name, sample: [{inputs}, ...]}.")
-    parser.add_argument("--queries", default=None, help="Extra training queries {inputs, task} (e.g. a tuning split).")
+    parser.add_argument(
+        "--cards", required=True, help="JSON list of {model_name, sample: [{inputs}, ...]}, or a pool directory."
+    )
+    parser.add_argument(
+        "--queries",
+        default=None,
+        help="Extra training queries: a JSON list of {inputs, task} or a splits directory (e.g. data/bigbench).",
+    )
+    parser.add_argument("--split", default="train", help="The split to read when --queries is a directory.")
     parser.add_argument(
         "--query-split",
         choices=["all", "even", "odd"],
@@ -143,7 +152,7 @@ def _run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cards = load_paper_cards(args.cards)
-        queries = split_queries(load_queries(args.queries), args.query_split) if args.queries else []
+        queries = split_queries(load_queries(args.queries, args.split), args.query_split) if args.queries else []
         summary = train_retriever(
             cards,
             args.out,
@@ -161,7 +170,7 @@ def _run_train(args: argparse.Namespace) -> int:
         )
     except (RetrievalError, EmbedderError) as err:
         return fail(err)
-    summary.update(queries_file=args.queries, query_split=args.query_split)
+    summary.update(queries_file=args.queries, query_split=args.query_split, cards_file=args.cards)
     if not args.json:
         print(
             f"saved {args.out}: {summary['steps']} steps on {len(summary['train_tasks'])} tasks "
@@ -257,6 +266,12 @@ def _register_calibrate(subparsers: argparse._SubParsersAction) -> None:
     _index_arguments(parser)
     parser.add_argument("--queries", required=True, help="A splits directory (e.g. data/bigbench) or a JSON list.")
     parser.add_argument("--split", default="train", help="The split to read when --queries is a directory.")
+    parser.add_argument(
+        "--query-split",
+        choices=["all", "even", "odd"],
+        default="all",
+        help="Use only this half of the queries (the half a fine-tuned --embedder was not trained on).",
+    )
     parser.add_argument("--limit", type=int, default=None, help="At most N queries per task.")
     _common(parser)
     parser.set_defaults(handler=_run_calibrate)
@@ -265,6 +280,7 @@ def _register_calibrate(subparsers: argparse._SubParsersAction) -> None:
 def _run_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from loraretriever.evaluation.retrieval import split_queries
     from loraretriever.evaluation.tasks import select_queries
     from loraretriever.retrieval.confidence import CONFIDENCE_FILE, calibrate_router
     from loraretriever.retrieval.embedder import EmbedderError
@@ -272,7 +288,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     try:
-        queries = select_queries(load_queries(args.queries, args.split), None, args.limit)
+        queries = split_queries(load_queries(args.queries, args.split), args.query_split)
+        queries = select_queries(queries, None, args.limit)
         router = _open_router(args)
         confidence = calibrate_router(router, queries)
     except (RetrievalError, EmbedderError, ValueError) as err:

@@ -33,6 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--only-pool-tasks", action="store_true", help="Drop queries whose task has no LoRA.")
     parser.add_argument("--ood", action="store_true", help="Remove each prompt's own LoRA from its candidates.")
     parser.add_argument("--model", default=None, help="Base model id or path (default: the packaged SmolLM2).")
+    parser.add_argument(
+        "--embedder",
+        default=None,
+        help="The router's embedder, a model id or directory (default: all-MiniLM-L6-v2); the pool's index must "
+        "be built with it (`loraretriever reindex --embedder`).",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--report", default=None, help="Directory for a Markdown table and PNG plots.")
     parser.add_argument(
@@ -70,7 +76,7 @@ def _evaluate(args: argparse.Namespace, log) -> int:
 
     queries = load_queries(args.queries, args.split)
     route_options = route_options_from(args)
-    lm = RoutedLM.from_pretrained(args.model, pool_dir=args.pool)
+    lm = RoutedLM.from_pretrained(args.model, pool_dir=args.pool, embedder=args.embedder)
     try:
         queries = tasks.select_queries(queries, lm.pool if args.only_pool_tasks else None, args.limit)
         if not queries:

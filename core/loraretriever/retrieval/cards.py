@@ -178,13 +178,23 @@ def read_json(path: str | Path, what: str) -> Any:
 
 
 def load_paper_cards(path: str | Path) -> list[AdapterCard]:
-    """Reads cards from a JSON list in the paper's format (``lora_samples.json``) or ours.
+    """Reads cards from a JSON list in the paper's format (``lora_samples.json``) or ours, or from a
+    pool (``POOL/cards``) or card directory.
 
     Example:
         >>> cards = load_paper_cards("../shared/data/loraretriever-flan48/lora_samples.json")  # doctest: +SKIP
         >>> len(cards), len(cards[0].samples)  # doctest: +SKIP
         (48, 20)
+        >>> len(load_paper_cards("pools/bigbench"))  # doctest: +SKIP
+        29
     """
+    path = Path(path)
+    if path.is_dir():
+        store = CardStore(path / "cards" if (path / "cards").is_dir() else path, create=False)
+        cards = store.all()
+        if not cards:
+            raise RetrievalError(f"directory {str(path)!r} holds no cards (<name>.json, or a pool's cards/).")
+        return cards
     data = read_json(path, "cards")
     if not isinstance(data, list):
         raise RetrievalError(f"cards file {str(path)!r} must hold a JSON list of cards, not {type(data).__name__}.")
