@@ -137,6 +137,13 @@ def test_cli_prints_one_json_line(tiny_lm, smol_tokenizer, toy_pool_dir, queries
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 4 and set(result["methods"]) == {"base", "oracle"}
+    only = tmp_path / "only.txt"
+    only.write_text("nli\nunknown_task\n")
+    command = ["eval-tasks", "--pool", str(toy_pool_dir), "--queries", str(queries_file), "--model", str(model_dir)]
+    command += ["--methods", "base", "--max-new-tokens", "1", "--tasks-file", str(only), "--json"]
+    assert main(command) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 2 and set(result["methods"]["base"]["by_task"]) == {"nli", "unknown_task"}
 
     # --embedder: the router embeds with it, so the pool's index must be built with it
     other = tmp_path / "other_embedder"

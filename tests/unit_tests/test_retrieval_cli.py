@@ -138,6 +138,15 @@ def test_train_retriever_on_a_pools_cards_and_a_splits_directory(tmp_path, capsy
     assert main([*args, "--split", "validation", "--out", str(tmp_path / "other")]) == 2
     assert "has no split 'validation'" in capsys.readouterr().err
 
+    fold = tmp_path / "fold.txt"  # one fold of a cross-validation over the pool's tasks
+    fold.write_text("nli\nsentiment\n")
+    assert main([*args, "--tasks-file", str(fold), "--out", str(tmp_path / "fold_retriever")]) == 0
+    summary = last_json(capsys)
+    assert summary["train_tasks"] == ["nli", "sentiment"] and summary["heldout_tasks"] == ["closed_qa", "translate_de"]
+    fold.write_text("nli\nsentiment_v2\n")
+    assert main([*args, "--tasks-file", str(fold), "--out", str(tmp_path / "bad_fold")]) == 2
+    assert "['sentiment_v2'] have no card" in capsys.readouterr().err
+
 
 def test_reindex_and_route_commands(tmp_path, minilm, toy_cards, capsys):
     pool_dir = tmp_path / "pool"

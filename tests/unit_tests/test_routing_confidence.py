@@ -103,6 +103,10 @@ def test_calibrate_command_writes_the_pools_confidence(tmp_path, toy_cards, caps
     odd = ["calibrate", "--pool", str(pool_dir), "--queries", str(queries), "--query-split", "odd", "--json"]
     assert main(odd) == 0  # the half a fine-tuned embedder was not trained on: one prompt per task
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fitted_on"]["profiles"] == 8
+    fold = tmp_path / "fold.txt"
+    fold.write_text("nli\n")
+    assert main(["calibrate", "--pool", str(pool_dir), "--queries", str(queries), "--tasks-file", str(fold)]) == 0
+    assert "'profiles': 4" in capsys.readouterr().out  # nli's 2 prompts, each with and without its adapter
     assert main(["calibrate", "--pool", str(pool_dir), "--queries", str(tmp_path / "missing.json")]) == 2
     (pool_dir / CONFIDENCE_FILE).write_text("{half a fi")  # a corrupt calibration: the pool still opens
     with caplog.at_level("WARNING", logger="loraretriever.retrieval.router"):

@@ -127,6 +127,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         help="Use only this half of --queries (keep the other half for evaluation).",
     )
     parser.add_argument("--train-fraction", type=float, default=1.0, help="Fraction of tasks trained on (e.g. 0.4).")
+    parser.add_argument(
+        "--tasks-file", default=None, help="Train on exactly these tasks (one per line) instead of a random fraction."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="Output directory (new or empty).")
     parser.add_argument("--base", default=None, help="Embedder to start from (default: all-MiniLM-L6-v2).")
@@ -142,7 +145,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from loraretriever.evaluation.retrieval import split_queries
+    from loraretriever.evaluation.retrieval import read_task_names, split_queries
     from loraretriever.retrieval.cards import load_paper_cards
     from loraretriever.retrieval.embedder import EmbedderError
     from loraretriever.retrieval.queries import load_queries
@@ -158,6 +161,7 @@ def _run_train(args: argparse.Namespace) -> int:
             args.out,
             queries=queries,
             train_fraction=args.train_fraction,
+            tasks=read_task_names(args.tasks_file) if args.tasks_file else None,
             seed=args.seed,
             base=args.base,
             epochs=args.epochs,
@@ -272,6 +276,7 @@ def _register_calibrate(subparsers: argparse._SubParsersAction) -> None:
         default="all",
         help="Use only this half of the queries (the half a fine-tuned --embedder was not trained on).",
     )
+    parser.add_argument("--tasks-file", default=None, help="Only calibrate on queries of these tasks (one per line).")
     parser.add_argument("--limit", type=int, default=None, help="At most N queries per task.")
     _common(parser)
     parser.set_defaults(handler=_run_calibrate)
@@ -280,7 +285,7 @@ def _register_calibrate(subparsers: argparse._SubParsersAction) -> None:
 def _run_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from loraretriever.evaluation.retrieval import split_queries
+    from loraretriever.evaluation.retrieval import read_task_names, split_queries
     from loraretriever.evaluation.tasks import select_queries
     from loraretriever.retrieval.confidence import CONFIDENCE_FILE, calibrate_router
     from loraretriever.retrieval.embedder import EmbedderError
@@ -289,7 +294,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     _set_threads(args)
     try:
         queries = split_queries(load_queries(args.queries, args.split), args.query_split)
-        queries = select_queries(queries, None, args.limit)
+        only = read_task_names(args.tasks_file) if args.tasks_file else None
+        queries = select_queries(queries, None, args.limit, only)
         router = _open_router(args)
         confidence = calibrate_router(router, queries)
     except (RetrievalError, EmbedderError, ValueError) as err:

@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--limit", type=int, default=None, help="At most N queries per task.")
     parser.add_argument("--only-pool-tasks", action="store_true", help="Drop queries whose task has no LoRA.")
+    parser.add_argument("--tasks-file", default=None, help="Only evaluate queries of these tasks (one per line).")
     parser.add_argument("--ood", action="store_true", help="Remove each prompt's own LoRA from its candidates.")
     parser.add_argument("--model", default=None, help="Base model id or path (default: the packaged SmolLM2).")
     parser.add_argument(
@@ -71,16 +72,21 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace, log) -> int:
     from loraretriever.evaluation import tasks
+    from loraretriever.evaluation.retrieval import read_task_names
     from loraretriever.retrieval.queries import load_queries
     from loraretriever.serving.routed_lm import RoutedLM
 
     queries = load_queries(args.queries, args.split)
+    only = read_task_names(args.tasks_file) if args.tasks_file else None
     route_options = route_options_from(args)
     lm = RoutedLM.from_pretrained(args.model, pool_dir=args.pool, embedder=args.embedder)
     try:
-        queries = tasks.select_queries(queries, lm.pool if args.only_pool_tasks else None, args.limit)
+        queries = tasks.select_queries(queries, lm.pool if args.only_pool_tasks else None, args.limit, only)
         if not queries:
-            print("error: no queries left to evaluate (check --queries, --only-pool-tasks, --limit).", file=sys.stderr)
+            print(
+                "error: no queries left to evaluate (check --queries, --only-pool-tasks, --tasks-file, --limit).",
+                file=sys.stderr,
+            )
             return 2
         methods = args.methods or tasks.available_methods(lm)
         if args.composite:

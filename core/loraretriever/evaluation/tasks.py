@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import string
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -370,12 +370,15 @@ def write_composite_report(report: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "composite.md").write_text("\n".join(lines) + "\n")
 
 
-def select_queries(queries: Sequence[dict], pool=None, limit: int | None = None) -> list[dict]:
-    """The queries to evaluate: only tasks in ``pool`` (when given), at most ``limit`` per task."""
+def select_queries(
+    queries: Sequence[dict], pool=None, limit: int | None = None, tasks: Iterable[str] | None = None
+) -> list[dict]:
+    """The queries to evaluate: only tasks in ``pool`` and in ``tasks`` (when given), at most ``limit`` per task."""
+    wanted = None if tasks is None else set(tasks)
     kept: dict[str, int] = defaultdict(int)
     out = []
     for query in queries:
-        if pool is not None and query["task"] not in pool:
+        if (pool is not None and query["task"] not in pool) or (wanted is not None and query["task"] not in wanted):
             continue
         if limit is None or kept[query["task"]] < limit:
             kept[query["task"]] += 1

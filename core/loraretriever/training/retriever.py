@@ -143,6 +143,7 @@ def train_retriever(
     *,
     queries: Sequence[dict[str, Any]] = (),
     train_fraction: float = 1.0,
+    tasks: Sequence[str] | None = None,
     seed: int = 0,
     base: str | Path | None = None,
     instruction: str = DEFAULT_INSTRUCTION,
@@ -163,6 +164,8 @@ def train_retriever(
         queries: Extra ``{"inputs", "task"}`` training queries (e.g. the tuning half of ``test_dev.json``);
             only those of the chosen tasks are used.
         train_fraction: The fraction of tasks trained on, chosen at random with ``seed``.
+        tasks: Train on exactly these tasks instead (e.g. one fold of a cross-validation); every
+            name must have a card.
         seed: Seeds the task choice, the pairs and the training.
         base: The embedder to start from (default: the packaged all-MiniLM-L6-v2).
         instruction: Prepended to every training text, and recorded for inference.
@@ -193,7 +196,14 @@ def train_retriever(
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RetrievalError(f"output {str(out)!r} exists and is not an empty directory. Fix: choose a new --out.")
-    chosen = choose_tasks([card.name for card in cards], train_fraction, seed)
+    if tasks is None:
+        chosen = choose_tasks([card.name for card in cards], train_fraction, seed)
+    else:
+        chosen = sorted(set(tasks))
+        unknown = sorted(set(chosen) - {card.name for card in cards})
+        if unknown:
+            raise RetrievalError(f"tasks {unknown} have no card; the cards name {sorted(c.name for c in cards)[:8]}...")
+        train_fraction = len(chosen) / len(cards)
     heldout = sorted({card.name for card in cards} - set(chosen))
     train_cards = [card for card in cards if card.name in set(chosen)]
     anchors, positives, labels = make_pairs(train_cards, queries, pairs_per_sample=pairs_per_sample, seed=seed)
