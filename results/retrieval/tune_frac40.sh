@@ -14,7 +14,7 @@ $LR eval-retrieval --cards $DATA/lora_samples.json --queries $DATA/test_dev.json
   --threads 2 --json | tail -n 1 > $OUT/frozen_frac40_unseen_even.json
 $LR eval-retrieval --cards $DATA/lora_samples.json --queries $DATA/test_dev.json --split even --tasks-file $HELD \
   --embedder "$MODELS/frac40" --threads 2 --json | tail -n 1 > $OUT/frac40_e1_unseen_even.json
-for variant in "e2:--epochs 2" "e2lr1e-4:--epochs 2 --lr 1e-4"; do
+for variant in "e2:--epochs 2" "e2lr1e-4:--epochs 2 --lr 1e-4" "p4:--pairs-per-sample 4" "len64:--max-seq-length 64"; do
   name=${variant%%:*}; flags=${variant#*:}
   rm -rf "$MODELS/frac40_$name"
   $LR train-retriever --cards $DATA/lora_samples.json --queries $DATA/test_dev.json --query-split even \
