@@ -47,8 +47,12 @@ def test_evaluate_retrieval(minilm, toy_cards):
     result = evaluate_retrieval(toy_cards, queries, embedder=minilm, top_k=3)
     assert result["n"] == 6 and result["top1"] == 1.0 and result["top3"] == 1.0 and result["domain_top1"] == 1.0
     assert result["per_domain"]["sentiment"] == {"n": 2, "top1": 1.0, "top3": 1.0, "domain_top1": 1.0}
+    assert result["confusions"] == []
     ood = evaluate_retrieval(toy_cards, queries, embedder=minilm, exclude_own_task=True)
     assert ood["top1"] == 0.0 and ood["top3"] == 0.0
+    assert sum(miss["n"] for miss in ood["confusions"]) == 6  # every prompt's top-1 is another task's
+    assert all(miss["task"] != miss["routed_to"] for miss in ood["confusions"])
+    assert [miss["n"] for miss in ood["confusions"]] == sorted((miss["n"] for miss in ood["confusions"]), reverse=True)
     only = evaluate_retrieval(toy_cards, queries, embedder=minilm, tasks=["nli", "closed_qa"])
     assert only["n"] == 2 and set(only["per_domain"]) == {"nli", "closed_book QA"}
     assert split_queries(queries, "even") + split_queries(queries, "odd") != queries  # interleaved per task

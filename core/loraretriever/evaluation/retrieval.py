@@ -20,6 +20,7 @@ from loraretriever.retrieval.router import Router
 __all__ = ["SPLITS", "evaluate_retrieval", "read_task_names", "split_queries"]
 
 Split = Literal["all", "even", "odd"]
+MAX_CONFUSIONS = 20  # the most frequent (task, routed_to) misses an evaluation reports
 SPLITS: tuple[str, ...] = ("all", "even", "odd")
 
 
@@ -82,7 +83,8 @@ def evaluate_retrieval(
     Returns:
         ``n``, ``top1``, ``top3`` (own task within the top ``top_k``), ``domain_top1`` (the top-1
         adapter's domain is the query's), ``per_domain`` (``n``, ``top1``, ``top3``,
-        ``domain_top1`` per domain), plus the settings and the time taken.
+        ``domain_top1`` per domain), ``confusions`` (the most frequent misses, ``{"task",
+        "routed_to", "n"}``: which tasks a router cannot tell apart), plus the settings and the time taken.
 
     Raises:
         RetrievalError: a query whose task has no card, an unknown task in ``tasks``, or no queries left.
@@ -109,9 +111,12 @@ def evaluate_retrieval(
         routings = router.route(prompts, top_k=top_k, exclude=exclude)
 
     totals: dict[str, Counter[str]] = defaultdict(Counter)
+    misses: Counter[tuple[str, str]] = Counter()
     for query, routing in zip(queries, routings, strict=True):
         domain = query.get("domain") or domains.get(query["task"], "?")
         hit1 = bool(routing.adapters) and routing.adapters[0] == query["task"]
+        if routing.adapters and not hit1:
+            misses[query["task"], routing.adapters[0]] += 1
         hitk = query["task"] in routing.adapters
         dom1 = bool(routing.adapters) and domains.get(routing.adapters[0]) == domain
         for key in ("_all", domain):
@@ -131,6 +136,10 @@ def evaluate_retrieval(
         **overall,
         "top_k": top_k,
         "per_domain": {domain: score(counts) for domain, counts in sorted(totals.items())},
+        "confusions": [
+            {"task": task, "routed_to": routed_to, "n": n}
+            for (task, routed_to), n in sorted(misses.items(), key=lambda item: (-item[1], item[0]))[:MAX_CONFUSIONS]
+        ],
         "embedder": embedder.name,
         "instruction": embedder.instruction,
         "n_cards": len(cards),
