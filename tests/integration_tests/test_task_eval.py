@@ -144,6 +144,9 @@ def test_cli_prints_one_json_line(tiny_lm, smol_tokenizer, toy_pool_dir, queries
     assert main(command) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 2 and set(result["methods"]["base"]["by_task"]) == {"nli", "unknown_task"}
+    only.write_text("nli\nnli_v2\n")
+    assert main(command) == 2
+    assert "tasks ['nli_v2'] have no queries" in capsys.readouterr().err
 
     # --embedder: the router embeds with it, so the pool's index must be built with it
     other = tmp_path / "other_embedder"

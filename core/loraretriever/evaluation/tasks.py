@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from loraretriever.engine.routing import Routing
+from loraretriever.retrieval.cards import RetrievalError
 
 __all__ = [
     "METHODS",
@@ -373,8 +374,14 @@ def write_composite_report(report: dict[str, Any], out_dir: Path) -> None:
 def select_queries(
     queries: Sequence[dict], pool=None, limit: int | None = None, tasks: Iterable[str] | None = None
 ) -> list[dict]:
-    """The queries to evaluate: only tasks in ``pool`` and in ``tasks`` (when given), at most ``limit`` per task."""
+    """The queries to evaluate: only tasks in ``pool`` and in ``tasks`` (when given), at most ``limit`` per task.
+
+    Raises:
+        RetrievalError: a name in ``tasks`` that no query has (a typo would silently drop a task).
+    """
     wanted = None if tasks is None else set(tasks)
+    if wanted is not None and (unknown := sorted(wanted - {query["task"] for query in queries})):
+        raise RetrievalError(f"tasks {unknown[:5]} have no queries; fix the tasks file (one task name per line).")
     kept: dict[str, int] = defaultdict(int)
     out = []
     for query in queries:
