@@ -129,7 +129,9 @@ def test_train_gate_command_stores_the_gate_with_the_pool(tiny_lm, smol_tokenize
     assert printed["parameters"] == 198 and printed["examples"] == 4 and printed["tasks"] == 4
     assert list(gate_dirs(toy_pool_dir)) == ["flow"]
     assert load_gate(gate_dirs(toy_pool_dir)["flow"]).config.k == 3
-    assert json.loads((gate_dirs(toy_pool_dir)["flow"] / "training.json").read_text())["config"]["steps"] == 2
+    record = json.loads((gate_dirs(toy_pool_dir)["flow"] / "training.json").read_text())
+    assert record["config"]["steps"] == 2
+    assert "top_k" not in record["route_options"]  # --top-k is MeteoRA's per-token count, not a routing option
 
 
 def test_langchain_and_llamaindex_calls_take_the_gated_modes(lm):

@@ -98,10 +98,12 @@ def _train_gate(args: argparse.Namespace) -> int:
     )
     examples = load_examples(args.data, args.examples, args.split, args.seed)
     name = args.name or args.kind
+    # --top-k here is MeteoRA's adapters per token, not the routing's top_k (the flow gate routes k)
+    route_options = {key: value for key, value in route_options_from(args).items() if key != "top_k"}
     lm = RoutedLM.from_pretrained(args.model, pool_dir=args.pool)
     try:
         gate, record = train_gate(
-            lm, examples, name, config, route_options=route_options_from(args), log=lambda m: print(m, file=sys.stderr)
+            lm, examples, name, config, route_options=route_options, log=lambda m: print(m, file=sys.stderr)
         )
     finally:
         lm.close()
