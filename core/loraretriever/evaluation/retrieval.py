@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from loraretriever.retrieval.cards import AdapterCard, RetrievalError
+from loraretriever.retrieval.cards import AdapterCard, RetrievalError, check_task_names
 from loraretriever.retrieval.embedder import Embedder
 from loraretriever.retrieval.router import Router
 
@@ -93,10 +93,7 @@ def evaluate_retrieval(
     domains = _card_domains(cards, queries)  # from all queries, before any filtering
     card_names = {card.name for card in cards}
     if tasks is not None:
-        tasks = set(tasks)
-        unknown = sorted(tasks - card_names)
-        if unknown:
-            raise RetrievalError(f"tasks {unknown[:5]} have no card; the cards are {sorted(card_names)[:5]}...")
+        tasks = check_task_names(tasks, cards)
         queries = [query for query in queries if query["task"] in tasks]
     if not queries:
         raise RetrievalError("no queries to evaluate (check --tasks-file and --split).")

@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "AdapterCard",
     "CardStore",
     "RetrievalError",
+    "check_task_names",
     "load_paper_cards",
     "read_json",
 ]
@@ -175,6 +176,20 @@ def read_json(path: str | Path, what: str) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RetrievalError(f"{what} file {str(path)!r} is not valid JSON ({err}).") from err
+
+
+def check_task_names(tasks: Iterable[str], cards: Sequence[AdapterCard]) -> set[str]:
+    """``tasks`` as a set, once every name is known to have a card.
+
+    Raises:
+        RetrievalError: names without a card (a typo in a tasks file would silently drop a task).
+    """
+    wanted = set(tasks)
+    names = {card.name for card in cards}
+    unknown = sorted(wanted - names)
+    if unknown:
+        raise RetrievalError(f"tasks {unknown[:5]} have no card; the cards are {sorted(names)[:5]}...")
+    return wanted
 
 
 def load_paper_cards(path: str | Path) -> list[AdapterCard]:

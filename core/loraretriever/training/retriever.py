@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
-from loraretriever.retrieval.cards import AdapterCard, RetrievalError
+from loraretriever.retrieval.cards import AdapterCard, RetrievalError, check_task_names
 from loraretriever.retrieval.embedder import DEFAULT_INSTRUCTION, EMBEDDER_INFO_FILE, Embedder
 
 __all__ = ["DistinctTaskBatchSampler", "choose_tasks", "make_pairs", "train_retriever"]
@@ -199,10 +199,7 @@ def train_retriever(
     if tasks is None:
         chosen = choose_tasks([card.name for card in cards], train_fraction, seed)
     else:
-        chosen = sorted(set(tasks))
-        unknown = sorted(set(chosen) - {card.name for card in cards})
-        if unknown:
-            raise RetrievalError(f"tasks {unknown} have no card; the cards name {sorted(c.name for c in cards)[:8]}...")
+        chosen = sorted(check_task_names(tasks, cards))
         train_fraction = len(chosen) / len(cards)
     heldout = sorted({card.name for card in cards} - set(chosen))
     train_cards = [card for card in cards if card.name in set(chosen)]
