@@ -51,6 +51,36 @@ def test_remove_adapter_stops_routing_and_deletes_its_files(lm):
     assert "sentiment" not in lm.pool and "sentiment" not in adapter_dirs(lm.pool_dir)
 
 
+def remove_after_routing(lm: RoutedLM) -> list[str]:
+    """Makes the engine's next routing lose its first adapter to a removal before the engine holds
+    it (the race of a remove_adapter call during a generate call, made certain)."""
+    prepare, removed = lm._loop.prepare, []
+
+    def prepare_then_remove(requests) -> None:
+        prepare(requests)
+        if not removed:
+            removed.append(requests[0].state.routing.adapters[0])
+            lm.remove_adapter(removed[0])
+
+    lm._loop.prepare = prepare_then_remove
+    return removed
+
+
+def test_a_prompt_whose_routed_adapter_is_removed_before_it_runs_is_routed_again(lm):
+    removed = remove_after_routing(lm)
+    result = lm.generate([QUERIES["sentiment"]], max_new_tokens=2, top_k=2)[0]
+    assert removed == ["sentiment"]
+    assert len(result.routing.adapters) == 2 and "sentiment" not in result.routing.adapters
+
+
+def test_a_pinned_adapter_removed_before_it_runs_fails_its_request_naming_it(lm):
+    removed = remove_after_routing(lm)
+    with pytest.raises(KeyError, match="sentiment"):
+        lm.generate([QUERIES["sentiment"]], max_new_tokens=2, adapters=["sentiment"])
+    assert removed == ["sentiment"]
+    assert lm.generate([QUERIES["closed_qa"]], max_new_tokens=2)[0].routing.adapters[0] == "closed_qa"
+
+
 def test_the_pool_directory_reopens_as_it_was(lm, tiny_lm, smol_tokenizer, minilm):
     expected = [r.routing.adapters for r in lm.generate(list(QUERIES.values()), max_new_tokens=2)]
     reopened = RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=lm.pool_dir, embedder=minilm)

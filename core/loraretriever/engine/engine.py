@@ -244,7 +244,19 @@ class Engine:
         pool = self.composer.pool
         for request in self._window():
             if request.adapters is None:
+                if request.reroute is not None and any(n not in pool for n in request.routing.adapters):
+                    self._reroute(request)
                 request.adapters = pool.hold([n for n in request.routing.adapters if n in pool])
+
+    @staticmethod
+    def _reroute(request: RequestState) -> None:
+        """Routes again a request whose adapter was removed between its routing and its hold (the
+        router no longer offers a removed adapter); if that fails, the old routing stays and the
+        request fails alone when it is planned, naming the missing adapter."""
+        try:
+            request.routing = request.reroute()
+        except Exception:
+            logger.warning("routing request %d again failed", request.index, exc_info=True)
 
     @property
     def has_work(self) -> bool:

@@ -164,6 +164,9 @@ class RequestState:
     payload: Any = None  # the upper layer's request (e.g. its routing options)
     rng: torch.Generator | None = None
     adapters: Any = None  # its routing's adapters (a pool's AdapterHold), held from queueing to the end
+    # Routes it again (the serving layer's router) when an adapter it was routed to left the pool
+    # before it was held: a router's choice, not the caller's, so the caller never sees the race.
+    reroute: Callable[[], Routing] | None = None
     matcher: Any = None  # its grammar's matcher (constrained decoding), if it has a grammar
     arrived_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None

@@ -10,6 +10,7 @@ its caller's :class:`Result`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -104,6 +105,9 @@ class BatchRunner:
             routings = self.router.route(list(texts), retrieval)
         return [plan.finish(routing) for routing in routings]
 
+    def _route_one(self, text: str, options: RouteOptions) -> Routing:
+        return self.route([text], options)[0]
+
     def prepare(self, requests: Sequence[QueuedRequest]) -> None:
         """Sets every request's routing, or fails the group whose routing failed."""
         started = time.perf_counter()
@@ -124,8 +128,11 @@ class BatchRunner:
                 for queued in members:
                     queued.state.fail(error)
                 continue
-            for queued, routing in zip(members, routings, strict=True):
+            options = members[0].payload.options
+            for queued, text, routing in zip(members, texts, routings, strict=True):
                 queued.state.routing = routing
+                if routing.similarities is not None:  # the router's choice: routed again if it goes
+                    queued.state.reroute = functools.partial(self._route_one, text, options)
         route_s = time.perf_counter() - started
         admitted = time.perf_counter()
         for queued in requests:
