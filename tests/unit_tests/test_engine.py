@@ -221,3 +221,30 @@ def test_a_waiting_request_keeps_an_adapter_removed_before_it_runs(tiny_lm, smol
         assert isinstance(late[0].error, KeyError) and "'a'" in str(late[0].error)
     finally:
         composer.remove_hooks()
+
+
+def test_a_request_routed_to_an_adapter_removed_before_its_hold_is_routed_again(
+    tiny_lm, smol_tokenizer, tiny_lm_adapters
+):
+    pool = LoraPool(tiny_lm)
+    for name, path in tiny_lm_adapters.items():
+        pool.add(path, name=name)
+    composer = Composer(tiny_lm, pool)
+    try:
+        engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig())
+        on_b = texts(engine.run(make(engine, PROMPTS[:1], [Routing.pinned(["b"])], (6,))))
+        chosen = Routing(("a",), (1.0,), similarities=(0.9,))  # as a router returns it
+        rerouted, unlucky, other = make(engine, PROMPTS[:1] * 3, [chosen, chosen, ROUTINGS[2]], (6, 6, 6))
+        rerouted.reroute = lambda: Routing(("b",), (1.0,), similarities=(0.8,))
+
+        def router_down() -> Routing:
+            raise RuntimeError("the index is gone")
+
+        unlucky.reroute = router_down
+        pool.remove("a")  # between their routing and their hold
+        engine.run([rerouted, unlucky, other])
+        assert rerouted.done.routing.adapters == ("b",) and rerouted.done.text == on_b[0]
+        assert isinstance(unlucky.error, KeyError) and "'a'" in str(unlucky.error)
+        assert other.done.completion_tokens == 6
+    finally:
+        composer.remove_hooks()
