@@ -10,7 +10,13 @@ import pytest
 from loraretriever.cli import main
 from loraretriever.engine.gates import GateError, gate_dirs, load_gate, save_gate
 from loraretriever.engine.routing import Routing
-from loraretriever.evaluation.tasks import available_methods, build_composites, evaluate_composite, evaluate_tasks
+from loraretriever.evaluation.tasks import (
+    available_methods,
+    build_composites,
+    evaluate_composite,
+    evaluate_composites,
+    evaluate_tasks,
+)
 from loraretriever.serving.routed_lm import RoutedLM
 from loraretriever.training.gates import GateTrainingConfig, load_examples, train_gate
 from tests.conftest import TOY_CARDS
@@ -115,6 +121,9 @@ def test_gated_eval_rows_and_composites(lm):
     result = evaluate_composite(lm, composites, max_new_tokens=3, log=quiet)
     assert list(result) == ["base", "oracle", "retriever_mixture_k3", "flow_k3", "meteora_top2"]
     assert all(len(row["by_position"]) == 3 and 0 <= row["subtask_score"] <= 1 for row in result.values())
+    every = evaluate_composites(lm, queries, [3], ["base"], n_prompts=100, max_new_tokens=2, log=quiet)
+    # 4 tasks x 2 queries, each used once: 2 composites of 3 tasks, not the 100 asked for
+    assert every["n_composites"] == {"3": 2} and every["n_prompts"] == 100
 
 
 def test_train_gate_command_stores_the_gate_with_the_pool(tiny_lm, smol_tokenizer, toy_pool_dir, tmp_path, capsys):

@@ -49,7 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         help="Also evaluate composite prompts of these numbers of tasks (e.g. 3 5) instead of single prompts.",
     )
-    parser.add_argument("--composite-prompts", type=int, default=20, help="Composite prompts per size.")
+    parser.add_argument(
+        "--composite-prompts",
+        type=int,
+        default=20,
+        help="Composite prompts per size, at most (each query is used once at most: a number above "
+        "queries / size uses them all).",
+    )
     parser.add_argument("--json", action="store_true", help="Progress to stderr; the JSON result is the last line.")
     parser.set_defaults(handler=_run_eval)
 

@@ -404,12 +404,16 @@ def evaluate_composites(
     route_options: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """:func:`evaluate_composite` for composite prompts of each number of tasks in ``sizes``."""
-    report: dict[str, Any] = {"composite": {}, "n_prompts": n_prompts}
+    """:func:`evaluate_composite` for composite prompts of each number of tasks in ``sizes``
+    (``n_prompts`` at most per size; ``n_composites`` says how many the queries made, each query
+    used once at most)."""
+    report: dict[str, Any] = {"composite": {}, "n_prompts": n_prompts, "n_composites": {}}
     for n in sizes:
+        composites = build_composites(queries, n, n_prompts)
+        report["n_composites"][str(n)] = len(composites)
         report["composite"][str(n)] = evaluate_composite(
             lm,
-            build_composites(queries, n, n_prompts),
+            composites,
             methods,
             max_new_tokens=max_new_tokens,
             route_options=route_options or {},
