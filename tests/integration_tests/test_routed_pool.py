@@ -71,6 +71,7 @@ def test_a_prompt_whose_routed_adapter_is_removed_before_it_runs_is_routed_again
     result = lm.generate([QUERIES["sentiment"]], max_new_tokens=2, top_k=2)[0]
     assert removed == ["sentiment"]
     assert len(result.routing.adapters) == 2 and "sentiment" not in result.routing.adapters
+    assert result.routing.fallback == "routed again: sentiment left the pool"
 
 
 def test_a_pinned_adapter_removed_before_it_runs_fails_its_request_naming_it(lm):

@@ -244,6 +244,7 @@ def test_a_request_routed_to_an_adapter_removed_before_its_hold_is_routed_again(
         pool.remove("a")  # between their routing and their hold
         engine.run([rerouted, unlucky, other])
         assert rerouted.done.routing.adapters == ("b",) and rerouted.done.text == on_b[0]
+        assert rerouted.done.routing.fallback == "routed again: a left the pool"
         assert isinstance(unlucky.error, KeyError) and "'a'" in str(unlucky.error)
         assert other.done.completion_tokens == 6
     finally:

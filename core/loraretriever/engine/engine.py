@@ -26,6 +26,7 @@ there and never reaches a shared batch.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -244,19 +245,25 @@ class Engine:
         pool = self.composer.pool
         for request in self._window():
             if request.adapters is None:
-                if request.reroute is not None and any(n not in pool for n in request.routing.adapters):
-                    self._reroute(request)
+                gone = [n for n in request.routing.adapters if n not in pool]
+                if gone and request.reroute is not None:
+                    self._reroute(request, gone)
                 request.adapters = pool.hold([n for n in request.routing.adapters if n in pool])
 
     @staticmethod
-    def _reroute(request: RequestState) -> None:
-        """Routes again a request whose adapter was removed between its routing and its hold (the
-        router no longer offers a removed adapter); if that fails, the old routing stays and the
-        request fails alone when it is planned, naming the missing adapter."""
+    def _reroute(request: RequestState, gone: list[str]) -> None:
+        """Routes again a request whose adapters ``gone`` were removed between its routing and its
+        hold (the router no longer offers a removed adapter); if that fails, the old routing stays
+        and the request fails alone when it is planned, naming the missing adapter."""
         try:
-            request.routing = request.reroute()
+            routing = request.reroute()
         except Exception:
             logger.warning("routing request %d again failed", request.index, exc_info=True)
+            return
+        why = f"routed again: {', '.join(gone)} left the pool"
+        request.routing = dataclasses.replace(
+            routing, fallback=f"{routing.fallback}; {why}" if routing.fallback else why
+        )
 
     @property
     def has_work(self) -> bool:
