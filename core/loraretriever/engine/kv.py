@@ -12,6 +12,7 @@ a quarter at a time (memory is rows x the longest row: the price of one dense at
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -62,12 +63,20 @@ def move_rows(
 
 
 class _SlotLayer(DynamicLayer):
-    """One decoder layer's view of a KV batch: writes new tokens in place, returns views."""
+    """One decoder layer's view of a KV batch: writes new tokens in place, returns views.
+
+    It refers to its batch weakly: the batch holds its layers, and a cycle would leave every
+    finished batch's buffers to Python's cycle collector, which runs too rarely for tensors (the
+    resident memory of a long run grew without bound, gigabytes per minute of long prompts)."""
 
     def __init__(self, owner: PrefillKV | RunningKV, index: int) -> None:
         super().__init__()
-        self.owner, self.index = owner, index
+        self._owner, self.index = weakref.ref(owner), index
         self.is_initialized = True
+
+    @property
+    def owner(self) -> PrefillKV | RunningKV:
+        return self._owner()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:  # pragma: no cover
         pass
