@@ -38,6 +38,17 @@ def composer(tiny_lm, tiny_lm_adapters):
     composer.remove_hooks()
 
 
+@pytest.fixture
+def own_composer(tiny_lm, tiny_lm_adapters):
+    """A composer over a pool of its own, for tests that remove adapters from it."""
+    pool = LoraPool(tiny_lm)
+    for name, path in tiny_lm_adapters.items():
+        pool.add(path, name=name)
+    composer = Composer(tiny_lm, pool)
+    yield composer
+    composer.remove_hooks()
+
+
 def make(engine: Engine, prompts=PROMPTS, routings=ROUTINGS, lengths=(6, 12, 9, 4)):
     return [
         engine.new_request(p, GenerationConfig(max_new_tokens=n, ignore_eos=True), r, index=i)
@@ -207,52 +218,36 @@ def test_admission_starts_with_the_oldest_and_groups_close_prompt_lengths(tiny_l
     assert all(r.done.completion_tokens == 2 for r in requests)
 
 
-def test_a_waiting_request_keeps_an_adapter_removed_before_it_runs(tiny_lm, smol_tokenizer, tiny_lm_adapters):
-    pool = LoraPool(tiny_lm)
-    for name, path in tiny_lm_adapters.items():
-        pool.add(path, name=name)
-    composer = Composer(tiny_lm, pool)
-    try:
-        engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig())
-        expected = texts(engine.run(make(engine, PROMPTS[:1], ROUTINGS[:1], (6,))))
-        waiting = make(engine, PROMPTS[:1], ROUTINGS[:1], (6,))
-        engine.add(waiting)  # queued with adapter "a" ...
-        pool.remove("a")  # ... which leaves the pool before the request is admitted
-        assert texts(engine.run(waiting)) == expected
-        late = make(engine, PROMPTS[:1], ROUTINGS[:1], (6,))
-        engine.add(late)  # added after the removal: it fails alone, naming the adapter
-        engine.run(late)
-        assert isinstance(late[0].error, KeyError) and "'a'" in str(late[0].error)
-    finally:
-        composer.remove_hooks()
+def test_a_waiting_request_keeps_an_adapter_removed_before_it_runs(tiny_lm, smol_tokenizer, own_composer):
+    engine = Engine(tiny_lm, smol_tokenizer, own_composer, EngineConfig())
+    expected = texts(engine.run(make(engine, PROMPTS[:1], ROUTINGS[:1], (6,))))
+    waiting = make(engine, PROMPTS[:1], ROUTINGS[:1], (6,))
+    engine.add(waiting)  # queued with adapter "a" ...
+    own_composer.pool.remove("a")  # ... which leaves the pool before the request is admitted
+    assert texts(engine.run(waiting)) == expected
+    late = make(engine, PROMPTS[:1], ROUTINGS[:1], (6,))
+    engine.add(late)  # added after the removal: it fails alone, naming the adapter
+    engine.run(late)
+    assert isinstance(late[0].error, KeyError) and "'a'" in str(late[0].error)
 
 
-def test_a_request_routed_to_an_adapter_removed_before_its_hold_is_routed_again(
-    tiny_lm, smol_tokenizer, tiny_lm_adapters
-):
-    pool = LoraPool(tiny_lm)
-    for name, path in tiny_lm_adapters.items():
-        pool.add(path, name=name)
-    composer = Composer(tiny_lm, pool)
-    try:
-        engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig())
-        on_b = texts(engine.run(make(engine, PROMPTS[:1], [Routing.pinned(["b"])], (6,))))
-        chosen = Routing(("a",), (1.0,), similarities=(0.9,))  # as a router returns it
-        rerouted, unlucky, other = make(engine, PROMPTS[:1] * 3, [chosen, chosen, ROUTINGS[2]], (6, 6, 6))
-        rerouted.reroute = lambda: Routing(("b",), (1.0,), similarities=(0.8,))
+def test_a_request_routed_to_an_adapter_removed_before_its_hold_is_routed_again(tiny_lm, smol_tokenizer, own_composer):
+    engine = Engine(tiny_lm, smol_tokenizer, own_composer, EngineConfig())
+    on_b = texts(engine.run(make(engine, PROMPTS[:1], [Routing.pinned(["b"])], (6,))))
+    chosen = Routing(("a",), (1.0,), similarities=(0.9,))  # as a router returns it
+    rerouted, unlucky, other = make(engine, PROMPTS[:1] * 3, [chosen, chosen, ROUTINGS[2]], (6, 6, 6))
+    rerouted.reroute = lambda: Routing(("b",), (1.0,), similarities=(0.8,))
 
-        def router_down() -> Routing:
-            raise RuntimeError("the index is gone")
+    def router_down() -> Routing:
+        raise RuntimeError("the index is gone")
 
-        unlucky.reroute = router_down
-        pool.remove("a")  # between their routing and their hold
-        engine.run([rerouted, unlucky, other])
-        assert rerouted.done.routing.adapters == ("b",) and rerouted.done.text == on_b[0]
-        assert rerouted.done.routing.fallback == "routed again: a left the pool"
-        assert isinstance(unlucky.error, KeyError) and "'a'" in str(unlucky.error)
-        assert other.done.completion_tokens == 6
-    finally:
-        composer.remove_hooks()
+    unlucky.reroute = router_down
+    own_composer.pool.remove("a")  # between their routing and their hold
+    engine.run([rerouted, unlucky, other])
+    assert rerouted.done.routing.adapters == ("b",) and rerouted.done.text == on_b[0]
+    assert rerouted.done.routing.fallback == "routed again: a left the pool"
+    assert isinstance(unlucky.error, KeyError) and "'a'" in str(unlucky.error)
+    assert other.done.completion_tokens == 6
 
 
 def test_finished_batches_free_their_kv_cache_without_the_cycle_collector(
