@@ -28,25 +28,25 @@ ROUTINGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def composer(tiny_lm, tiny_lm_adapters):
+def composer_over_adapters(tiny_lm, adapters):
+    """A composer over a new pool of ``adapters``; its hooks are removed when the fixture ends."""
     pool = LoraPool(tiny_lm)
-    for name, path in tiny_lm_adapters.items():
+    for name, path in adapters.items():
         pool.add(path, name=name)
     composer = Composer(tiny_lm, pool)
     yield composer
     composer.remove_hooks()
+
+
+@pytest.fixture(scope="module")
+def composer(tiny_lm, tiny_lm_adapters):
+    yield from composer_over_adapters(tiny_lm, tiny_lm_adapters)
 
 
 @pytest.fixture
 def own_composer(tiny_lm, tiny_lm_adapters):
     """A composer over a pool of its own, for tests that remove adapters from it."""
-    pool = LoraPool(tiny_lm)
-    for name, path in tiny_lm_adapters.items():
-        pool.add(path, name=name)
-    composer = Composer(tiny_lm, pool)
-    yield composer
-    composer.remove_hooks()
+    yield from composer_over_adapters(tiny_lm, tiny_lm_adapters)
 
 
 def make(engine: Engine, prompts=PROMPTS, routings=ROUTINGS, lengths=(6, 12, 9, 4)):
