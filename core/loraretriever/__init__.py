@@ -11,6 +11,8 @@ Start here: :class:`RoutedLM` routes and generates (``RoutedLM.from_pretrained(p
 * :class:`Router` gives every prompt its LoRAs from :class:`AdapterCard` vectors in a Chroma index.
 """
 
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it
+
 from loraretriever.engine.adapter import AdapterError, LoraAdapter, LoraWeights
 from loraretriever.engine.base_model import DEFAULT_MODEL, load_base_model
 from loraretriever.engine.composer import Composer
@@ -69,6 +71,7 @@ __all__ = [
     "RoutedLM",
     "Router",
     "Routing",
+    "__version__",
     "load_base_model",
     "load_gate",
     "open_chroma_client",

@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loraretriever.cli import main
-from loraretriever.server.app import ServerConfig, create_app
+from loraretriever.server.app import create_app
+from loraretriever.server.config import ServerConfig
 from loraretriever.serving.routed_lm import RoutedLM
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "Name a colour:"}], "max_tokens": 2}

@@ -7,6 +7,9 @@ import importlib
 import sys
 from pathlib import Path
 
+from loraretriever import __version__
+from loraretriever.engine.extras import MissingExtraError, extra_error
+
 __all__ = ["USER_ERRORS", "fail", "main", "missing_pool"]
 
 # What a user's input causes: every library error (AdapterError, RetrievalError, GateError,
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraretriever", description="Input-aware LoRA retrieval and composition for mixed-task batches."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name in _COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -52,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except ModuleNotFoundError as error:
+        # A command whose optional package is missing names its extra; every other command works.
+        missing = extra_error(error)
+        if not isinstance(missing, MissingExtraError):
+            raise
+        return fail(f"`loraretriever {args.command}` {missing}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from loraretriever.server.app import ServerConfig
+    from loraretriever.server.config import ServerConfig
 
     parser = subparsers.add_parser(
         "serve",
@@ -76,8 +76,9 @@ def _run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loraretriever.retrieval.router import Router
-    from loraretriever.server.app import ServerConfig, create_app
+    from loraretriever.server.app import create_app
     from loraretriever.server.backend import Forwarder
+    from loraretriever.server.config import ServerConfig
     from loraretriever.serving.routed_lm import RoutedLM
 
     pool = Path(args.pool).expanduser()

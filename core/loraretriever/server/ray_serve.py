@@ -13,7 +13,9 @@ import signal
 import threading
 from collections.abc import Callable
 
-from loraretriever.server.app import Served, ServerConfig, create_app
+from loraretriever.engine.extras import import_optional
+from loraretriever.server.app import Served, create_app
+from loraretriever.server.config import ServerConfig
 
 __all__ = ["serve_replicas"]
 
@@ -47,8 +49,8 @@ def serve_replicas(
     """
     if not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas={replicas!r} must be a positive integer.")
-    import ray
-    from ray import serve
+    ray = import_optional("ray")
+    serve = import_optional("ray.serve")
 
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     stop = threading.Event()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
+from loraretriever.engine.extras import import_optional
 from loraretriever.retrieval.cards import AdapterCard, RetrievalError, check_task_names
 from loraretriever.retrieval.embedder import DEFAULT_INSTRUCTION, EMBEDDER_INFO_FILE, Embedder
 
@@ -181,7 +182,7 @@ def train_retriever(
         A summary: tasks trained on and held out, pair count, steps, seconds, output directory.
     """
     try:
-        from datasets import Dataset
+        Dataset = import_optional("datasets").Dataset
     except ImportError as err:
         raise RetrievalError(
             "train-retriever needs the 'datasets' package (sentence-transformers' trainer uses it). "
