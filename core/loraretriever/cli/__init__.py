@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = extra_error(error)
         if not isinstance(missing, MissingExtraError):
             raise
-        return fail(f"`loraretriever {args.command}` {missing}")
+        return fail(MissingExtraError(missing.name, missing.extra, feature=f"loraretriever {args.command}"))
 
 
 if __name__ == "__main__":

@@ -46,9 +46,9 @@ class MissingExtraError(ModuleNotFoundError):
     A ``ModuleNotFoundError``, so code that already catches that one keeps working.
     """
 
-    def __init__(self, module: str, extra: str) -> None:
+    def __init__(self, module: str, extra: str, feature: str = "this") -> None:
         super().__init__(
-            f"this needs the optional package {module!r}, which is not installed. "
+            f"{feature} needs the optional package {module!r}, which is not installed. "
             f"Fix: pip install 'loraretriever[{extra}]'",
             name=module,
         )
