@@ -17,12 +17,32 @@ from loraretriever.retrieval.cards import (
 from loraretriever.retrieval.queries import load_queries
 
 
-def test_card_samples_are_bounded_in_count_and_length():
+def test_card_samples_are_bounded_by_cutting_never_by_refusing(caplog):
     assert len(AdapterCard("ok", ["x" * MAX_SAMPLE_CHARS] * MAX_CARD_SAMPLES).samples) == MAX_CARD_SAMPLES
-    with pytest.raises(RetrievalError, match=f"100,000|100000 samples, over the limit of {MAX_CARD_SAMPLES}"):
-        AdapterCard("many", ["a sample"] * 100_000)
-    with pytest.raises(RetrievalError, match="sample 1 has 8,001 characters, over the limit of 8,000"):
-        AdapterCard("long", ["short", "y" * (MAX_SAMPLE_CHARS + 1)])
+    assert not caplog.records
+    many = AdapterCard("many", [f"sample {i}" for i in range(100_000)])
+    assert many.samples == tuple(f"sample {i}" for i in range(MAX_CARD_SAMPLES))
+    assert "has 100000 samples; keeping the first 256" in caplog.text
+    long = AdapterCard("long", ["short", "y" * 14_369])
+    assert long.samples == ("short", "y" * MAX_SAMPLE_CHARS)
+    assert "cut 1 sample(s) over 8,000 characters (the longest 14,369)" in caplog.text
+    # what is stored is the cut card: it reads back the same
+    assert AdapterCard.from_dict(long.to_dict()) == long
+
+
+def test_the_papers_cards_with_a_long_sample_load_whole(flan48, tmp_path, caplog):
+    """A review as long as the 14,369-character email a user's data held (the paper's longest
+    sample, an imdb_reviews one, has 3,761): every card loads, that sample cut."""
+    entries = json.loads((flan48 / "lora_samples.json").read_text())
+    (imdb,) = [entry for entry in entries if entry["model_name"] == "imdb_reviews"]
+    review = "\n\n".join(sample["inputs"] for sample in imdb["sample"])
+    assert len(review) > 14_369
+    imdb["sample"][0]["inputs"] = review[:14_369]
+    (tmp_path / "lora_samples.json").write_text(json.dumps(entries))
+    cards = {card.name: card for card in load_paper_cards(tmp_path / "lora_samples.json")}
+    assert len(cards) == 48
+    assert cards["imdb_reviews"].samples[0] == review[:MAX_SAMPLE_CHARS]
+    assert "card 'imdb_reviews': cut 1 sample(s) over 8,000 characters (the longest 14,369)" in caplog.text
 
 
 def test_card_checks_name_samples_and_tags():

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -23,6 +24,8 @@ from typing import Any
 from loraretriever.engine.adapter import AdapterError, check_adapter_name
 from loraretriever.engine.home import with_umask
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "MAX_CARD_SAMPLES",
     "MAX_SAMPLE_CHARS",
@@ -34,8 +37,10 @@ __all__ = [
     "read_json",
 ]
 
-MAX_CARD_SAMPLES = 256  # embedding them all keeps adding a card to a few seconds on a CPU
-MAX_SAMPLE_CHARS = 8_000  # the embedder truncates far below this; longer text only costs time
+# A card's size is bounded by cutting, never by refusing real data (an email of 14,369 characters
+# is one sample of the paper's aeslc task): the embedder reads only a sample's first few hundred tokens.
+MAX_CARD_SAMPLES = 256  # the first ones are kept: embedding them all keeps adding a card to seconds on a CPU
+MAX_SAMPLE_CHARS = 8_000  # a longer sample is cut to its first MAX_SAMPLE_CHARS characters
 
 _TAG_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
 RESERVED_TAG_KEYS = frozenset({"name", "domain", "card_digest"})
@@ -78,18 +83,29 @@ class AdapterCard:
                 f"card {self.name!r} has no samples; a card needs at least one sample input (the paper uses 20)."
             )
         if len(samples) > MAX_CARD_SAMPLES:
-            raise RetrievalError(
-                f"card {self.name!r} has {len(samples)} samples, over the limit of {MAX_CARD_SAMPLES} (every sample "
-                "is embedded when the card is added; the paper uses 20). Fix: keep a representative subset."
+            logger.warning(
+                "card %r has %d samples; keeping the first %d (every sample is embedded when the card is added; "
+                "the paper uses 20)",
+                self.name,
+                len(samples),
+                MAX_CARD_SAMPLES,
             )
+            samples = samples[:MAX_CARD_SAMPLES]
         for i, sample in enumerate(samples):
             if not isinstance(sample, str) or not sample.strip():
                 raise RetrievalError(f"card {self.name!r}: sample {i} ({sample!r:.60}) must be a non-empty string.")
-            if len(sample) > MAX_SAMPLE_CHARS:
-                raise RetrievalError(
-                    f"card {self.name!r}: sample {i} has {len(sample):,} characters, over the limit of "
-                    f"{MAX_SAMPLE_CHARS:,} (the embedder reads only its first few hundred tokens). Fix: shorten it."
-                )
+        long = [i for i, sample in enumerate(samples) if len(sample) > MAX_SAMPLE_CHARS]
+        if long:
+            logger.warning(
+                "card %r: cut %d sample(s) over %s characters (the longest %s) to their first %s; the embedder "
+                "reads only the first few hundred tokens",
+                self.name,
+                len(long),
+                f"{MAX_SAMPLE_CHARS:,}",
+                f"{max(len(samples[i]) for i in long):,}",
+                f"{MAX_SAMPLE_CHARS:,}",
+            )
+            samples = tuple(sample[:MAX_SAMPLE_CHARS] for sample in samples)
         object.__setattr__(self, "samples", samples)
         for attr in ("description", "domain"):
             value = getattr(self, attr)
