@@ -24,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "AdapterError",
+    "AdapterMismatchError",
     "LoraAdapter",
     "LoraWeights",
     "check_adapter_name",
@@ -51,6 +52,11 @@ _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 class AdapterError(ValueError):
     """An adapter could not be read or does not fit the base model. Nothing was changed."""
+
+
+class AdapterMismatchError(AdapterError):
+    """The adapter is sound but was trained for another base model (its target modules or shapes
+    do not fit this one): opening with the right model fixes it, so it is never quarantined."""
 
 
 @dataclass(frozen=True)
@@ -244,7 +250,7 @@ def check_layout(
         if module_name not in linear_layers:
             found = dict(model.named_modules()).get(module_name)
             kind = type(found).__name__ if found is not None else "no such module"
-            raise AdapterError(
+            raise AdapterMismatchError(
                 f"{where}: target module {module_name!r} is not a Linear layer of the base model "
                 f"({kind}). Fix: train the adapter on this base model "
                 f"({type(model).__name__}), or check its target_modules."
@@ -257,7 +263,7 @@ def check_layout(
             or a_shape[1] != layer.in_features
             or b_shape[0] != layer.out_features
         ):
-            raise AdapterError(
+            raise AdapterMismatchError(
                 f"{where}: module {module_name!r} has lora_A {tuple(a_shape)} and lora_B {tuple(b_shape)}, "
                 f"but the base layer maps {layer.in_features} -> {layer.out_features}; the adapter was "
                 "trained for another base model. Fix: load it with the model it was trained on."

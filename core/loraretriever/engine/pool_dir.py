@@ -6,7 +6,7 @@
       adapters/<name>/adapter_config.json, adapter_model.safetensors   (PEFT's own format)
       cards/<name>.json                                               (loraretriever.retrieval.cards)
       index/                                                          (Chroma, rebuilt from the cards)
-      pool.json                                                       (how the LoRAs were trained)
+      pool.json                   (the manifest: base model and its fingerprint, embedder, prompt format)
       .generation, .pool.lock                                         (changes across processes)
       .intents/<name>.json                                            (a change under way)
 
@@ -24,24 +24,32 @@ with the staging and trash directories it left (:func:`leftovers`).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import torch
 from filelock import FileLock
 
 from loraretriever.engine.adapter import CONFIG_FILE, SAFETENSORS_FILE, AdapterError, check_adapter_name
+from loraretriever.engine.base_model import model_fingerprint, model_source
 from loraretriever.engine.home import with_umask
 from loraretriever.engine.pool import LoraPool
 
 __all__ = [
     "ADAPTERS_DIR",
+    "SETTINGS_FILE",
+    "PoolMismatchError",
     "adapter_dirs",
+    "check_pool_model",
     "clear_intent",
     "delete_adapter",
     "generation",
@@ -50,13 +58,20 @@ __all__ = [
     "load_adapters",
     "pool_change",
     "prompt_format",
+    "read_manifest",
     "record_intent",
+    "record_pool_model",
     "record_prompt_format",
+    "recorded_model",
     "store_adapter",
+    "update_manifest",
 ]
+
+logger = logging.getLogger(__name__)
 
 ADAPTERS_DIR = "adapters"
 SETTINGS_FILE = "pool.json"
+MANIFEST_FORMAT = 1
 INTENTS_DIR = ".intents"
 PROMPT_FORMATS = ("chat", "plain")
 GENERATION_FILE = ".generation"
@@ -201,36 +216,111 @@ def leftovers(pool_dir: str | Path) -> list[Path]:
     return sorted(found)
 
 
+def read_manifest(pool_dir: str | Path) -> dict[str, Any]:
+    """The pool's manifest (``pool.json``): what it belongs to and how its LoRAs were trained;
+    ``{}`` for a pool that has none yet.
+
+    Raises:
+        AdapterError: a ``pool.json`` that is not a JSON object, or of a newer format (names the fix).
+    """
+    path = Path(pool_dir).expanduser() / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise AdapterError(
+            f"{path} is not valid JSON ({error}). Fix: restore it, or delete it to record it anew."
+        ) from None
+    if not isinstance(manifest, dict):
+        raise AdapterError(f"{path} must hold a JSON object. Fix: restore it, or delete it to record it anew.")
+    if manifest.get("format", MANIFEST_FORMAT) > MANIFEST_FORMAT:
+        raise AdapterError(
+            f"{path} has format {manifest['format']}, newer than this loraretriever reads ({MANIFEST_FORMAT}). "
+            "Fix: upgrade loraretriever."
+        )
+    value = manifest.get("prompt_format")
+    if value is not None and value not in PROMPT_FORMATS:
+        raise AdapterError(f"{path}: prompt_format={value!r} is not one of {PROMPT_FORMATS}; fix it.")
+    return manifest
+
+
+def update_manifest(pool_dir: str | Path, **fields: Any) -> dict[str, Any]:
+    """Sets ``fields`` in the pool's manifest (written whole and atomically, under the pool lock),
+    with the format and the ``created`` / ``updated`` times; returns the manifest."""
+    root = Path(pool_dir).expanduser()
+    with pool_change(root):
+        manifest = read_manifest(root)
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        manifest = {"format": MANIFEST_FORMAT, "created": manifest.get("created", now), **manifest, **fields}
+        manifest["format"], manifest["updated"] = MANIFEST_FORMAT, now
+        fd, staging = tempfile.mkstemp(prefix=f".{SETTINGS_FILE}-", dir=root)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(manifest, out, indent=1)
+            out.write("\n")
+        with_umask(staging)
+        os.replace(staging, root / SETTINGS_FILE)
+    return manifest
+
+
+class PoolMismatchError(AdapterError):
+    """The pool belongs to another base model; nothing in it was touched."""
+
+
+def _describe(fingerprint: dict[str, Any]) -> str:
+    return f"{fingerprint.get('architecture')}, {fingerprint.get('layers')} layers, hidden size {fingerprint.get('hidden_size')}"
+
+
+def recorded_model(pool_dir: str | Path) -> str | None:
+    """The base model the pool's manifest records (a hub id, a path, or the packaged default's
+    name), or None."""
+    return (read_manifest(pool_dir).get("base_model") or {}).get("id")
+
+
+def check_pool_model(pool_dir: str | Path, model: torch.nn.Module) -> bool:
+    """Whether the pool records its base model; refuses ``model`` if it is another one.
+
+    Raises:
+        PoolMismatchError: the manifest's fingerprint is not ``model``'s, naming both models.
+    """
+    recorded = read_manifest(pool_dir).get("base_model") or {}
+    if not recorded.get("fingerprint"):
+        return False
+    found = model_fingerprint(model)
+    if recorded["fingerprint"] != found:
+        raise PoolMismatchError(
+            f"the pool {str(pool_dir)!r} belongs to base model {recorded.get('id')!r} "
+            f"({_describe(recorded['fingerprint'])}), not to {model_source(model)!r} ({_describe(found)}); its "
+            f"adapters do not fit it. Fix: open it with {recorded.get('id')!r} (the default when no model is "
+            "given), or use another pool directory for this model."
+        )
+    if recorded.get("id") != model_source(model):
+        logger.info(
+            "the pool %s records %r; opened with %r (the same shapes)",
+            pool_dir,
+            recorded.get("id"),
+            model_source(model),
+        )
+    return True
+
+
+def record_pool_model(pool_dir: str | Path, model: torch.nn.Module) -> None:
+    """Records ``model`` as the pool's base model in its manifest."""
+    update_manifest(pool_dir, base_model={"id": model_source(model), "fingerprint": model_fingerprint(model)})
+
+
 def prompt_format(pool_dir: str | Path) -> str | None:
     """How the pool's LoRAs saw their prompts in training: ``"chat"`` (the base model's chat
     template) or ``"plain"``; None for a pool that does not record it.
 
     Raises:
-        AdapterError: a ``pool.json`` that is not JSON or records an unknown format (names the fix).
+        AdapterError: a ``pool.json`` that cannot be read (:func:`read_manifest`).
     """
-    path = Path(pool_dir).expanduser() / SETTINGS_FILE
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("prompt_format")
-    except (ValueError, AttributeError) as error:
-        raise AdapterError(f"{path} is not a JSON object ({error}); fix or delete it.") from None
-    if value is not None and value not in PROMPT_FORMATS:
-        raise AdapterError(f"{path}: prompt_format={value!r} is not one of {PROMPT_FORMATS}; fix it.")
-    return value
+    return read_manifest(pool_dir).get("prompt_format")
 
 
 def record_prompt_format(pool_dir: str | Path, value: str) -> None:
-    """Records how the pool's LoRAs were trained (see :func:`prompt_format`), atomically."""
+    """Records how the pool's LoRAs were trained (see :func:`prompt_format`)."""
     if value not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format={value!r} is not one of {PROMPT_FORMATS}.")
-    root = Path(pool_dir).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / SETTINGS_FILE
-    settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    settings["prompt_format"] = value
-    fd, staging = tempfile.mkstemp(prefix=".pool.json-", dir=root)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        json.dump(settings, out, indent=1)
-        out.write("\n")
-    os.replace(staging, path)
+    update_manifest(pool_dir, prompt_format=value)

@@ -16,17 +16,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loraretriever.engine.adapter import AdapterError, check_adapter_name, read_adapter_files
+from loraretriever.engine.adapter import AdapterError, AdapterMismatchError, check_adapter_name, read_adapter_files
+from loraretriever.engine.base_model import model_source
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.pool_dir import (
     ADAPTERS_DIR,
+    SETTINGS_FILE,
+    PoolMismatchError,
     adapter_dirs,
+    check_pool_model,
     clear_intent,
     delete_adapter,
     intents,
     leftovers,
     pool_change,
     record_intent,
+    record_pool_model,
     store_adapter,
 )
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
@@ -171,22 +176,42 @@ def open_pool_dir(pool: LoraPool, pool_dir: str | Path, *, cards: CardStore | No
         ``{"loaded": [...], "quarantined": [...], "undone": [...]}`` (adapter names).
     """
     root = Path(pool_dir).expanduser()
+    recorded = check_pool_model(root, pool.model)  # a pool of another model is refused untouched
     undone = recover(root)["undone"]
-    loaded, bad = [], []
+    loaded, bad, unfit = [], [], []
 
     def quarantine_broken(name: str, error: AdapterError) -> None:  # found at its first load
-        if (root / ADAPTERS_DIR / name).is_dir():
+        if (root / ADAPTERS_DIR / name).is_dir() and not isinstance(error, AdapterMismatchError):
             quarantine(root, name, f"the adapter does not load: {error}")
 
-    pool.on_load_error(quarantine_broken)
+    damaged: dict[str, AdapterError] = {}
     for name, path in adapter_dirs(root).items():
         if name in pool:
             continue
         try:
             loaded.append(pool.register(path, name=name))
+        except AdapterMismatchError as error:
+            unfit.append(error)
         except AdapterError as error:
-            quarantine(root, name, f"the adapter does not load: {error}")
-            bad.append(name)
+            damaged[name] = error
+    if unfit:  # sound adapters of another model: the whole open is refused, nothing moved
+        for name in loaded:
+            pool.remove(name)
+        raise PoolMismatchError(
+            f"{len(unfit)} adapter(s) of the pool {str(root)!r} do not fit the base model {model_source(pool.model)!r}; "
+            f"they were trained for another one (the first: {unfit[0]}). Fix: open the pool with the model its "
+            "adapters were trained on."
+        )
+    pool.on_load_error(quarantine_broken)
+    for name, error in damaged.items():
+        quarantine(root, name, f"the adapter does not load: {error}")
+        bad.append(name)
+    if not recorded:
+        try:
+            record_pool_model(root, pool.model)
+            logger.warning("recorded base model %r in %s", model_source(pool.model), root / SETTINGS_FILE)
+        except OSError as error:  # a read-only pool still opens
+            logger.warning("could not record the base model in %s: %s", root / SETTINGS_FILE, error)
     cards = cards if cards is not None else CardStore(root / CARDS_DIR)
     for name in cards.names:
         try:

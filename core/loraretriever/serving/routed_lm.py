@@ -32,7 +32,7 @@ from loraretriever.engine.composer import Composer
 from loraretriever.engine.engine import Engine, EngineConfig, Policy
 from loraretriever.engine.gates import Gate, gate_dirs, load_gate
 from loraretriever.engine.pool import LoraPool
-from loraretriever.engine.pool_dir import prompt_format
+from loraretriever.engine.pool_dir import prompt_format, recorded_model
 from loraretriever.engine.requests import GenerationConfig, Prompt, prompt_text
 from loraretriever.engine.routing import Routing
 from loraretriever.engine.scheduler import EngineLoop, LoopDeltas, QueuedRequest
@@ -152,7 +152,9 @@ class RoutedLM:
         RoutedLMs of one base model, device and dtype share its weights.
 
         Args:
-            model_id: See :func:`loraretriever.load_base_model`.
+            model_id: See :func:`loraretriever.load_base_model`. ``None`` with a ``pool_dir`` takes the
+                base model its manifest (``pool.json``) records; another model than the recorded one
+                is refused (:class:`~loraretriever.engine.pool_dir.PoolMismatchError`).
             device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``;
                 adapters, gates and caches follow the model.
             dtype: ``"auto"`` (bfloat16 or float16 on a GPU, float32 on CPU), ``"float32"``,
@@ -168,6 +170,8 @@ class RoutedLM:
         from loraretriever.engine.base_model import shared_base_model
 
         _check_load_options(kwargs)
+        if model_id is None and kwargs.get("pool_dir") is not None:
+            model_id = recorded_model(Path(kwargs["pool_dir"]).expanduser())  # the pool's own base model
         model, tokenizer = shared_base_model(model_id, device=device, dtype=dtype)  # one copy per process
         return cls.from_model(model, tokenizer, **kwargs)
 

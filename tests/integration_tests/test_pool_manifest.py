@@ -1,0 +1,130 @@
+"""A pool for the user's own model, through the CLI in real processes: the pool records its base
+model (``pool.json``), later commands default to it, and another model is refused whole, without
+moving a valid adapter to quarantine. Tiny Qwen2 and Mistral models with real PEFT adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from tests.conftest import save_peft_adapter
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(kind, config_class, smol_tokenizer, hidden: int):
+    torch.manual_seed(0)
+    config = config_class(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=smol_tokenizer.eos_token_id,
+        pad_token_id=smol_tokenizer.pad_token_id,
+    )
+    return kind(config).eval()
+
+
+@pytest.fixture(scope="module")
+def models(smol_tokenizer, tmp_path_factory) -> dict[str, Path]:
+    """A tiny Qwen2 (the user's model) and a tiny Mistral of another width (a wrong --model), saved
+    as a user's local model directories, and PEFT adapters of the Qwen2."""
+    root = tmp_path_factory.mktemp("models")
+    qwen = tiny(Qwen2ForCausalLM, Qwen2Config, smol_tokenizer, hidden=32)
+    mistral = tiny(MistralForCausalLM, MistralConfig, smol_tokenizer, hidden=48)
+    for name, model in (("qwen", qwen), ("mistral", mistral)):
+        model.save_pretrained(root / name)
+        smol_tokenizer.save_pretrained(root / name)
+    for seed, name in enumerate(("fr", "senti", "summ")):
+        save_peft_adapter(qwen, root / "adapters" / name, r=4, seed=seed, targets=["q_proj", "v_proj"])
+    cards = {
+        "fr": ["Translate to French: the cat sleeps", "Translate to French: good morning"],
+        "senti": ["Is this review positive or negative? I loved it", "Sentiment of: awful service"],
+        "summ": ["Summarize: the meeting moved to Tuesday because of the storm"],
+    }
+    for name, samples in cards.items():
+        (root / "adapters" / f"{name}.card.json").write_text(json.dumps({"samples": samples}))
+    return {"root": root, "qwen": root / "qwen", "mistral": root / "mistral", "adapters": root / "adapters"}
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``loraretriever ARGS`` in a process of its own, as a user's shell runs it."""
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from loraretriever.cli import main; sys.exit(main())", *args],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def add(models, pool: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    source = models["adapters"]
+    return cli(
+        "pool",
+        "add",
+        name,
+        str(source / name),
+        "--card",
+        str(source / f"{name}.card.json"),
+        "--pool",
+        str(pool),
+        *extra,
+        cwd=models["root"],
+    )
+
+
+def test_a_pool_remembers_its_model_and_refuses_another_without_quarantining(models, tmp_path):
+    pool = tmp_path / "pool"
+    done = add(models, pool, "fr", "--create", "--model", str(models["qwen"]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((pool / "pool.json").read_text())
+    assert manifest["base_model"]["id"] == str(models["qwen"].resolve())
+    assert manifest["base_model"]["fingerprint"]["architecture"] == "Qwen2ForCausalLM"
+    assert manifest["format"] == 1 and manifest["created"] <= manifest["updated"]
+
+    # a forgotten --model: the pool's own model, not the packaged default
+    done = add(models, pool, "senti")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    # a wrong --model: refused before anything is touched, naming both models
+    done = add(models, pool, "summ", "--model", str(models["mistral"]))
+    assert done.returncode == 2
+    assert str(models["qwen"].resolve()) in done.stderr and str(models["mistral"].resolve()) in done.stderr
+    assert "Qwen2ForCausalLM" in done.stderr and "MistralForCausalLM" in done.stderr
+    assert sorted(p.name for p in (pool / "adapters").iterdir()) == ["fr", "senti"]
+    assert not (pool / "quarantine").exists()
+
+    done = cli("route", "--pool", str(pool), "--top-k", "1", "Translate to French: the dog", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])[0]["adapters"] == ["fr"]
+
+
+def test_a_pool_without_a_manifest_opened_with_another_model_is_refused_whole(models, tmp_path):
+    pool = tmp_path / "pool"
+    for name in ("fr", "senti"):
+        assert add(models, pool, name, "--create", "--model", str(models["qwen"])).returncode == 0
+    (pool / "pool.json").unlink()  # a pool written before manifests
+
+    done = add(models, pool, "summ", "--model", str(models["mistral"]))
+    assert done.returncode == 2
+    assert "2 adapter(s)" in done.stderr and "do not fit the base model" in done.stderr
+    assert sorted(p.name for p in (pool / "adapters").iterdir()) == ["fr", "senti"]
+    assert not (pool / "quarantine").exists() and not (pool / "pool.json").exists()
+
+    # the right model opens it and records itself
+    done = add(models, pool, "summ", "--model", str(models["qwen"]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "recorded base model" in done.stderr
+    assert json.loads((pool / "pool.json").read_text())["base_model"]["id"] == str(models["qwen"].resolve())
