@@ -171,6 +171,29 @@ def test_reindex_and_route_commands(tmp_path, minilm, toy_cards, capsys):
     assert "extra" in last_json(capsys)[0]["adapters"]  # its card was indexed on open (reconciled)
 
 
+@pytest.mark.parametrize("command", ["route", "reindex", "calibrate"])
+def test_a_truncated_card_is_quarantined_and_the_command_goes_on(command, tmp_path, minilm, toy_cards, capsys):
+    pool_dir = tmp_path / "pool"
+    CardStore(pool_dir / "cards").put_all(toy_cards)
+    card = pool_dir / "cards" / "nli.json"
+    card.write_text(card.read_text()[:40])  # cut mid-write by a full disk, say
+    queries = tmp_path / "queries.json"
+    queries.write_text(json.dumps([{"inputs": q, "task": t, "domain": d} for t, d, q in QUERIES if t != "nli"]))
+    prompt = "Translate to German: where is the library?"
+    argv = {
+        "route": ["route", "--pool", str(pool_dir), prompt, "--top-k", "3"],
+        "reindex": ["reindex", "--pool", str(pool_dir), "--json"],
+        "calibrate": ["calibrate", "--pool", str(pool_dir), "--queries", str(queries)],
+    }[command]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert not card.exists()
+    assert "the card cannot be read" in (pool_dir / "quarantine" / "nli" / "reason.txt").read_text()
+    if command == "route":
+        assert "nli" not in last_json(capsys)[0]["adapters"]
+    if command == "reindex":
+        assert last_json(capsys)["indexed"] == 3
+
+
 def test_bench_retrieval_command(capsys):
     assert (
         main(["bench", "retrieval", "--loras", "300", "--batch", "4", "--repeats", "1", "--ephemeral", "--json"]) == 0

@@ -197,13 +197,18 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
 def _open_router(args: argparse.Namespace, *, reindex: bool = False) -> Any:
     from pathlib import Path
 
+    from loraretriever.retrieval.cards import CardStore
     from loraretriever.retrieval.index import DEFAULT_COLLECTION
     from loraretriever.retrieval.router import CARDS_DIR, Router
+    from loraretriever.serving.adapters import ready_pool_dir
 
     if not (Path(args.pool) / CARDS_DIR).is_dir():
         raise RetrievalError(f"{str(Path(args.pool) / CARDS_DIR)!r} does not exist; is --pool a pool directory?")
+    cards = CardStore(Path(args.pool) / CARDS_DIR)
+    ready_pool_dir(args.pool, cards)  # a bad card is quarantined, not the end of the command
     return Router.open(
         args.pool,
+        store=cards,
         embedder=args.embedder,
         chroma_path=args.chroma_path,
         host=args.chroma_host,

@@ -75,10 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from loraretriever.retrieval.router import Router
+    from loraretriever.retrieval.cards import CardStore
+    from loraretriever.retrieval.router import CARDS_DIR, Router
     from loraretriever.server.app import create_app
     from loraretriever.server.backend import Forwarder
     from loraretriever.server.config import ServerConfig
+    from loraretriever.serving.adapters import ready_pool_dir
     from loraretriever.serving.routed_lm import RoutedLM
 
     pool = Path(args.pool).expanduser()
@@ -104,7 +106,9 @@ def _run(args: argparse.Namespace) -> int:
         return fail(str(error))
 
     def forwarder() -> Forwarder:
-        router = Router.open(pool, host=args.chroma_host, port=args.chroma_port)
+        cards = CardStore(pool / CARDS_DIR)
+        ready_pool_dir(pool, cards)  # a bad card is quarantined, not the end of the server
+        router = Router.open(pool, host=args.chroma_host, port=args.chroma_port, store=cards)
         return Forwarder(
             router,
             pool,

@@ -47,6 +47,7 @@ __all__ = [
     "open_pool_dir",
     "quarantine",
     "quarantined",
+    "ready_pool_dir",
     "recover",
     "remove_adapter",
 ]
@@ -212,14 +213,35 @@ def open_pool_dir(pool: LoraPool, pool_dir: str | Path, *, cards: CardStore | No
             logger.warning("recorded base model %r in %s", model_source(pool.model), root / SETTINGS_FILE)
         except OSError as error:  # a read-only pool still opens
             logger.warning("could not record the base model in %s: %s", root / SETTINGS_FILE, error)
-    cards = cards if cards is not None else CardStore(root / CARDS_DIR)
+    bad += quarantine_broken_cards(root, cards if cards is not None else CardStore(root / CARDS_DIR))
+    return {"loaded": loaded, "quarantined": sorted(set(bad)), "undone": undone}
+
+
+def quarantine_broken_cards(pool_dir: Path, cards: CardStore) -> list[str]:
+    """Moves each card of ``cards`` that cannot be read (and its adapter) to quarantine; returns
+    their names. Each card is parsed once: ``cards`` keeps it for the router."""
+    bad = []
     for name in cards.names:
         try:
             cards.get(name)
         except RetrievalError as error:
-            quarantine(root, name, f"the card cannot be read: {error}")
+            quarantine(pool_dir, name, f"the card cannot be read: {error}")
             bad.append(name)
-    return {"loaded": loaded, "quarantined": sorted(set(bad)), "undone": undone}
+    return bad
+
+
+def ready_pool_dir(pool_dir: str | Path, cards: CardStore | None = None) -> dict[str, list[str]]:
+    """Readies a pool directory for a router without a model (route, reindex, calibrate, serve
+    --backend): interrupted changes undone, unreadable cards quarantined, so one bad file never
+    stops the rest. :func:`open_pool_dir` does this and more for a pool with its model.
+
+    Returns:
+        ``{"quarantined": [...], "undone": [...]}`` (adapter names).
+    """
+    root = Path(pool_dir).expanduser()
+    undone = recover(root)["undone"]
+    bad = quarantine_broken_cards(root, cards if cards is not None else CardStore(root / CARDS_DIR))
+    return {"quarantined": bad, "undone": undone}
 
 
 def quarantine(pool_dir: str | Path, name: str, reason: str) -> Path:
