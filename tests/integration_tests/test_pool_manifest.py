@@ -109,6 +109,8 @@ def test_a_pool_remembers_its_model_and_refuses_another_without_quarantining(mod
     done = cli("route", "--pool", str(pool), "--top-k", "1", "Translate to French: the dog", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])[0]["adapters"] == ["fr"]
+    embedder = json.loads((pool / "pool.json").read_text())["embedder"]
+    assert embedder["id"] == "all-MiniLM-L6-v2" and embedder["dimension"] == 384
 
 
 def test_a_pool_without_a_manifest_opened_with_another_model_is_refused_whole(models, tmp_path):

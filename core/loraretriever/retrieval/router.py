@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from loraretriever.engine.pool_dir import read_manifest, update_manifest
 from loraretriever.engine.routing import GATED_MODES, Routing
 from loraretriever.retrieval.candidates import fetch_size, make_routing, nearest
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
@@ -150,6 +151,7 @@ class Router:
         index = _open_index(
             client, embedder, collection, where, rebuild=reindex, directory=path if host is None else None
         )
+        _record_embedder(pool_dir, embedder)
         return cls(embedder, index, store, pool=pool, options=options, confidence=_pool_confidence(pool_dir, embedder))
 
     @classmethod
@@ -361,6 +363,18 @@ def _open_index(
         where=where,
         directory=directory,
     )
+
+
+def _record_embedder(pool_dir: Path, embedder: Embedder) -> None:
+    """The pool's manifest names the embedder its index was built with (once the index opened with
+    it, so after a reindex too)."""
+    recorded = {"id": embedder.label, "name": embedder.name, "dimension": embedder.dim}
+    if read_manifest(pool_dir).get("embedder") == recorded:
+        return
+    try:
+        update_manifest(pool_dir, embedder=recorded)
+    except OSError as error:  # a read-only pool still routes
+        logger.warning("could not record the embedder in the manifest of %s: %s", pool_dir, error)
 
 
 def _pool_confidence(pool_dir: Path, embedder: Embedder) -> Confidence | None:
