@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,104 @@ def test_a_pool_without_a_manifest_opened_with_another_model_is_refused_whole(mo
     assert done.returncode == 0, done.stderr[-2000:]
     assert "recorded base model" in done.stderr
     assert json.loads((pool / "pool.json").read_text())["base_model"]["id"] == str(models["qwen"].resolve())
+
+
+def test_two_shells_each_adding_ten_adapters_lose_none(models, tmp_path):
+    """Two shells, each running 10 `pool add --create` on one pool: writers take turns on the pool
+    lock (no index is opened), so all 20 land."""
+    from tests.conftest import save_peft_adapter as save
+
+    qwen = Qwen2ForCausalLM.from_pretrained(models["qwen"])
+    pool, sources = tmp_path / "pool", tmp_path / "sources"
+    shells = []
+    for shell in ("p", "q"):
+        lines = ["set -e"]
+        for i in range(10):
+            name = f"{shell}{i:02d}"
+            save(qwen, sources / name, r=2, seed=len(lines), targets=["q_proj", "v_proj"])
+            (sources / f"{name}.json").write_text(json.dumps({"samples": [f"A question about topic {name}"]}))
+            lines.append(
+                f"'{sys.executable}' -c 'import sys; from loraretriever.cli import main; sys.exit(main())' "
+                f"pool add {name} '{sources / name}' --card '{sources / name}.json' --pool '{pool}' --create "
+                f"--model '{models['qwen']}'"
+            )
+        shells.append(
+            subprocess.Popen(
+                ["bash", "-c", "\n".join(lines)],
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for shell in shells:
+        out, err = shell.communicate(timeout=600)
+        assert shell.returncode == 0, err[-3000:]
+        assert out.count("added ") == 10
+    everyone = sorted(f"{s}{i:02d}" for s in "pq" for i in range(10))
+    assert sorted(p.name for p in (pool / "adapters").iterdir()) == everyone
+    assert sorted(p.stem for p in (pool / "cards").glob("*.json")) == everyone
+    assert not (pool / ".intents").exists() or not list((pool / ".intents").iterdir())
+
+
+def test_pool_add_beside_a_running_server_is_routed_after_its_next_sync(models, tmp_path):
+    """`serve` holds the pool's embedded index; `pool add` in another process succeeds, and the
+    server routes the new adapter's task to it from its next request on."""
+    import httpx
+
+    from loraretriever.server.local import free_port
+
+    pool = tmp_path / "pool"
+    for name in ("fr", "senti"):
+        assert add(models, pool, name, "--create", "--model", str(models["qwen"])).returncode == 0
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from loraretriever.cli import main; sys.exit(main())",
+            "serve",
+            "--pool",
+            str(pool),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the server did not get ready"
+            time.sleep(0.5)
+
+        def routed(prompt: str) -> list[str]:
+            body = {
+                "model": "auto",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 2,
+                "routing": {"top_k": 1},
+            }
+            reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+            assert reply.status_code == 200, reply.text
+            return reply.json()["choices"][0]["routing"]["adapters"]
+
+        prompt = "Summarize: the meeting moved to Tuesday because of the storm"
+        assert routed(prompt) != ["summ"]
+        done = add(models, pool, "summ")  # the server holds the index: this process never opens it
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert routed(prompt) == ["summ"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -63,7 +63,7 @@ def test_add_and_remove_through_the_cli(capsys, toy_pool_dir, tiny_lm, smol_toke
     code, _, err = run(capsys, "add", "newbie", str(source), "--card", str(card), *common)
     assert code == 0, err
     assert "newbie" in run(capsys, "list", "--pool", str(toy_pool_dir))[1]
-    code, _, err = run(capsys, "remove", "newbie", *common)
+    code, _, err = run(capsys, "remove", "newbie", "--pool", str(toy_pool_dir))  # loads no model
     assert code == 0, err
     assert "newbie" not in run(capsys, "list", "--pool", str(toy_pool_dir))[1]
     assert run(capsys, "check", "--pool", str(toy_pool_dir))[0] == 0

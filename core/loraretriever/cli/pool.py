@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pool", help="Add, remove, list and check the adapters of a pool directory.")
     commands = parser.add_subparsers(dest="pool_command", required=True)
 
-    add = commands.add_parser("add", help="Store an adapter (and its card) in the pool; routable at once.")
+    add = commands.add_parser(
+        "add", help="Store an adapter (and its card) in the pool; routers pick it up at their next sync."
+    )
     add.add_argument("name", help="The adapter's name in the pool.")
     add.add_argument("path", help="A PEFT adapter directory (adapter_config.json, adapter_model.safetensors).")
     add.add_argument("--card", help="A card JSON file ({'samples': [...], 'domain': ..., 'tags': {...}}).")
@@ -23,9 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(add, model=True)
     add.set_defaults(handler=_run_add)
 
-    remove = commands.add_parser("remove", help="Remove an adapter, its card and its index entry.")
+    remove = commands.add_parser("remove", help="Remove an adapter and its card (routers drop it at their next sync).")
     remove.add_argument("name")
-    _common(remove, model=True)
+    _common(remove)
     remove.set_defaults(handler=_run_remove)
 
     listing = commands.add_parser("list", help="The stored adapters, one per line (quarantined ones marked).")
@@ -60,7 +62,7 @@ def _no_pool(args: argparse.Namespace) -> int:
 def _run_add(args: argparse.Namespace) -> int:
     from loraretriever.engine.adapter import AdapterError
     from loraretriever.retrieval.cards import RetrievalError
-    from loraretriever.serving.routed_lm import RoutedLM
+    from loraretriever.serving.adapters import add_to_pool_dir
 
     pool = _pool(args, create=args.create)
     if pool is None:
@@ -72,25 +74,23 @@ def _run_add(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:
             return fail(f"--card {args.card!r} is not a readable JSON file ({error}). Fix: pass a card JSON file.")
     try:
-        with RoutedLM.from_pretrained(args.model, pool_dir=pool) as lm:
-            name = lm.add_adapter(args.path, card=card, name=args.name)
+        name = add_to_pool_dir(pool, args.path, card, name=args.name, model_id=args.model)
     except (AdapterError, RetrievalError, ValueError, KeyError) as error:
         return fail(error)
-    print(f"added {name!r} to {pool}")
+    print(f"added {name!r} to {pool} (routable once a router syncs: at once for a new process)")
     return 0
 
 
 def _run_remove(args: argparse.Namespace) -> int:
     from loraretriever.engine.adapter import AdapterError
     from loraretriever.retrieval.cards import RetrievalError
-    from loraretriever.serving.routed_lm import RoutedLM
+    from loraretriever.serving.adapters import remove_from_pool_dir
 
     pool = _pool(args)
     if pool is None:
         return _no_pool(args)
     try:
-        with RoutedLM.from_pretrained(args.model, pool_dir=pool) as lm:
-            lm.remove_adapter(args.name)
+        remove_from_pool_dir(pool, args.name)
     except (AdapterError, RetrievalError, KeyError) as error:
         return fail(error.args[0] if isinstance(error, KeyError) else error)
     print(f"removed {args.name!r} from {pool}")

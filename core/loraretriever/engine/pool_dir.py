@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from loraretriever.engine.adapter import CONFIG_FILE, SAFETENSORS_FILE, AdapterError, check_adapter_name
 from loraretriever.engine.base_model import model_fingerprint, model_source
@@ -76,6 +76,8 @@ INTENTS_DIR = ".intents"
 PROMPT_FORMATS = ("chat", "plain")
 GENERATION_FILE = ".generation"
 LOCK_FILE = ".pool.lock"
+LOCK_NOTICE_S = 2.0  # a writer waiting longer says so
+LOCK_WAIT_S = 120  # and gives up after this
 
 
 @functools.cache
@@ -91,12 +93,32 @@ def pool_change(pool_dir: str | Path) -> Iterator[None]:
     root = Path(pool_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     lock = _lock(root)
-    with lock:
+    _acquire(lock, root)
+    try:
+        yield
+    finally:
         try:
-            yield
-        finally:
             if lock.lock_counter == 1:  # the outermost change
                 _bump(root)
+        finally:
+            lock.release()
+
+
+def _acquire(lock: FileLock, root: Path) -> None:
+    """Waits its turn: another writer holds a change for a second or two (a copy and a card), so a
+    short-lived command waits rather than fails, saying so after a while, within a bound."""
+    try:
+        lock.acquire(timeout=LOCK_NOTICE_S)
+        return
+    except Timeout:
+        logger.warning("waiting for another process's change of the pool %s (up to %d s)", root, LOCK_WAIT_S)
+    try:
+        lock.acquire(timeout=LOCK_WAIT_S)
+    except Timeout:
+        raise AdapterError(
+            f"the pool {str(root)!r} has been locked by another process for over {LOCK_WAIT_S} s. Fix: let that "
+            "process finish, or stop it (a lock dies with its process)."
+        ) from None
 
 
 def generation(pool_dir: str | Path) -> int:
@@ -305,8 +327,10 @@ def check_pool_model(pool_dir: str | Path, model: torch.nn.Module) -> bool:
 
 
 def record_pool_model(pool_dir: str | Path, model: torch.nn.Module) -> None:
-    """Records ``model`` as the pool's base model in its manifest."""
+    """Records ``model`` as the pool's base model in its manifest (a pool without one gets it on
+    its first open with a model)."""
     update_manifest(pool_dir, base_model={"id": model_source(model), "fingerprint": model_fingerprint(model)})
+    logger.warning("recorded base model %r in %s", model_source(model), Path(pool_dir) / SETTINGS_FILE)
 
 
 def prompt_format(pool_dir: str | Path) -> str | None:

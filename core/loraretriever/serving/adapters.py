@@ -32,6 +32,7 @@ from loraretriever.engine.pool_dir import (
     pool_change,
     record_intent,
     record_pool_model,
+    recorded_model,
     store_adapter,
 )
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "QUARANTINE_DIR",
     "add_adapter",
+    "add_to_pool_dir",
     "check_pool_dir",
     "open_pool_dir",
     "quarantine",
@@ -50,6 +52,7 @@ __all__ = [
     "ready_pool_dir",
     "recover",
     "remove_adapter",
+    "remove_from_pool_dir",
 ]
 
 QUARANTINE_DIR = "quarantine"  # POOL_DIR/quarantine/<name>/: a broken entry's files and why
@@ -70,11 +73,7 @@ def add_adapter(
         ValueError: a card whose name differs from the adapter's, or a card without a router.
         AdapterError, RetrievalError: from the failed step, after undoing the others.
     """
-    if card is not None and not isinstance(card, AdapterCard):
-        card = AdapterCard.from_dict({"name": name or Path(str(source)).name, **dict(card)})
-    name = name or (card.name if card is not None else Path(str(source).rstrip("/")).name)
-    if card is not None and card.name != name:
-        raise ValueError(f"the card is named {card.name!r} but the adapter {name!r}; they must match.")
+    card, name = _card_and_name(source, card, name)
     if card is not None and router is None:
         raise ValueError("a card needs a router; open the RoutedLM with pool_dir= or router=.")
     with _change(pool_dir):
@@ -86,6 +85,92 @@ def add_adapter(
             return _add(pool, router, pool_dir, source, card, name)
         finally:  # done, or undone by _add: either way nothing is left half made
             clear_intent(pool_dir, name)
+
+
+def _card_and_name(source: str | Path, card: Any, name: str | None) -> tuple[AdapterCard | None, str]:
+    if card is not None and not isinstance(card, AdapterCard):
+        card = AdapterCard.from_dict({"name": name or Path(str(source)).name, **dict(card)})
+    name = name or (card.name if card is not None else Path(str(source).rstrip("/")).name)
+    if card is not None and card.name != name:
+        raise ValueError(f"the card is named {card.name!r} but the adapter {name!r}; they must match.")
+    return card, name
+
+
+def add_to_pool_dir(
+    pool_dir: str | Path,
+    source: str | Path,
+    card: AdapterCard | dict[str, Any] | None = None,
+    *,
+    name: str | None = None,
+    model_id: str | Path | None = None,
+) -> str:
+    """Stores an adapter and its card in a pool directory without opening the pool's index: the
+    cards are the source of truth, and whoever routes reconciles the index with them (a running
+    server at its next sync). So short-lived writers (``loraretriever pool add``) never contend
+    for an embedded index another process holds; they take turns on the pool lock.
+
+    The adapter is loaded with the pool's base model (``model_id``, default: the one its manifest
+    records) first, so one that does not fit or is damaged is refused and nothing is stored.
+
+    Raises:
+        PoolMismatchError: ``model_id`` is not the pool's model.
+        AdapterError, RetrievalError, ValueError: a bad adapter, card or name; nothing is left behind.
+    """
+    from loraretriever.engine.base_model import shared_base_model
+
+    root = Path(pool_dir).expanduser()
+    card, name = _card_and_name(source, card, name)
+    check_adapter_name(name)
+    model, _ = shared_base_model(model_id if model_id is not None else recorded_model(root))
+    recorded = check_pool_model(root, model)
+    pool = LoraPool(model)
+    try:
+        if not recorded:  # a pool without a manifest: its adapters tell whether the model is its own
+            _register_stored(pool, root)
+        pool.add(source, name=name)  # every check a load makes (fit, NaN, bounds), before anything is written
+    finally:
+        pool.close()
+    cards = CardStore(root / CARDS_DIR)
+    with pool_change(root):
+        if name in adapter_dirs(root) or name in cards:
+            raise AdapterError(
+                f"an adapter named {name!r} is already in the pool {str(root)!r}. Fix: pick another name."
+            )
+        record_intent(root, "add", name)
+        try:
+            store_adapter(root, source, name)
+            if card is not None:
+                cards.put(card)
+        except BaseException:
+            with contextlib.suppress(KeyError):
+                delete_adapter(root, name)
+            raise
+        finally:  # done, or undone above: either way nothing is left half made
+            clear_intent(root, name)
+        if not recorded:
+            record_pool_model(root, model)
+    return name
+
+
+def remove_from_pool_dir(pool_dir: str | Path, name: str) -> None:
+    """Removes an adapter and its card from a pool directory without opening its index or loading
+    a model; whoever routes drops the vector when it reconciles.
+
+    Raises:
+        KeyError: the pool has no adapter or card of that name.
+    """
+    root = Path(pool_dir).expanduser()
+    check_adapter_name(name)
+    cards = CardStore(root / CARDS_DIR)
+    with pool_change(root):
+        if name not in adapter_dirs(root) and name not in cards:
+            raise KeyError(f"the pool {str(root)!r} has no adapter named {name!r}.")
+        record_intent(root, "remove", name)
+        if name in cards:  # the card first: a router never routes to a missing adapter
+            cards.remove(name)
+        if name in adapter_dirs(root):
+            delete_adapter(root, name)
+        clear_intent(root, name)
 
 
 def _add(pool: LoraPool, router: Any, pool_dir: Path | None, source: str | Path, card: Any, name: str) -> str:
@@ -179,13 +264,35 @@ def open_pool_dir(pool: LoraPool, pool_dir: str | Path, *, cards: CardStore | No
     root = Path(pool_dir).expanduser()
     recorded = check_pool_model(root, pool.model)  # a pool of another model is refused untouched
     undone = recover(root)["undone"]
-    loaded, bad, unfit = [], [], []
+    bad = []
 
     def quarantine_broken(name: str, error: AdapterError) -> None:  # found at its first load
         if (root / ADAPTERS_DIR / name).is_dir() and not isinstance(error, AdapterMismatchError):
             quarantine(root, name, f"the adapter does not load: {error}")
 
-    damaged: dict[str, AdapterError] = {}
+    loaded, damaged = _register_stored(pool, root)
+    pool.on_load_error(quarantine_broken)
+    for name, error in damaged.items():
+        quarantine(root, name, f"the adapter does not load: {error}")
+        bad.append(name)
+    if not recorded:
+        try:
+            record_pool_model(root, pool.model)
+        except OSError as error:  # a read-only pool still opens
+            logger.warning("could not record the base model in %s: %s", root / SETTINGS_FILE, error)
+    bad += quarantine_broken_cards(root, cards if cards is not None else CardStore(root / CARDS_DIR))
+    return {"loaded": loaded, "quarantined": sorted(set(bad)), "undone": undone}
+
+
+def _register_stored(pool: LoraPool, root: Path) -> tuple[list[str], dict[str, AdapterError]]:
+    """Registers the stored adapters not in ``pool`` yet (config and shapes read, not weights);
+    returns those registered and those damaged.
+
+    Raises:
+        PoolMismatchError: adapters that are sound but of another base model; none is left
+            registered, nothing is moved.
+    """
+    loaded, damaged, unfit = [], {}, []
     for name, path in adapter_dirs(root).items():
         if name in pool:
             continue
@@ -195,7 +302,7 @@ def open_pool_dir(pool: LoraPool, pool_dir: str | Path, *, cards: CardStore | No
             unfit.append(error)
         except AdapterError as error:
             damaged[name] = error
-    if unfit:  # sound adapters of another model: the whole open is refused, nothing moved
+    if unfit:
         for name in loaded:
             pool.remove(name)
         raise PoolMismatchError(
@@ -203,18 +310,7 @@ def open_pool_dir(pool: LoraPool, pool_dir: str | Path, *, cards: CardStore | No
             f"they were trained for another one (the first: {unfit[0]}). Fix: open the pool with the model its "
             "adapters were trained on."
         )
-    pool.on_load_error(quarantine_broken)
-    for name, error in damaged.items():
-        quarantine(root, name, f"the adapter does not load: {error}")
-        bad.append(name)
-    if not recorded:
-        try:
-            record_pool_model(root, pool.model)
-            logger.warning("recorded base model %r in %s", model_source(pool.model), root / SETTINGS_FILE)
-        except OSError as error:  # a read-only pool still opens
-            logger.warning("could not record the base model in %s: %s", root / SETTINGS_FILE, error)
-    bad += quarantine_broken_cards(root, cards if cards is not None else CardStore(root / CARDS_DIR))
-    return {"loaded": loaded, "quarantined": sorted(set(bad)), "undone": undone}
+    return loaded, damaged
 
 
 def quarantine_broken_cards(pool_dir: Path, cards: CardStore) -> list[str]:

@@ -2,15 +2,16 @@
 
 Every change to a pool directory bumps its generation (:func:`~loraretriever.engine.pool_dir.generation`);
 :meth:`PoolSync.refresh` compares it with the last one seen (one small file read) and, when it
-moved, loads the adapters other processes stored and drops those they removed. Cards need no
-syncing: the router reads them from the directory, and the index is shared (a Chroma server).
+moved, loads the adapters other processes stored and drops those they removed, then calls
+``on_change`` (the router's reconcile: the index is a cache of the cards, which writers such as
+``loraretriever pool add`` change without opening it).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from loraretriever.engine.pool import LoraPool
@@ -28,10 +29,19 @@ class PoolSync:
         pool: The process's pool.
         pool_dir: The shared directory.
         extra: Adapters added to the pool from elsewhere (``adapters=``): never dropped.
+        on_change: Called after each change is taken in (the router's reconcile); a failure is
+            logged, never raised to the caller that is serving.
     """
 
-    def __init__(self, pool: LoraPool, pool_dir: str | Path, extra: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        pool: LoraPool,
+        pool_dir: str | Path,
+        extra: Iterable[str] = (),
+        on_change: Callable[[], object] | None = None,
+    ) -> None:
         self.pool, self.pool_dir, self.extra = pool, Path(pool_dir).expanduser(), set(extra)
+        self.on_change = on_change
         self._seen = generation(self.pool_dir)
         self._lock = threading.Lock()
 
@@ -59,6 +69,11 @@ class PoolSync:
             removed = [n for n in self.pool.names if n not in stored and n not in self.extra]
             for name in removed:
                 self.pool.remove(name)
+            if self.on_change is not None:
+                try:
+                    self.on_change()
+                except Exception as error:  # the index stays as it was; the next change retries
+                    logger.error("could not take the pool directory's change in: %s", error)
             self._seen = current
         if added or removed:
             logger.info("pool directory changed: %d adapters loaded, %d dropped", len(added), len(removed))

@@ -244,7 +244,12 @@ class RoutedLM:
         lm.prompt_format = recorded
         lm.pool_dir = Path(pool_dir).expanduser() if pool_dir is not None else None
         if pool_dir is not None:
-            lm._sync = PoolSync(pool, pool_dir, extra=(adapters or {}).keys())
+            lm._sync = PoolSync(
+                pool,
+                pool_dir,
+                extra=(adapters or {}).keys(),
+                on_change=built_router.reconcile if built_router is not None else None,
+            )
             lm._runner.refresh = lm._sync.refresh  # not lm.sync_pool: the worker must not keep the LM alive
             for name, directory in gate_dirs(pool_dir).items():
                 lm.register_gate(name, load_gate(directory))
