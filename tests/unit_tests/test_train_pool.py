@@ -7,7 +7,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from loraretriever.engine.pool_dir import adapter_dirs
+from loraretriever.engine.base_model import model_fingerprint
+from loraretriever.engine.pool_dir import adapter_dirs, read_manifest
 from loraretriever.evaluation.tasks import evaluate_own_tasks, score
 from loraretriever.retrieval.cards import CardStore
 from loraretriever.retrieval.queries import load_splits
@@ -31,6 +32,8 @@ def test_train_pool_writes_loadable_float16_adapters_and_cards(tiny_lm, smol_tok
     config = LoraTrainingConfig(steps=2, batch_size=2)
     assert train_pool(tiny_lm, smol_tokenizer, splits, out, config, log=lambda _: None) == ["alpha", "beta"]
     assert train_pool(tiny_lm, smol_tokenizer, splits, out, config, log=lambda _: None) == [], "resumable"
+    manifest = read_manifest(out)
+    assert manifest["base_model"]["fingerprint"] == model_fingerprint(tiny_lm) and manifest["prompt_format"] == "chat"
     assert sorted(adapter_dirs(out)) == ["alpha", "beta"]
     weights = load_file(adapter_dirs(out)["alpha"] / "adapter_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float16}

@@ -13,7 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraretriever.engine.adapter import SAFETENSORS_FILE
-from loraretriever.engine.pool_dir import adapter_dirs, record_prompt_format, store_adapter
+from loraretriever.engine.pool_dir import (
+    adapter_dirs,
+    check_pool_model,
+    record_pool_model,
+    record_prompt_format,
+    store_adapter,
+)
 from loraretriever.retrieval.cards import AdapterCard, CardStore
 from loraretriever.training.lora import LoraTrainingConfig, train_lora
 
@@ -25,6 +31,8 @@ def train_pool(
 ) -> list[str]:
     """Trains the LoRAs that are not stored yet; writes their cards. Returns the tasks trained now."""
     cards = CardStore(out / "cards")
+    if not check_pool_model(out, model):  # refuses a resumed pool of another model
+        record_pool_model(out, model)
     record_prompt_format(out, "chat" if config.chat_template else "plain")  # the LLM classes follow it
     stored = adapter_dirs(out)
     trained = []
