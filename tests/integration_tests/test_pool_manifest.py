@@ -232,3 +232,34 @@ def test_pool_add_beside_a_running_server_is_routed_after_its_next_sync(models, 
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_add_dir_imports_each_adapter_with_its_card_and_reports_the_ones_that_fail(models, tmp_path):
+    qwen = Qwen2ForCausalLM.from_pretrained(models["qwen"])
+    bulk = tmp_path / "bulk"
+    save_peft_adapter(qwen, bulk / "carded", r=2, seed=1, targets=["q_proj", "v_proj"])
+    (bulk / "carded" / "card.json").write_text(json.dumps({"samples": ["Translate to French: hello"], "domain": "mt"}))
+    save_peft_adapter(qwen, bulk / "from_data", r=2, seed=2, targets=["q_proj", "v_proj"])
+    email = "Subject: quarterly numbers\n\n" + "The figures for the third quarter are attached. " * 300
+    # half the rows long: any 20 of the 30 hold at least 5 of them
+    rows = [{"prompt": f"Summarize email {i}: {email}" if i % 2 else f"Summarize: note {i}"} for i in range(30)]
+    (bulk / "from_data" / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    save_peft_adapter(qwen, bulk / "broken", r=2, seed=3, targets=["q_proj", "v_proj"])
+    weights = bulk / "broken" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    save_peft_adapter(qwen, bulk / "bare", r=2, seed=4, targets=["q_proj", "v_proj"])
+    pool = tmp_path / "pool"
+    done = cli(
+        "pool", "add-dir", str(bulk), "--pool", str(pool), "--create", "--model", str(models["qwen"]),
+        "--samples", "train.jsonl", "--n", "20", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"3 added (1 without a card), 1 failed: {pool}"
+    assert "failed broken:" in done.stdout and "corrupt" in done.stdout
+    assert sorted(p.name for p in (pool / "adapters").iterdir()) == ["bare", "carded", "from_data"]
+    card = json.loads((pool / "cards" / "from_data.json").read_text())
+    assert len(card["samples"]) == 20 and all(s.startswith("Summarize") for s in card["samples"])
+    assert len(email) > 14_000 and max(len(s) for s in card["samples"]) == 8_000  # long emails cut, not refused
+    assert json.loads((pool / "cards" / "carded.json").read_text())["domain"] == "mt"
+    assert not (pool / "cards" / "bare.json").exists() and not (pool / "quarantine").exists()
+    assert cli("pool", "check", "--pool", str(pool), cwd=tmp_path).returncode == 0

@@ -25,6 +25,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(add, model=True)
     add.set_defaults(handler=_run_add)
 
+    add_dir = commands.add_parser(
+        "add-dir",
+        help="Add every PEFT adapter directory under DIR, each with its card; one that fails does not stop the rest.",
+    )
+    add_dir.add_argument("directory", help="Holds one PEFT adapter directory per adapter (its name: the directory's).")
+    add_dir.add_argument(
+        "--samples",
+        default=None,
+        metavar="FILE.jsonl",
+        help="Where an adapter directory has no card.json: draw its card from DIR/<name>/FILE.jsonl.",
+    )
+    add_dir.add_argument("--prompt-field", default="prompt", help="The field of --samples lines that holds a prompt.")
+    add_dir.add_argument("--n", type=int, default=20, help="Samples drawn per card (the paper uses 20).")
+    add_dir.add_argument("--create", action="store_true", help="Create the pool directory if it does not exist.")
+    _common(add_dir, model=True)
+    add_dir.set_defaults(handler=_run_add_dir)
+
     remove = commands.add_parser("remove", help="Remove an adapter and its card (routers drop it at their next sync).")
     remove.add_argument("name")
     _common(remove)
@@ -79,6 +96,32 @@ def _run_add(args: argparse.Namespace) -> int:
         return fail(error)
     print(f"added {name!r} to {pool} (routable once a router syncs: at once for a new process)")
     return 0
+
+
+def _run_add_dir(args: argparse.Namespace) -> int:
+    from loraretriever.engine.adapter import AdapterError
+    from loraretriever.serving.adapters import add_dir_to_pool_dir
+
+    pool = _pool(args, create=args.create)
+    if pool is None:
+        return _no_pool(args)
+    try:
+        report = add_dir_to_pool_dir(
+            pool,
+            args.directory,
+            samples=args.samples,
+            prompt_field=args.prompt_field,
+            n=args.n,
+            model_id=args.model,
+            log=lambda line: print(line, flush=True),
+        )
+    except (AdapterError, ValueError) as error:
+        return fail(error)
+    print(
+        f"{len(report['added'])} added ({len(report['without_card'])} without a card), "
+        f"{len(report['failed'])} failed: {pool}"
+    )
+    return 1 if report["failed"] else 0
 
 
 def _run_remove(args: argparse.Namespace) -> int:

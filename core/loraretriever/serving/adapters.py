@@ -11,12 +11,21 @@ opened) undoes the change whole, so the adapter is there with its card and vecto
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loraretriever.engine.adapter import AdapterError, AdapterMismatchError, check_adapter_name, read_adapter_files
+from loraretriever.engine.adapter import (
+    CONFIG_FILE,
+    AdapterError,
+    AdapterMismatchError,
+    check_adapter_name,
+    read_adapter_files,
+)
 from loraretriever.engine.base_model import model_source
 from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.pool_dir import (
@@ -35,7 +44,7 @@ from loraretriever.engine.pool_dir import (
     recorded_model,
     store_adapter,
 )
-from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
+from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError, read_json
 from loraretriever.retrieval.index import index_damage, set_aside_index
 from loraretriever.retrieval.router import CARDS_DIR, INDEX_DIR
 
@@ -44,6 +53,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "QUARANTINE_DIR",
     "add_adapter",
+    "add_dir_to_pool_dir",
     "add_to_pool_dir",
     "check_pool_dir",
     "open_pool_dir",
@@ -150,6 +160,80 @@ def add_to_pool_dir(
         if not recorded:
             record_pool_model(root, model)
     return name
+
+
+def add_dir_to_pool_dir(
+    pool_dir: str | Path,
+    directory: str | Path,
+    *,
+    samples: str | None = None,
+    prompt_field: str = "prompt",
+    n: int = 20,
+    model_id: str | Path | None = None,
+    log: Callable[[str], None] = logger.info,
+) -> dict[str, Any]:
+    """Adds every PEFT adapter directory under ``directory`` (those with an ``adapter_config.json``)
+    with :func:`add_to_pool_dir`, each all-or-nothing: one that fails is reported and the rest go on.
+
+    Each adapter's card is ``<adapter dir>/card.json`` if there is one, else ``n`` prompts drawn
+    (seeded, in file order) from ``<adapter dir>/<samples>``, a JSONL file of objects whose
+    ``prompt_field`` holds a prompt; an adapter with neither is added without a card (pinned calls only).
+
+    Returns:
+        ``{"added": [names], "without_card": [names], "failed": {name: reason}}``.
+    """
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise AdapterError(f"{str(root)!r} is not a directory. Fix: pass a directory holding PEFT adapter directories.")
+    if n < 1:
+        raise ValueError(f"n={n!r} must be a positive number of samples per card.")
+    report: dict[str, Any] = {"added": [], "without_card": [], "failed": {}}
+    for source in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
+        try:
+            card = _card_from_dir(source, samples, prompt_field, n)
+            add_to_pool_dir(pool_dir, source, card, name=source.name, model_id=model_id)
+        except PoolMismatchError:  # the model is not the pool's: no adapter would go in
+            raise
+        except (AdapterError, RetrievalError, ValueError, OSError) as error:
+            report["failed"][source.name] = str(error)
+            log(f"failed {source.name}: {error}")
+            continue
+        report["added"].append(source.name)
+        if card is None:
+            report["without_card"].append(source.name)
+        log(f"added {source.name}" + ("" if card is not None else " (no card: pinned calls only)"))
+    return report
+
+
+def _card_from_dir(source: Path, samples: str | None, prompt_field: str, n: int) -> dict[str, Any] | None:
+    card_file = source / "card.json"
+    if card_file.is_file():
+        card = read_json(card_file, "card")
+        if not isinstance(card, dict):
+            raise RetrievalError(f"card file {str(card_file)!r} must hold a JSON object ({{'samples': [...]}}).")
+        return card
+    if samples is None or not (source / samples).is_file():
+        return None
+    prompts = []
+    with (source / samples).open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line).get(prompt_field)
+            except (ValueError, AttributeError) as error:
+                raise RetrievalError(
+                    f"{str(source / samples)!r} line {number} is not a JSON object ({error})."
+                ) from None
+            if isinstance(value, str) and value.strip():
+                prompts.append(value)
+    if not prompts:
+        raise RetrievalError(
+            f"{str(source / samples)!r} has no {prompt_field!r} field with text. Fix: --prompt-field names the "
+            "field that holds the prompts."
+        )
+    keep = sorted(random.Random(0).sample(range(len(prompts)), min(n, len(prompts))))
+    return {"samples": [prompts[i] for i in keep]}
 
 
 def remove_from_pool_dir(pool_dir: str | Path, name: str) -> None:
