@@ -1,18 +1,33 @@
-"""Reliability suites; each records its figures in results/reliability/summary.json."""
+"""Reliability suites; each records its figures in a summary JSON.
+
+The summary goes to the system's temporary directory, so `make test` never writes into the
+repository; `LORARETRIEVER_RECORD_RESULTS=1 pytest tests/reliability` records the committed figures
+in results/reliability/summary.json.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from tests.conftest import ROOT
 
-SUMMARY = ROOT / "results" / "reliability" / "summary.json"
+COMMITTED = ROOT / "results" / "reliability" / "summary.json"
+
+
+def summary_path() -> Path:
+    if os.environ.get("LORARETRIEVER_RECORD_RESULTS") == "1":
+        return COMMITTED
+    return Path(tempfile.gettempdir()) / "loraretriever-reliability-summary.json"
 
 
 def record_summary(suite: str, figures: dict[str, Any]) -> None:
     """Sets one suite's entry of the summary, keeping the others'."""
-    SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-    summary = json.loads(SUMMARY.read_text()) if SUMMARY.is_file() else {}
+    path = summary_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary = json.loads(path.read_text()) if path.is_file() else {}
     summary[suite] = figures
-    SUMMARY.write_text(json.dumps(summary, indent=1) + "\n")
+    path.write_text(json.dumps(summary, indent=1) + "\n")
