@@ -13,7 +13,6 @@ Start here: :class:`RoutedLM` routes and generates (``RoutedLM.from_pretrained(p
 
 __version__ = "0.1.0"  # the one version source: pyproject.toml reads it
 
-from loraretriever.engine.adapter import AdapterError, LoraAdapter, LoraWeights
 from loraretriever.engine.base_model import DEFAULT_MODEL, load_base_model
 from loraretriever.engine.composer import Composer
 from loraretriever.engine.engine import Engine, EngineConfig
@@ -27,9 +26,10 @@ from loraretriever.engine.gates import (
     save_gate,
 )
 from loraretriever.engine.generation import Generator
-from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.requests import Completion, GenerationConfig, RequestError
 from loraretriever.engine.routing import MODES, Mode, Routing
+from loraretriever.pool.adapter import AdapterError, LoraAdapter, LoraWeights
+from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
 from loraretriever.retrieval.embedder import DEFAULT_EMBEDDER, DEFAULT_INSTRUCTION, Embedder, EmbedderError
 from loraretriever.retrieval.index import LoraIndex, open_chroma_client

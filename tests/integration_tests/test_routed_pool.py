@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from loraretriever import AdapterError
-from loraretriever.engine.pool_dir import adapter_dirs
+from loraretriever.pool.directory import adapter_dirs
 from loraretriever.retrieval.cards import RetrievalError
 from loraretriever.serving.routed_lm import RoutedLM
 from tests.conftest import TOY_CARDS, save_peft_adapter

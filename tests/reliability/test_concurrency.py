@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from loraretriever.engine.pool_dir import adapter_dirs
+from loraretriever.pool.directory import adapter_dirs
 from loraretriever.retrieval.cards import CardStore
 from loraretriever.serving.adapters import check_pool_dir
 from loraretriever.serving.routed_lm import RoutedLM

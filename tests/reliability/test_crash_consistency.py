@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from loraretriever.engine.pool_dir import adapter_dirs, intents, leftovers
+from loraretriever.pool.directory import adapter_dirs, intents, leftovers
 from loraretriever.retrieval.cards import CardStore
 from loraretriever.serving.routed_lm import RoutedLM
 from tests.conftest import save_peft_adapter

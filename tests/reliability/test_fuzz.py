@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from loraretriever.engine.pool import LoraPool
+from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.retrieval.cards import AdapterCard
 from loraretriever.serving.routed_lm import Result
 from tests.conftest import save_peft_adapter

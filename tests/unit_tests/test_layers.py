@@ -1,6 +1,6 @@
 """The package's layers: a module imports only from its own layer and the layers below it.
 
-engine < retrieval < serving < training, evaluation < cli. Imports inside functions count too (a
+pool < engine < retrieval < serving < training, evaluation < cli. Imports inside functions count too (a
 lazy import is still a dependency). The top-level facade and the integrations stand on serving.
 """
 
@@ -16,15 +16,16 @@ PACKAGE = ROOT / "core" / "loraretriever"
 
 # What each layer may import from loraretriever (besides itself).
 ALLOWED: dict[str, set[str]] = {
-    "engine": set(),
-    "retrieval": {"engine"},
-    "serving": {"engine", "retrieval"},
-    "server": {"engine", "retrieval", "serving"},  # the HTTP layer over RoutedLM
-    "training": {"engine", "retrieval", "serving"},
-    "evaluation": {"engine", "retrieval", "serving", "server", "integration"},  # benchmarks measure these
-    "cli": {"engine", "retrieval", "serving", "server", "training", "evaluation", "integration", "facade"},
-    "facade": {"engine", "retrieval", "serving"},
-    "integration": {"facade", "engine", "retrieval", "serving"},
+    "pool": set(),  # adapter files, the registry and its tiers, the pool directory
+    "engine": {"pool"},
+    "retrieval": {"pool", "engine"},
+    "serving": {"pool", "engine", "retrieval"},
+    "server": {"pool", "engine", "retrieval", "serving"},  # the HTTP layer over RoutedLM
+    "training": {"pool", "engine", "retrieval", "serving"},
+    "evaluation": {"pool", "engine", "retrieval", "serving", "server", "integration"},  # benchmarks measure these
+    "cli": {"pool", "engine", "retrieval", "serving", "server", "training", "evaluation", "integration", "facade"},
+    "facade": {"pool", "engine", "retrieval", "serving"},
+    "integration": {"facade", "pool", "engine", "retrieval", "serving"},
 }
 INTEGRATIONS = ("langchain_loraretriever", "llamaindex_loraretriever")
 
@@ -43,7 +44,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def layer_of(module: str) -> str | None:
-    """``engine`` for ``loraretriever.engine.pool``, ``facade`` for ``loraretriever``, None if not ours."""
+    """``engine`` for ``loraretriever.pool.lora_pool``, ``facade`` for ``loraretriever``, None if not ours."""
     parts = module.split(".")
     if parts[0] in INTEGRATIONS:
         return "integration"
@@ -75,7 +76,7 @@ def package_files() -> list[tuple[Path, str]]:
 def test_every_package_module_belongs_to_a_known_layer():
     layers = {layer for _, layer in package_files()}
     assert layers <= set(ALLOWED), layers - set(ALLOWED)
-    assert {"engine", "retrieval", "serving", "training", "evaluation", "cli"} <= layers
+    assert {"pool", "engine", "retrieval", "serving", "training", "evaluation", "cli"} <= layers
     # No loose modules beside the facade: every module lives in a layer.
     assert [p.name for p, layer in package_files() if layer == "facade"] == ["__init__.py"]
 

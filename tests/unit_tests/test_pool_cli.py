@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loraretriever.cli import main
-from loraretriever.engine.pool_dir import record_intent
+from loraretriever.pool.directory import record_intent
 from tests.conftest import save_peft_adapter
 
 

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from loraretriever.engine import pool_dir as pool_dir_module
-from loraretriever.engine.adapter import AdapterError
-from loraretriever.engine.pool_dir import generation, pool_change
+from loraretriever.pool import directory as pool_dir_module
+from loraretriever.pool.adapter import AdapterError
+from loraretriever.pool.directory import generation, pool_change
 
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from loraretriever.engine.pool_dir import pool_change
+    from loraretriever.pool.directory import pool_change
     with pool_change(sys.argv[1]):
         print("held", flush=True)
         time.sleep(float(sys.argv[2]))

@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from loraretriever import AdapterError, Composer, LoraPool, Routing
 from loraretriever.engine.engine import Engine, EngineConfig
-from loraretriever.engine.pool_dir import ADAPTERS_DIR
 from loraretriever.engine.requests import GenerationConfig
-from loraretriever.serving.adapters import open_pool_dir, quarantined
+from loraretriever.pool.directory import quarantined
+from loraretriever.pool.layout import PoolLayout
+from loraretriever.serving.adapters import open_pool_dir
 from tests.conftest import save_peft_adapter
 
 NAMES = [f"s{i}" for i in range(5)]
@@ -26,14 +27,14 @@ def pool_dir(tiny_lm, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiered_pool")
     targets = [["q_proj", "v_proj"], ["o_proj"], ["q_proj", "k_proj"], ["gate_proj"], ["v_proj", "down_proj"]]
     for i, name in enumerate(NAMES):
-        save_peft_adapter(tiny_lm, root / ADAPTERS_DIR / name, r=2 + 2 * (i % 3), seed=10 + i, targets=targets[i])
+        save_peft_adapter(tiny_lm, PoolLayout(root).adapter(name), r=2 + 2 * (i % 3), seed=10 + i, targets=targets[i])
     return root
 
 
 def registered(model, root: Path, **budgets) -> LoraPool:
     pool = LoraPool(model, **budgets)
     for name in NAMES:
-        pool.register(root / ADAPTERS_DIR / name, name=name)
+        pool.register(PoolLayout(root).adapter(name), name=name)
     return pool
 
 
@@ -67,7 +68,7 @@ def test_a_pool_larger_than_its_cache_gives_the_outputs_of_an_all_resident_pool(
     ] * 2
     resident = LoraPool(tiny_lm)
     for name in NAMES:
-        resident.add(pool_dir / ADAPTERS_DIR / name, name=name)
+        resident.add(PoolLayout(pool_dir).adapter(name), name=name)
     two = sorted(resident.stored(n).nbytes for n in NAMES)[-2:]
     small = registered(tiny_lm, pool_dir, host_cache_bytes=sum(two))
     outputs = {}
@@ -96,7 +97,7 @@ def test_a_corrupt_file_found_at_first_load_fails_only_the_requests_that_need_it
     import shutil
 
     root = shutil.copytree(pool_dir, tmp_path / "pool")
-    weights_file = root / ADAPTERS_DIR / "s2" / "adapter_model.safetensors"
+    weights_file = PoolLayout(root).adapter("s2") / "adapter_model.safetensors"
     weights = load_file(weights_file)
     key = next(k for k in weights if "lora_B" in k)
     weights[key] = torch.full_like(weights[key], float("nan"))  # same shapes: the header still reads
@@ -119,7 +120,7 @@ def test_a_corrupt_file_found_at_first_load_fails_only_the_requests_that_need_it
     assert "NaN" in str(requests[1].error)
     assert [r.done.completion_tokens for i, r in enumerate(requests) if i != 1] == [4, 4, 4]
     assert "s2" not in pool and "s2" in quarantined(root), "the broken adapter left the pool and its files moved"
-    assert not (root / ADAPTERS_DIR / "s2").exists()
+    assert not (PoolLayout(root).adapter("s2")).exists()
 
 
 class SlowDiskPool(LoraPool):
@@ -141,7 +142,7 @@ def test_a_request_with_loaded_adapters_goes_first_within_max_load_wait(
 ):
     pool = SlowDiskPool(tiny_lm, slow="s0", delay=0.5)
     for name in NAMES:
-        pool.register(pool_dir / ADAPTERS_DIR / name, name=name)
+        pool.register(PoolLayout(pool_dir).adapter(name), name=name)
     pool.get("s1")  # loaded before the requests come
     composer = Composer(tiny_lm, pool)
     try:
@@ -168,7 +169,7 @@ def test_off_the_cpu_a_device_cache_holds_copies_under_its_own_budget(pool_dir):
     names = ["s0", "s2"]  # adapters of the tiny Llama's shapes (the tiny LM shares them but its vocabulary)
     pool = LoraPool(model, device_cache_bytes=1)  # room for none: each use copies again
     for name in names:
-        pool.register(pool_dir / ADAPTERS_DIR / name, name=name)
+        pool.register(PoolLayout(pool_dir).adapter(name), name=name)
     for name in names:
         assert {w.A.device.type for w in pool.get(name).modules.values()} == {"meta"}
     assert pool.device_cache.evictions >= 1 and len(pool.host_cache) == 2, "host copies stay, device ones go"

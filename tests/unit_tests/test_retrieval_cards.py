@@ -147,7 +147,7 @@ def test_real_paper_files(flan48):
 def test_pool_files_get_the_modes_of_plain_files_not_private_ones(tmp_path, tiny_adapters):
     import stat
 
-    from loraretriever.engine.pool_dir import store_adapter
+    from loraretriever.pool.directory import store_adapter
 
     store = CardStore(tmp_path / "pool" / "cards")
     store.put(AdapterCard("sst2", ["a"]))

@@ -6,10 +6,11 @@ import logging
 
 import pytest
 
-from loraretriever.engine.pool import LoraPool
+from loraretriever.pool.layout import PoolLayout
+from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
 from loraretriever.retrieval.embedder import Embedder
-from loraretriever.retrieval.router import CARDS_DIR, Router
+from loraretriever.retrieval.router import Router
 
 SENTIMENT = "Is this review positive or negative? An absolutely wonderful, moving film."
 GERMAN = "Translate to German: my brother lives in a small house by the sea."
@@ -21,13 +22,13 @@ def test_router_persists_and_reconciles_after_crashes(tmp_path, minilm, toy_card
     for card in toy_cards[1:]:
         router.register(card)
     assert router.route(GERMAN, top_k=1)[0].adapters == ("translate_de",)
-    assert sorted(CardStore(pool_dir / CARDS_DIR).names) == sorted(card.name for card in toy_cards[1:])
+    assert sorted(CardStore(PoolLayout(pool_dir).cards).names) == sorted(card.name for card in toy_cards[1:])
 
     # Crash after the card was written but before the index was: routable again on open.
-    store = CardStore(pool_dir / CARDS_DIR)
+    store = CardStore(PoolLayout(pool_dir).cards)
     store.put(toy_cards[0])
     # Crash after the card was removed but before the index entry was: never routed, dropped on open.
-    (pool_dir / CARDS_DIR / "closed_qa.json").unlink()
+    (PoolLayout(pool_dir).card("closed_qa")).unlink()
     assert all("closed_qa" not in r.adapters for r in router.route([SENTIMENT, "Who wrote Hamlet?"], top_k=4))
     # A card edited behind the router's back is re-embedded on open.
     store.put(AdapterCard("nli", ["Translate to German: good night", "Translate to German: thank you"]))
@@ -127,8 +128,8 @@ def test_failed_index_write_never_loses_a_registration(tmp_path, minilm, toy_car
 
 
 def test_a_pool_records_its_prompt_format_and_the_lm_follows_it(tiny_lm, smol_tokenizer, minilm, tmp_path):
-    from loraretriever.engine.adapter import AdapterError
-    from loraretriever.engine.pool_dir import prompt_format, record_prompt_format
+    from loraretriever.pool.adapter import AdapterError
+    from loraretriever.pool.manifest import prompt_format, record_prompt_format
     from loraretriever.serving.routed_lm import RoutedLM
 
     pool_dir = tmp_path / "pool"
@@ -151,7 +152,7 @@ def test_a_pool_records_its_prompt_format_and_the_lm_follows_it(tiny_lm, smol_to
 
 
 def test_a_broken_adapter_or_card_is_quarantined_and_the_rest_serves(tiny_lm, smol_tokenizer, minilm, toy_pool_dir):
-    from loraretriever.serving.adapters import quarantined
+    from loraretriever.pool.directory import quarantined
     from loraretriever.serving.routed_lm import RoutedLM
 
     (toy_pool_dir / "adapters" / "nli" / "adapter_model.safetensors").write_bytes(b"not safetensors")
@@ -229,6 +230,6 @@ def test_opening_a_pool_parses_each_card_once(tiny_lm, smol_tokenizer, minilm, t
         assert len(parsed) == 4  # unchanged files are not parsed again
 
         # A card changed behind the store (another process) is read anew.
-        CardStore(toy_pool_dir / CARDS_DIR).put(AdapterCard("nli", ["Translate to German: good night"]))
+        CardStore(PoolLayout(toy_pool_dir).cards).put(AdapterCard("nli", ["Translate to German: good night"]))
         assert lm.router.store.get("nli").samples == ("Translate to German: good night",)
         assert lm.router.reconcile()["updated"] == ["nli"]

@@ -170,7 +170,7 @@ def test_chat_messages_use_the_template_and_route_on_the_last_user_message(lm):
 
 
 def test_add_adapter_rolls_back_when_the_router_refuses_the_card(tiny_lm, smol_tokenizer, tiny_lm_adapters, tmp_path):
-    from loraretriever.engine.pool_dir import adapter_dirs
+    from loraretriever.pool.directory import adapter_dirs
     from loraretriever.retrieval.cards import RetrievalError
 
     class RefusingRouter(FixedRouter):

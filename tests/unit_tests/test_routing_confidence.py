@@ -8,8 +8,9 @@ import json
 import pytest
 
 from loraretriever.cli import main
+from loraretriever.pool.layout import PoolLayout
 from loraretriever.retrieval.cards import CardStore, RetrievalError
-from loraretriever.retrieval.confidence import CONFIDENCE_FILE, Confidence, calibrate, calibrate_router
+from loraretriever.retrieval.confidence import Confidence, calibrate, calibrate_router
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.retrieval.router import Router
 
@@ -77,7 +78,7 @@ def test_confidence_errors_name_the_fix(router, tmp_path, minilm, toy_cards):
         RouteOptions(uncertain="maybe")
     with pytest.raises(ValueError, match="at least 2 prompts whose top-1 is right"):
         calibrate([[0.9, 0.1], [0.5, 0.4]], [True, False], "e")
-    bad = tmp_path / CONFIDENCE_FILE
+    bad = PoolLayout(tmp_path).confidence
     bad.write_text("{not json")
     with pytest.raises(RetrievalError, match="is unreadable"):
         Confidence.load(bad)
@@ -92,9 +93,9 @@ def test_calibrate_command_writes_the_pools_confidence(tmp_path, toy_cards, caps
     queries.write_text(json.dumps(QUERIES))
     assert main(["calibrate", "--pool", str(pool_dir), "--queries", str(queries), "--json"]) == 0
     written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert written["fitted_on"]["profiles"] == 16 and (pool_dir / CONFIDENCE_FILE).exists()
+    assert written["fitted_on"]["profiles"] == 16 and (PoolLayout(pool_dir).confidence).exists()
     reopened = Router.open(pool_dir)
-    assert reopened.confidence == Confidence.load(pool_dir / CONFIDENCE_FILE)
+    assert reopened.confidence == Confidence.load(PoolLayout(pool_dir).confidence)
     prompts = [KNOWN[2][1], "Write a haiku about autumn leaves falling in the rain."]
     flags = ["--top-k", "1", "--uncertain", "soup", "--soup-k", "3", "--json"]
     assert main(["route", "--pool", str(pool_dir), *prompts, *flags]) == 0
@@ -108,7 +109,7 @@ def test_calibrate_command_writes_the_pools_confidence(tmp_path, toy_cards, caps
     assert main(["calibrate", "--pool", str(pool_dir), "--queries", str(queries), "--tasks-file", str(fold)]) == 0
     assert "'profiles': 4" in capsys.readouterr().out  # nli's 2 prompts, each with and without its adapter
     assert main(["calibrate", "--pool", str(pool_dir), "--queries", str(tmp_path / "missing.json")]) == 2
-    (pool_dir / CONFIDENCE_FILE).write_text("{half a fi")  # a corrupt calibration: the pool still opens
+    (PoolLayout(pool_dir).confidence).write_text("{half a fi")  # a corrupt calibration: the pool still opens
     with caplog.at_level("WARNING", logger="loraretriever.retrieval.router"):
         uncalibrated = Router.open(pool_dir)
     assert uncalibrated.confidence is None and "is unreadable" in caplog.text

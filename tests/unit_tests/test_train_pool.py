@@ -7,9 +7,9 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from loraretriever.engine.base_model import model_fingerprint
-from loraretriever.engine.pool_dir import adapter_dirs, read_manifest
 from loraretriever.evaluation.tasks import evaluate_own_tasks, score
+from loraretriever.pool.directory import adapter_dirs
+from loraretriever.pool.manifest import model_fingerprint, read_manifest
 from loraretriever.retrieval.cards import CardStore
 from loraretriever.retrieval.queries import load_splits
 from loraretriever.serving.routed_lm import RoutedLM

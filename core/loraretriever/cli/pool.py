@@ -77,7 +77,7 @@ def _no_pool(args: argparse.Namespace) -> int:
 
 
 def _run_add(args: argparse.Namespace) -> int:
-    from loraretriever.engine.adapter import AdapterError
+    from loraretriever.pool.adapter import AdapterError
     from loraretriever.retrieval.cards import RetrievalError
     from loraretriever.serving.adapters import add_to_pool_dir
 
@@ -99,7 +99,7 @@ def _run_add(args: argparse.Namespace) -> int:
 
 
 def _run_add_dir(args: argparse.Namespace) -> int:
-    from loraretriever.engine.adapter import AdapterError
+    from loraretriever.pool.adapter import AdapterError
     from loraretriever.serving.adapters import add_dir_to_pool_dir
 
     pool = _pool(args, create=args.create)
@@ -125,7 +125,7 @@ def _run_add_dir(args: argparse.Namespace) -> int:
 
 
 def _run_remove(args: argparse.Namespace) -> int:
-    from loraretriever.engine.adapter import AdapterError
+    from loraretriever.pool.adapter import AdapterError
     from loraretriever.retrieval.cards import RetrievalError
     from loraretriever.serving.adapters import remove_from_pool_dir
 
@@ -141,15 +141,14 @@ def _run_remove(args: argparse.Namespace) -> int:
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    from loraretriever.engine.pool_dir import adapter_dirs
+    from loraretriever.pool.directory import adapter_dirs, quarantined
+    from loraretriever.pool.layout import PoolLayout
     from loraretriever.retrieval.cards import CardStore
-    from loraretriever.retrieval.router import CARDS_DIR
-    from loraretriever.serving.adapters import quarantined
 
     pool = _pool(args)
     if pool is None:
         return _no_pool(args)
-    cards = set(CardStore(pool / CARDS_DIR, create=False).names) if (pool / CARDS_DIR).is_dir() else set()
+    cards = set(CardStore(PoolLayout(pool).cards, create=False).names) if PoolLayout(pool).cards.is_dir() else set()
     for name in adapter_dirs(pool):
         print(name if name in cards else f"{name}\t(no card: pinned calls only)")
     for name, reason in quarantined(pool).items():

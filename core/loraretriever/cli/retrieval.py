@@ -195,16 +195,17 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_router(args: argparse.Namespace, *, reindex: bool = False) -> Any:
-    from pathlib import Path
 
+    from loraretriever.pool.layout import PoolLayout
     from loraretriever.retrieval.cards import CardStore
     from loraretriever.retrieval.index import DEFAULT_COLLECTION
-    from loraretriever.retrieval.router import CARDS_DIR, Router
+    from loraretriever.retrieval.router import Router
     from loraretriever.serving.adapters import ready_pool_dir
 
-    if not (Path(args.pool) / CARDS_DIR).is_dir():
-        raise RetrievalError(f"{str(Path(args.pool) / CARDS_DIR)!r} does not exist; is --pool a pool directory?")
-    cards = CardStore(Path(args.pool) / CARDS_DIR)
+    layout = PoolLayout(args.pool)
+    if not layout.cards.is_dir():
+        raise RetrievalError(f"{str(layout.cards)!r} does not exist; is --pool a pool directory?")
+    cards = CardStore(layout.cards)
     ready_pool_dir(args.pool, cards)  # a bad card is quarantined, not the end of the command
     return Router.open(
         args.pool,
@@ -288,11 +289,11 @@ def _register_calibrate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from loraretriever.evaluation.retrieval import read_task_names, split_queries
     from loraretriever.evaluation.tasks import select_queries
-    from loraretriever.retrieval.confidence import CONFIDENCE_FILE, calibrate_router
+    from loraretriever.pool.layout import PoolLayout
+    from loraretriever.retrieval.confidence import calibrate_router
     from loraretriever.retrieval.embedder import EmbedderError
     from loraretriever.retrieval.queries import load_queries
 
@@ -305,7 +306,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         confidence = calibrate_router(router, queries)
     except (RetrievalError, EmbedderError, ValueError) as err:
         return fail(err)
-    path = Path(args.pool) / CONFIDENCE_FILE
+    path = PoolLayout(args.pool).confidence
     confidence.save(path)
     result = {"path": str(path), **asdict(confidence)}
     print(json.dumps(result) if args.json else f"wrote {path}: {result}")

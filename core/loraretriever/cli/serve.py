@@ -75,8 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from loraretriever.pool.layout import PoolLayout
     from loraretriever.retrieval.cards import CardStore
-    from loraretriever.retrieval.router import CARDS_DIR, Router
+    from loraretriever.retrieval.router import Router
     from loraretriever.server.app import create_app
     from loraretriever.server.backend import Forwarder
     from loraretriever.server.config import ServerConfig
@@ -106,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         return fail(str(error))
 
     def forwarder() -> Forwarder:
-        cards = CardStore(pool / CARDS_DIR)
+        cards = CardStore(PoolLayout(pool).cards)
         ready_pool_dir(pool, cards)  # a bad card is quarantined, not the end of the server
         router = Router.open(pool, host=args.chroma_host, port=args.chroma_port, store=cards)
         return Forwarder(

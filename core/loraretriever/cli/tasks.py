@@ -128,8 +128,8 @@ def _evaluate(args: argparse.Namespace, log) -> int:
 
 
 def _run_splits(args: argparse.Namespace) -> int:
-    from loraretriever.engine.home import loraretriever_home
     from loraretriever.evaluation.bigbench import fetch_sdist, write_splits
+    from loraretriever.pool.home import loraretriever_home
 
     sdist = fetch_sdist(args.sdist_dir or loraretriever_home() / "bigbench")
     written = write_splits(sdist, Path(args.out), seed=args.seed)

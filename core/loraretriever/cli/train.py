@@ -82,7 +82,8 @@ def _run_gate(args: argparse.Namespace) -> int:
 
 
 def _train_gate(args: argparse.Namespace) -> int:
-    from loraretriever.engine.gates import GATES_DIR, save_gate
+    from loraretriever.engine.gates import save_gate
+    from loraretriever.pool.layout import PoolLayout
     from loraretriever.serving.routed_lm import RoutedLM
     from loraretriever.training.gates import GateTrainingConfig, load_examples, train_gate
 
@@ -107,7 +108,7 @@ def _train_gate(args: argparse.Namespace) -> int:
         )
     finally:
         lm.close()
-    directory = save_gate(gate, Path(args.pool) / GATES_DIR / name)
+    directory = save_gate(gate, PoolLayout(args.pool).gates / name)
     (directory / "training.json").write_text(json.dumps(record, indent=1))
     print(json.dumps({**record, "path": str(directory)}))
     return 0

@@ -7,28 +7,24 @@ The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the P
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import logging
 import shutil
 import tempfile
 import threading
 import weakref
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from loraretriever.engine.home import loraretriever_home
+from loraretriever.pool.home import loraretriever_home
 
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_MODEL_PACKAGE",
     "default_model_path",
     "load_base_model",
-    "model_fingerprint",
     "model_source",
     "resolve_device",
     "resolve_dtype",
@@ -107,28 +103,6 @@ def model_source(model: PreTrainedModel) -> str:
             return DEFAULT_MODEL
         return str(path)
     return source
-
-
-def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    """What an adapter must fit, independent of where the model came from: its class, layer count,
-    hidden size, and a hash of every Linear layer's name and shape (what a LoRA may target).
-
-    Example:
-        >>> sorted(model_fingerprint(torch.nn.Sequential(torch.nn.Linear(2, 3))))
-        ['architecture', 'hidden_size', 'layers', 'linear_shapes']
-    """
-    config = getattr(model, "config", None)
-    shapes = sorted(
-        (name, module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    )
-    return {
-        "architecture": type(model).__name__,
-        "layers": getattr(config, "num_hidden_layers", None),
-        "hidden_size": getattr(config, "hidden_size", None),
-        "linear_shapes": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
-    }
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

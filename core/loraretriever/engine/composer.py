@@ -39,13 +39,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraretriever.engine.adapter import LoraAdapter
 from loraretriever.engine.factors import FusionSpec, LayerPlan, build_layer_plan, slot_index, stack_factors
 from loraretriever.engine.gate_set import GatedRows, GateSet
 from loraretriever.engine.gates import MeteoraGate, layer_index
 from loraretriever.engine.kv import move_rows, swap_moves
-from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.routing import Routing
+from loraretriever.pool.adapter import LoraAdapter
+from loraretriever.pool.lora_pool import LoraPool
 
 __all__ = ["BatchPlan", "Composer", "RunningPlan"]
 

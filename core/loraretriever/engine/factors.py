@@ -15,8 +15,8 @@ import torch
 from peft.utils import merge_utils
 from torch import nn
 
-from loraretriever.engine.adapter import LoraWeights
 from loraretriever.engine.routing import Routing
+from loraretriever.pool.adapter import LoraWeights
 
 __all__ = ["FusionSpec", "LayerPlan", "build_layer_plan", "slot_index", "stack_factors"]
 

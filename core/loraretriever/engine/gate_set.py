@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from loraretriever.engine.gates import FlowGate, Gate, GateError, MeteoraGate
-from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.routing import Routing
+from loraretriever.pool.lora_pool import LoraPool
 
 __all__ = ["GateSet", "GatedRows"]
 

@@ -29,8 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from loraretriever.pool.layout import PoolLayout
+
 __all__ = [
-    "GATES_DIR",
     "FlowGate",
     "FlowGateConfig",
     "Gate",
@@ -43,7 +44,6 @@ __all__ = [
     "save_gate",
 ]
 
-GATES_DIR = "gates"
 CONFIG_FILE = "gate_config.json"
 WEIGHTS_FILE = "gate.safetensors"
 GateKind = Literal["flow", "meteora"]
@@ -270,7 +270,7 @@ def load_gate(directory: str | Path) -> Gate:
 
 def gate_dirs(pool_dir: str | Path) -> dict[str, Path]:
     """The gates stored with a pool: ``{name: POOL_DIR/gates/<name>}``."""
-    root = Path(pool_dir) / GATES_DIR
+    root = PoolLayout(pool_dir).gates
     if not root.is_dir():
         return {}
     return {p.name: p for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file()}

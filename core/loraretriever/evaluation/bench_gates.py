@@ -23,7 +23,6 @@ from loraretriever.engine.base_model import load_base_model
 from loraretriever.engine.composer import Composer
 from loraretriever.engine.gates import FlowGate, FlowGateConfig, MeteoraGate, MeteoraGateConfig
 from loraretriever.engine.generation import Generator
-from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.requests import GenerationConfig
 from loraretriever.engine.routing import Routing
 from loraretriever.evaluation.workload import (
@@ -33,6 +32,7 @@ from loraretriever.evaluation.workload import (
     random_lora_state_dict,
     tokens_per_second,
 )
+from loraretriever.pool.lora_pool import LoraPool
 
 __all__ = ["run_gates_benchmark"]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loraretriever.engine.extras import import_optional
+from loraretriever.pool.layout import PoolLayout
 from loraretriever.retrieval.cards import CardStore
 from loraretriever.retrieval.router import Router
 from loraretriever.server.local import LocalServer
@@ -44,7 +45,7 @@ def run_load_benchmark(
 ) -> dict[str, Any]:
     """Runs ``requests`` streamed chat completions, ``clients`` at a time; returns the figures."""
     pool_dir = Path(pool_dir).expanduser()
-    cards = CardStore(pool_dir / "cards").all()
+    cards = CardStore(PoolLayout(pool_dir).cards).all()
     tasks = {card.name for card in cards}
     prompts = []
     for path in sorted(Path(splits).glob("*.json")):
@@ -59,8 +60,11 @@ def run_load_benchmark(
     workdir = Path(tempfile.mkdtemp(prefix="loraretriever-load-"))
     server = None
     if url is None:  # its own server, over a copy (the pool's embedded index stays free)
-        for part in ("adapters", "cards"):
-            shutil.copytree(pool_dir / part, workdir / "pool" / part)
+        source, copy = PoolLayout(pool_dir), PoolLayout(workdir / "pool")
+        shutil.copytree(source.adapters, copy.adapters)
+        shutil.copytree(source.cards, copy.cards)
+        if source.manifest.is_file():  # the server opens the copy with the pool's own model
+            shutil.copy(source.manifest, copy.manifest)
         server = LocalServer(workdir / "pool", workdir, "--max-batch-size", str(clients), "--log-level", "warning",
                              api_key=api_key)  # fmt: skip
     try:

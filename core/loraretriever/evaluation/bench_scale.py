@@ -35,16 +35,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from loraretriever.engine.adapter import CONFIG_FILE, SAFETENSORS_FILE
 from loraretriever.engine.base_model import load_base_model
 from loraretriever.engine.composer import Composer
 from loraretriever.engine.engine import Engine, EngineConfig
-from loraretriever.engine.home import loraretriever_home
-from loraretriever.engine.pool import LoraPool
-from loraretriever.engine.pool_dir import ADAPTERS_DIR
 from loraretriever.engine.requests import GenerationConfig
 from loraretriever.engine.routing import Routing
 from loraretriever.evaluation.workload import PROMPT_SUBJECTS, PROMPT_TEMPLATES
+from loraretriever.pool.adapter import CONFIG_FILE, SAFETENSORS_FILE
+from loraretriever.pool.home import loraretriever_home
+from loraretriever.pool.layout import PoolLayout
+from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.serving.adapters import open_pool_dir
 
 __all__ = ["rss_bytes", "run_scale_benchmark", "write_pool", "zipf_routings"]
@@ -64,7 +64,7 @@ def write_pool(model: nn.Module, pool_dir: Path, n: int, ranks: Sequence[int], s
     rng = random.Random(seed)
     layers = [(name, m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in TARGET_MODULES]
     for i in range(n):
-        directory = pool_dir / ADAPTERS_DIR / f"lora{i:05d}"
+        directory = PoolLayout(pool_dir).adapter(f"lora{i:05d}")
         if (directory / SAFETENSORS_FILE).is_file():
             continue
         directory.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,7 @@ def run_scale_benchmark(
         pools[n] = write_pool(model, root / f"pool_{n}", n, ranks, seed)
         log(f"pool of {n}: ready in {time.perf_counter() - started:.1f} s ({pools[n]})")
     disk = {
-        n: sum(f.stat().st_size for f in (p / ADAPTERS_DIR).glob(f"*/{SAFETENSORS_FILE}")) for n, p in pools.items()
+        n: sum(f.stat().st_size for f in PoolLayout(p).adapters.glob(f"*/{SAFETENSORS_FILE}")) for n, p in pools.items()
     }
 
     # the base model serving the same workload, no adapters: warms kernels and the allocator, and

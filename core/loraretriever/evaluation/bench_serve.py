@@ -37,7 +37,6 @@ from loraretriever.engine.composer import BatchPlan, Composer
 from loraretriever.engine.engine import EngineConfig
 from loraretriever.engine.factors import stack_factors
 from loraretriever.engine.generation import Generator
-from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.requests import GenerationConfig
 from loraretriever.engine.routing import Routing
 from loraretriever.evaluation.bench_mixed import run_mixed_benchmark
@@ -51,6 +50,7 @@ from loraretriever.evaluation.workload import (
     tokens_per_second,
     tokens_per_second_in_turns,
 )
+from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.retrieval.router import Router
 from loraretriever.serving.routed_lm import RoutedLM
 

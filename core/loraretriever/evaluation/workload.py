@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from loraretriever.engine.pool import LoraPool
+from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.retrieval.cards import AdapterCard
 
 __all__ = [

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraretriever.engine.adapter import AdapterError, check_adapter_name
-from loraretriever.engine.home import with_umask
+from loraretriever.pool.adapter import AdapterError, check_adapter_name
+from loraretriever.pool.home import with_umask
+from loraretriever.pool.layout import PoolLayout
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,8 @@ def load_paper_cards(path: str | Path) -> list[AdapterCard]:
     """
     path = Path(path)
     if path.is_dir():
-        store = CardStore(path / "cards" if (path / "cards").is_dir() else path, create=False)
+        cards_dir = PoolLayout(path).cards
+        store = CardStore(cards_dir if cards_dir.is_dir() else path, create=False)
         cards = store.all()
         if not cards:
             raise RetrievalError(f"directory {str(path)!r} holds no cards (<name>.json, or a pool's cards/).")

@@ -32,9 +32,7 @@ import numpy as np
 
 from loraretriever.retrieval.cards import RetrievalError
 
-__all__ = ["CONFIDENCE_FILE", "Confidence", "calibrate", "calibrate_router", "profile_features"]
-
-CONFIDENCE_FILE = "confidence.json"
+__all__ = ["Confidence", "calibrate", "calibrate_router", "profile_features"]
 
 
 def profile_features(similarities: Sequence[float]) -> tuple[float, float]:

@@ -2,7 +2,7 @@
 
 :class:`Router` joins an :class:`~loraretriever.retrieval.embedder.Embedder`, a Chroma
 :class:`~loraretriever.retrieval.index.LoraIndex` and a :class:`~loraretriever.retrieval.cards.CardStore`. It can
-follow a live :class:`~loraretriever.engine.pool.LoraPool` (adding or removing an adapter updates the
+follow a live :class:`~loraretriever.pool.lora_pool.LoraPool` (adding or removing an adapter updates the
 index at once) or work from cards alone (no base model needed, as in ``eval-retrieval``).
 """
 
@@ -13,11 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from loraretriever.engine.pool_dir import read_manifest, update_manifest
 from loraretriever.engine.routing import GATED_MODES, Routing
+from loraretriever.pool.layout import PoolLayout
+from loraretriever.pool.manifest import read_manifest, update_manifest
 from loraretriever.retrieval.candidates import fetch_size, make_routing, nearest
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError
-from loraretriever.retrieval.confidence import CONFIDENCE_FILE, Confidence
+from loraretriever.retrieval.confidence import Confidence
 from loraretriever.retrieval.embedder import Embedder
 from loraretriever.retrieval.index import (
     DEFAULT_COLLECTION,
@@ -29,15 +30,13 @@ from loraretriever.retrieval.index import (
 from loraretriever.retrieval.options import RouteOptions
 
 if TYPE_CHECKING:
-    from loraretriever.engine.pool import LoraPool
+    from loraretriever.pool.lora_pool import LoraPool
 
 __all__ = ["Router"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CARDS_DIR = "cards"
-INDEX_DIR = "index"
 _EMBED_CHUNK = 256  # cards embedded per pass when (re)indexing
 
 
@@ -137,15 +136,15 @@ class Router:
         if pool_dir.exists() and not pool_dir.is_dir():
             raise RetrievalError(f"pool directory {str(pool_dir)!r} is a file, not a directory.")
         if store is None:
-            store = CardStore(pool_dir / CARDS_DIR)
-        elif store.directory != pool_dir / CARDS_DIR:
+            store = CardStore(PoolLayout(pool_dir).cards)
+        elif store.directory != PoolLayout(pool_dir).cards:
             raise RetrievalError(f"store= is {store!r}, not the card store of {str(pool_dir)!r}.")
         if not isinstance(embedder, Embedder):
             embedder = Embedder(embedder)
         if host is not None:
             client, where = open_chroma_client(host=host, port=port), f"Chroma server {host}:{port} ({collection!r})"
         else:
-            path = Path(chroma_path) if chroma_path is not None else pool_dir / INDEX_DIR
+            path = Path(chroma_path) if chroma_path is not None else PoolLayout(pool_dir).index
             # The cards are the source of truth: a corrupt index is set aside and rebuilt from them.
             client, where = open_chroma_client(path, discard_corrupt=True), f"index {str(path)!r}"
         index = _open_index(
@@ -381,7 +380,7 @@ def _pool_confidence(pool_dir: Path, embedder: Embedder) -> Confidence | None:
     """The pool's calibration, if it has one that fits ``embedder``. A corrupt file or one fitted for
     another embedder leaves routing uncalibrated (a warning; ``uncertain`` then names the fix) rather
     than the pool unopenable."""
-    path = pool_dir / CONFIDENCE_FILE
+    path = PoolLayout(pool_dir).confidence
     if not path.exists():
         return None
     try:

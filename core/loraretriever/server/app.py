@@ -36,8 +36,8 @@ try:  # the `serve` extra: without it, name the extra rather than the first pack
 except ModuleNotFoundError as error:
     raise extra_error(error) from error
 
-from loraretriever.engine.adapter import AdapterError
 from loraretriever.engine.scheduler import QueuedRequest
+from loraretriever.pool.adapter import AdapterError
 from loraretriever.server.backend import Forwarder
 from loraretriever.server.config import ServerConfig
 from loraretriever.server.errors import APIError, from_library_error, unknown_model

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from loraretriever.engine.pool_dir import adapter_dirs
 from loraretriever.engine.routing import Routing
+from loraretriever.pool.directory import adapter_dirs
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.retrieval.router import Router
 from loraretriever.server.errors import APIError, unknown_model

@@ -2,7 +2,7 @@
 
 Each change is all-or-nothing: a failure at any step undoes the steps already taken, so the
 pool, the directory and the index are left as they were. With a pool directory, each change holds
-its lock from the first step to the last (:func:`~loraretriever.engine.pool_dir.pool_change`), so
+its lock from the first step to the last (:func:`~loraretriever.pool.directory.pool_change`), so
 processes that share the directory see whole changes only, and records its intent first: a
 process killed mid-change leaves the intent, and :func:`recover` (run whenever a pool directory is
 opened) undoes the change whole, so the adapter is there with its card and vector, or not at all.
@@ -14,58 +14,48 @@ import contextlib
 import json
 import logging
 import random
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loraretriever.engine.adapter import (
+from loraretriever.engine.base_model import model_source
+from loraretriever.pool.adapter import (
     CONFIG_FILE,
     AdapterError,
     AdapterMismatchError,
     check_adapter_name,
     read_adapter_files,
 )
-from loraretriever.engine.base_model import model_source
-from loraretriever.engine.pool import LoraPool
-from loraretriever.engine.pool_dir import (
-    ADAPTERS_DIR,
-    SETTINGS_FILE,
-    PoolMismatchError,
+from loraretriever.pool.directory import (
     adapter_dirs,
-    check_pool_model,
     clear_intent,
     delete_adapter,
     intents,
     leftovers,
     pool_change,
+    quarantine,
     record_intent,
-    record_pool_model,
-    recorded_model,
+    recover,
     store_adapter,
 )
+from loraretriever.pool.layout import PoolLayout
+from loraretriever.pool.lora_pool import LoraPool
+from loraretriever.pool.manifest import PoolMismatchError, check_pool_model, record_pool_model, recorded_model
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError, read_json
 from loraretriever.retrieval.index import index_damage, set_aside_index
-from loraretriever.retrieval.router import CARDS_DIR, INDEX_DIR
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "QUARANTINE_DIR",
     "add_adapter",
     "add_dir_to_pool_dir",
     "add_to_pool_dir",
     "check_pool_dir",
     "open_pool_dir",
-    "quarantine",
-    "quarantined",
     "ready_pool_dir",
-    "recover",
     "remove_adapter",
     "remove_from_pool_dir",
 ]
-
-QUARANTINE_DIR = "quarantine"  # POOL_DIR/quarantine/<name>/: a broken entry's files and why
 
 
 def add_adapter(
@@ -132,7 +122,7 @@ def add_to_pool_dir(
     card, name = _card_and_name(source, card, name)
     check_adapter_name(name)
     model, _ = shared_base_model(model_id if model_id is not None else recorded_model(root))
-    recorded = check_pool_model(root, model)
+    recorded = check_pool_model(root, model, model_source(model))
     pool = LoraPool(model)
     try:
         if not recorded:  # a pool without a manifest: its adapters tell whether the model is its own
@@ -140,7 +130,7 @@ def add_to_pool_dir(
         pool.add(source, name=name)  # every check a load makes (fit, NaN, bounds), before anything is written
     finally:
         pool.close()
-    cards = CardStore(root / CARDS_DIR)
+    cards = CardStore(PoolLayout(root).cards)
     with pool_change(root):
         if name in adapter_dirs(root) or name in cards:
             raise AdapterError(
@@ -158,7 +148,7 @@ def add_to_pool_dir(
         finally:  # done, or undone above: either way nothing is left half made
             clear_intent(root, name)
         if not recorded:
-            record_pool_model(root, model)
+            record_pool_model(root, model, model_source(model))
     return name
 
 
@@ -245,7 +235,7 @@ def remove_from_pool_dir(pool_dir: str | Path, name: str) -> None:
     """
     root = Path(pool_dir).expanduser()
     check_adapter_name(name)
-    cards = CardStore(root / CARDS_DIR)
+    cards = CardStore(PoolLayout(root).cards)
     with pool_change(root):
         if name not in adapter_dirs(root) and name not in cards:
             raise KeyError(f"the pool {str(root)!r} has no adapter named {name!r}.")
@@ -293,42 +283,6 @@ def remove_adapter(pool: LoraPool, router: Any, pool_dir: Path | None, name: str
             clear_intent(pool_dir, name)
 
 
-def recover(pool_dir: str | Path) -> dict[str, list[str]]:
-    """Undoes what a killed process left half done in ``pool_dir``: each recorded add or remove is
-    completed as a removal (its card and stored adapter go; the index drops the vector when it is
-    reconciled with the cards), and staging and trash files are deleted. Idempotent; cheap when
-    there is nothing to do.
-
-    Returns:
-        ``{"undone": [adapter names], "cleaned": [paths]}``.
-    """
-    root = Path(pool_dir).expanduser()
-    if not intents(root) and not _stray(root):
-        return {"undone": [], "cleaned": []}
-    with pool_change(root):  # after whoever is changing the pool now has finished
-        undone = sorted(intents(root))
-        cards = CardStore(root / CARDS_DIR)
-        for name in undone:
-            if name in cards:
-                cards.remove(name)
-            if name in adapter_dirs(root):
-                delete_adapter(root, name)
-            clear_intent(root, name)
-        cleaned = _stray(root)
-        for path in cleaned:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    logger.warning("recovered %s: undid the interrupted changes of %s, cleaned %s", root, undone, cleaned)
-    return {"undone": undone, "cleaned": [str(p) for p in cleaned]}
-
-
-def _stray(root: Path) -> list[Path]:
-    cards_dir = root / CARDS_DIR
-    return leftovers(root) + (sorted(cards_dir.glob(".*.tmp")) if cards_dir.is_dir() else [])
-
-
 def _change(pool_dir: Path | None) -> contextlib.AbstractContextManager:
     return pool_change(pool_dir) if pool_dir is not None else contextlib.nullcontext()
 
@@ -346,12 +300,14 @@ def open_pool_dir(pool: LoraPool, pool_dir: str | Path, *, cards: CardStore | No
         ``{"loaded": [...], "quarantined": [...], "undone": [...]}`` (adapter names).
     """
     root = Path(pool_dir).expanduser()
-    recorded = check_pool_model(root, pool.model)  # a pool of another model is refused untouched
+    recorded = check_pool_model(
+        root, pool.model, model_source(pool.model)
+    )  # a pool of another model is refused untouched
     undone = recover(root)["undone"]
     bad = []
 
     def quarantine_broken(name: str, error: AdapterError) -> None:  # found at its first load
-        if (root / ADAPTERS_DIR / name).is_dir() and not isinstance(error, AdapterMismatchError):
+        if PoolLayout(root).adapter(name).is_dir() and not isinstance(error, AdapterMismatchError):
             quarantine(root, name, f"the adapter does not load: {error}")
 
     loaded, damaged = _register_stored(pool, root)
@@ -361,10 +317,10 @@ def open_pool_dir(pool: LoraPool, pool_dir: str | Path, *, cards: CardStore | No
         bad.append(name)
     if not recorded:
         try:
-            record_pool_model(root, pool.model)
+            record_pool_model(root, pool.model, model_source(pool.model))
         except OSError as error:  # a read-only pool still opens
-            logger.warning("could not record the base model in %s: %s", root / SETTINGS_FILE, error)
-    bad += quarantine_broken_cards(root, cards if cards is not None else CardStore(root / CARDS_DIR))
+            logger.warning("could not record the base model in %s: %s", PoolLayout(root).manifest, error)
+    bad += quarantine_broken_cards(root, cards if cards is not None else CardStore(PoolLayout(root).cards))
     return {"loaded": loaded, "quarantined": sorted(set(bad)), "undone": undone}
 
 
@@ -420,40 +376,8 @@ def ready_pool_dir(pool_dir: str | Path, cards: CardStore | None = None) -> dict
     """
     root = Path(pool_dir).expanduser()
     undone = recover(root)["undone"]
-    bad = quarantine_broken_cards(root, cards if cards is not None else CardStore(root / CARDS_DIR))
+    bad = quarantine_broken_cards(root, cards if cards is not None else CardStore(PoolLayout(root).cards))
     return {"quarantined": bad, "undone": undone}
-
-
-def quarantine(pool_dir: str | Path, name: str, reason: str) -> Path:
-    """Moves adapter ``name``'s stored files and card out of the pool, into
-    ``POOL_DIR/quarantine/<name>/`` with ``reason.txt``; returns that directory."""
-    root = Path(pool_dir).expanduser()
-    with pool_change(root):
-        target = root / QUARANTINE_DIR / name
-        if target.exists():  # quarantined before: keep both
-            target = target.with_name(f"{name}.{len(list(target.parent.glob(name + '.*'))) + 1}")
-        target.mkdir(parents=True)
-        stored = adapter_dirs(root).get(name)
-        if stored is not None:
-            stored.rename(target / "adapter")
-        card = root / CARDS_DIR / f"{name}.json"
-        if card.is_file():
-            card.rename(target / "card.json")
-        (target / "reason.txt").write_text(reason + "\n", encoding="utf-8")
-    logger.warning("quarantined %r in %s: %s", name, target, reason)
-    return target
-
-
-def quarantined(pool_dir: str | Path) -> dict[str, str]:
-    """The quarantined entries of a pool directory: ``{directory name: reason}``."""
-    root = Path(pool_dir).expanduser() / QUARANTINE_DIR
-    if not root.is_dir():
-        return {}
-    return {
-        p.name: (p / "reason.txt").read_text(encoding="utf-8").strip() if (p / "reason.txt").is_file() else "?"
-        for p in sorted(root.iterdir())
-        if p.is_dir()
-    }
 
 
 def check_pool_dir(pool_dir: str | Path, *, repair: bool = False) -> list[str]:
@@ -465,7 +389,7 @@ def check_pool_dir(pool_dir: str | Path, *, repair: bool = False) -> list[str]:
     """
     root = Path(pool_dir).expanduser()
     problems = [f"interrupted {op} of {name!r} (undone on the next open)" for name, op in intents(root).items()]
-    problems += [f"leftover {path} from an interrupted write" for path in _stray(root)]
+    problems += [f"leftover {path} from an interrupted write" for path in leftovers(root)]
     if repair and problems:
         recover(root)
         problems = []
@@ -476,7 +400,7 @@ def check_pool_dir(pool_dir: str | Path, *, repair: bool = False) -> list[str]:
             read_adapter_files(path)
         except AdapterError as error:
             broken[name] = f"the adapter does not read: {error}"
-    cards = CardStore(root / CARDS_DIR) if (root / CARDS_DIR).is_dir() else None
+    cards = CardStore(PoolLayout(root).cards) if PoolLayout(root).cards.is_dir() else None
     for name in cards.names if cards is not None else ():
         try:
             cards.get(name)
@@ -490,9 +414,9 @@ def check_pool_dir(pool_dir: str | Path, *, repair: bool = False) -> list[str]:
             quarantine(root, name, reason)
         else:
             problems.append(f"{name!r}: {reason}")
-    damage = index_damage(root / INDEX_DIR)
+    damage = index_damage(PoolLayout(root).index)
     if damage is not None and repair:
-        set_aside_index(root / INDEX_DIR)
+        set_aside_index(PoolLayout(root).index)
     elif damage is not None:
         problems.append(f"the index is corrupt: {damage} (set aside and rebuilt from the cards on the next open)")
     return problems

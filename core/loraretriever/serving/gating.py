@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from loraretriever.engine.gates import FlowGate, Gate, GateError, MeteoraGate
-from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.routing import GATED_MODES, Routing
+from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.retrieval.options import RouteOptions
 
 __all__ = ["GatePlan", "plan_gated", "select_gate"]

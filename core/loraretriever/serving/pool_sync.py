@@ -1,6 +1,6 @@
 """Keeping a process's pool in step with a pool directory that other processes change too.
 
-Every change to a pool directory bumps its generation (:func:`~loraretriever.engine.pool_dir.generation`);
+Every change to a pool directory bumps its generation (:func:`~loraretriever.pool.directory.generation`);
 :meth:`PoolSync.refresh` compares it with the last one seen (one small file read) and, when it
 moved, loads the adapters other processes stored and drops those they removed, then calls
 ``on_change`` (the router's reconcile: the index is a cache of the cards, which writers such as
@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from loraretriever.engine.pool import LoraPool
-from loraretriever.engine.pool_dir import adapter_dirs, generation
+from loraretriever.pool.directory import adapter_dirs, generation
+from loraretriever.pool.lora_pool import LoraPool
 
 __all__ = ["PoolSync"]
 

@@ -31,11 +31,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from loraretriever.engine.composer import Composer
 from loraretriever.engine.engine import Engine, EngineConfig, Policy
 from loraretriever.engine.gates import Gate, gate_dirs, load_gate
-from loraretriever.engine.pool import LoraPool
-from loraretriever.engine.pool_dir import prompt_format, recorded_model
 from loraretriever.engine.requests import GenerationConfig, Prompt, prompt_text
 from loraretriever.engine.routing import Routing
 from loraretriever.engine.scheduler import EngineLoop, LoopDeltas, QueuedRequest
+from loraretriever.pool.lora_pool import LoraPool
+from loraretriever.pool.manifest import prompt_format, recorded_model
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.serving import adapters as pool_changes
 from loraretriever.serving.calls import GENERATION_OPTIONS, ROUTE_ON, Request, route_text, split_call_options
@@ -154,7 +154,7 @@ class RoutedLM:
         Args:
             model_id: See :func:`loraretriever.load_base_model`. ``None`` with a ``pool_dir`` takes the
                 base model its manifest (``pool.json``) records; another model than the recorded one
-                is refused (:class:`~loraretriever.engine.pool_dir.PoolMismatchError`).
+                is refused (:class:`~loraretriever.pool.directory.PoolMismatchError`).
             device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``;
                 adapters, gates and caches follow the model.
             dtype: ``"auto"`` (bfloat16 or float16 on a GPU, float32 on CPU), ``"float32"``,
@@ -216,10 +216,10 @@ class RoutedLM:
         )
         cards = None
         if router is None and pool_dir is not None:  # the router's store, so each card is parsed once
+            from loraretriever.pool.layout import PoolLayout
             from loraretriever.retrieval.cards import CardStore
-            from loraretriever.retrieval.router import CARDS_DIR
 
-            cards = CardStore(Path(pool_dir).expanduser() / CARDS_DIR)
+            cards = CardStore(PoolLayout(pool_dir).cards)
         if pool_dir is not None:
             # interrupted changes undone, broken entries quarantined: the rest always opens
             pool_changes.open_pool_dir(pool, pool_dir, cards=cards)

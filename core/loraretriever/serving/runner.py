@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraretriever.engine.composer import Composer
-from loraretriever.engine.pool import LoraPool
 from loraretriever.engine.requests import prompt_text
 from loraretriever.engine.routing import Routing
 from loraretriever.engine.scheduler import QueuedRequest
+from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.serving.gating import plan_gated
 from loraretriever.serving.tools import parse_tool_calls

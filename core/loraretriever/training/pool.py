@@ -12,14 +12,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraretriever.engine.adapter import SAFETENSORS_FILE
-from loraretriever.engine.pool_dir import (
-    adapter_dirs,
-    check_pool_model,
-    record_pool_model,
-    record_prompt_format,
-    store_adapter,
-)
+from loraretriever.engine.base_model import model_source
+from loraretriever.pool.adapter import SAFETENSORS_FILE
+from loraretriever.pool.directory import adapter_dirs, store_adapter
+from loraretriever.pool.layout import PoolLayout
+from loraretriever.pool.manifest import check_pool_model, record_pool_model, record_prompt_format
 from loraretriever.retrieval.cards import AdapterCard, CardStore
 from loraretriever.training.lora import LoraTrainingConfig, train_lora
 
@@ -30,9 +27,9 @@ def train_pool(
     model, tokenizer, splits: dict[str, dict], out: Path, config: LoraTrainingConfig, log=print
 ) -> list[str]:
     """Trains the LoRAs that are not stored yet; writes their cards. Returns the tasks trained now."""
-    cards = CardStore(out / "cards")
-    if not check_pool_model(out, model):  # refuses a resumed pool of another model
-        record_pool_model(out, model)
+    cards = CardStore(PoolLayout(out).cards)
+    if not check_pool_model(out, model, model_source(model)):  # refuses a resumed pool of another model
+        record_pool_model(out, model, model_source(model))
     record_prompt_format(out, "chat" if config.chat_template else "plain")  # the LLM classes follow it
     stored = adapter_dirs(out)
     trained = []

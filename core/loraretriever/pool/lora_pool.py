@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraretriever.engine.adapter import (
+from loraretriever.pool.adapter import (
     CONFIG_FILE,
     PICKLE_FILE,
     SAFETENSORS_FILE,
