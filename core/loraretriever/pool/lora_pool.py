@@ -1,5 +1,6 @@
-"""The LoRA pool: name-keyed adapters of one base model, changed at run time, loaded from disk into
-byte-budgeted host and device caches as requests use them."""
+"""The LoRA pool's registry: name-keyed adapters of one base model, changed at run time, loaded
+from disk by a loader thread into byte-budgeted host and device caches (:mod:`~loraretriever.pool.cache`)
+as requests hold them; adapters come from local directories or the hub (:mod:`~loraretriever.pool.sources`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 import hashlib
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,8 +19,6 @@ import torch
 from torch import nn
 
 from loraretriever.pool.adapter import (
-    CONFIG_FILE,
-    PICKLE_FILE,
     SAFETENSORS_FILE,
     AdapterError,
     LoraAdapter,
@@ -32,8 +31,10 @@ from loraretriever.pool.adapter import (
     read_safetensors,
     read_safetensors_header,
 )
+from loraretriever.pool.cache import AdapterCache
+from loraretriever.pool.sources import resolve_source
 
-__all__ = ["AdapterCache", "AdapterHold", "LoraPool", "PoolListener", "StoredAdapter", "UnknownAdapterError"]
+__all__ = ["AdapterHold", "LoraPool", "PoolListener", "StoredAdapter", "UnknownAdapterError"]
 
 
 class UnknownAdapterError(KeyError, ValueError):
@@ -62,90 +63,6 @@ class StoredAdapter:
     @property
     def weights_file(self) -> Path:
         return self.directory / SAFETENSORS_FILE
-
-
-class AdapterCache:
-    """Loaded adapters under a byte budget, least recently used first out. Pinned names (adapters
-    a request holds) are never evicted; while pins alone exceed the budget it is exceeded.
-
-    Args:
-        budget_bytes: The most bytes to hold (None: no limit).
-    """
-
-    def __init__(self, budget_bytes: int | None = None) -> None:
-        if budget_bytes is not None and budget_bytes < 0:
-            raise ValueError(f"a cache budget of {budget_bytes} bytes is negative; pass a size >= 0, or None.")
-        self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[str, LoraAdapter] = OrderedDict()
-        self._pins: Counter[str] = Counter()
-        self.nbytes = 0
-        self.hits = self.misses = self.evictions = 0
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, name: str) -> LoraAdapter | None:
-        """The cached adapter (now the most recently used), or None; counts a hit or a miss."""
-        adapter = self._entries.get(name)
-        if adapter is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(name)
-        return adapter
-
-    def peek(self, name: str) -> LoraAdapter | None:
-        """The cached adapter or None, counting nothing and changing no order."""
-        return self._entries.get(name)
-
-    def put(self, name: str, adapter: LoraAdapter) -> None:
-        self.drop(name)
-        self._entries[name] = adapter
-        self.nbytes += adapter.nbytes
-        self._evict()
-
-    def drop(self, name: str) -> None:
-        adapter = self._entries.pop(name, None)
-        if adapter is not None:
-            self.nbytes -= adapter.nbytes
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
-
-    def pin(self, name: str) -> None:
-        self._pins[name] += 1
-
-    def unpin(self, name: str) -> None:
-        self._pins[name] -= 1
-        if self._pins[name] <= 0:
-            del self._pins[name]
-            self._evict()
-
-    def _evict(self) -> None:
-        if self.budget_bytes is None:
-            return
-        for name in list(self._entries):
-            if self.nbytes <= self.budget_bytes:
-                return
-            if not self._pins[name]:
-                self.drop(name)
-                self.evictions += 1
-
-    def stats(self) -> dict[str, float]:
-        lookups = self.hits + self.misses
-        return {
-            "adapters": len(self._entries),
-            "bytes": self.nbytes,
-            "budget_bytes": self.budget_bytes,
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_rate": round(self.hits / lookups, 4) if lookups else None,
-            "evictions": self.evictions,
-        }
 
 
 class AdapterHold:
@@ -464,7 +381,7 @@ class LoraPool:
         Raises:
             AdapterError: bad files, a name already taken, or weights that do not fit the model.
         """
-        directory = _resolve_source(source, revision=revision)
+        directory = resolve_source(source, revision=revision)
         name = name if name is not None else Path(str(source).rstrip("/")).name
         self._check_free(name)
         if not (directory / SAFETENSORS_FILE).is_file():  # a pickle (or nothing): read and held in memory
@@ -599,28 +516,3 @@ def _done(adapter: LoraAdapter) -> Future:
     future: Future = Future()
     future.set_result(adapter)
     return future
-
-
-def _resolve_source(source: str | Path, *, revision: str | None) -> Path:
-    """A local directory as is; otherwise a hub repo id, fetched (adapter files only) into HF's cache."""
-    path = Path(source).expanduser()
-    if path.exists() or isinstance(source, Path) or str(source).startswith((".", "/", "~")):
-        return path
-    if str(source).count("/") != 1:
-        raise AdapterError(
-            f"adapter source {str(source)!r} is neither an existing directory nor a hub id ('org/name')."
-        )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(
-            snapshot_download(
-                str(source), revision=revision, allow_patterns=[CONFIG_FILE, SAFETENSORS_FILE, PICKLE_FILE]
-            )
-        )
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
-        raise AdapterError(
-            f"adapter {str(source)!r} is not a local directory and could not be fetched from the Hugging "
-            f"Face hub ({type(err).__name__}: {err}). Fix: pass a local path, or check the id and network."
-        ) from err
