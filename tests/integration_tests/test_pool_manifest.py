@@ -263,3 +263,53 @@ def test_add_dir_imports_each_adapter_with_its_card_and_reports_the_ones_that_fa
     assert json.loads((pool / "cards" / "carded.json").read_text())["domain"] == "mt"
     assert not (pool / "cards" / "bare.json").exists() and not (pool / "quarantine").exists()
     assert cli("pool", "check", "--pool", str(pool), cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("command", ["route", "eval-tasks"])
+def test_a_truncated_card_is_quarantined_on_every_path(command, models, tmp_path):
+    pool = tmp_path / "pool"
+    for name in ("fr", "senti", "summ"):
+        assert add(models, pool, name, "--create", "--model", str(models["qwen"])).returncode == 0
+    card = pool / "cards" / "senti.json"
+    card.write_text(card.read_text()[:30])  # a write cut short
+    queries = tmp_path / "queries.json"
+    queries.write_text(
+        json.dumps(
+            [
+                {
+                    "inputs": "Translate to French: the dog",
+                    "targets": "le chien",
+                    "task": "fr",
+                    "domain": "mt",
+                    "metric": "em",
+                },
+                {
+                    "inputs": "Summarize: rain delayed the match",
+                    "targets": "delay",
+                    "task": "summ",
+                    "domain": "sum",
+                    "metric": "em",
+                },
+            ]
+        )
+    )
+    argv = {
+        "route": ["route", "--pool", str(pool), "Translate to French: the dog"],
+        "eval-tasks": [
+            "eval-tasks",
+            "--pool",
+            str(pool),
+            "--queries",
+            str(queries),
+            "--methods",
+            "base",
+            "retriever_mixture_k3",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ],
+    }[command]
+    done = cli(*argv, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the card cannot be read" in (pool / "quarantine" / "senti" / "reason.txt").read_text()
+    assert sorted(p.name for p in (pool / "adapters").iterdir()) == ["fr", "summ"]

@@ -135,7 +135,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "lifecycle", help="RSS growth of building and dropping LLM objects over one base model and pool."
     )
     lifecycle.add_argument("--pool", default="pools/bigbench", help="The pool directory (copied; not changed).")
-    lifecycle.add_argument("--model", default=None, help="The base model (default: the packaged one).")
+    lifecycle.add_argument(
+        "--model",
+        default=None,
+        help="Base model: hub id or path (default: the one the pool records in pool.json, else the packaged SmolLM2).",
+    )
     lifecycle.add_argument("--objects", type=int, default=10)
     _common(lifecycle)
     lifecycle.set_defaults(handler=_run_lifecycle, smoke_overrides={"objects": 2})

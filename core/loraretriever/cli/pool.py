@@ -60,7 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _common(parser: argparse.ArgumentParser, model: bool = False) -> None:
     parser.add_argument("--pool", required=True, help="The pool directory.")
     if model:
-        parser.add_argument("--model", default=None, help="The base model (hub id or path; default: packaged).")
+        parser.add_argument(
+            "--model",
+            default=None,
+            help="Base model: hub id or path (default: the one the pool records in pool.json, else the packaged SmolLM2).",
+        )
 
 
 def _pool(args: argparse.Namespace, create: bool = False) -> Path | None:

@@ -29,7 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/metrics. model='auto' routes each prompt; model='<adapter>' pins one.",
     )
     parser.add_argument("--pool", required=True, help="The pool directory (adapters/, cards/, index/, gates/).")
-    parser.add_argument("--model", default=None, help="Base model: hub id or directory (default: the packaged one).")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Base model: hub id or path (default: the one the pool records in pool.json, else the packaged SmolLM2).",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 for every one).")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(

@@ -33,7 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--only-pool-tasks", action="store_true", help="Drop queries whose task has no LoRA.")
     parser.add_argument("--tasks-file", default=None, help="Only evaluate queries of these tasks (one per line).")
     parser.add_argument("--ood", action="store_true", help="Remove each prompt's own LoRA from its candidates.")
-    parser.add_argument("--model", default=None, help="Base model id or path (default: the packaged SmolLM2).")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Base model: hub id or path (default: the one the pool records in pool.json, else the packaged SmolLM2).",
+    )
     parser.add_argument(
         "--embedder",
         default=None,

@@ -42,7 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         gate, ("weighting", "routing_temperature")
     )  # flow: the retrieval weights that are the gate's prior
     gate.add_argument("--seed", type=int, default=0)
-    gate.add_argument("--model", default=None, help="Base model id or path (default: the packaged SmolLM2).")
+    gate.add_argument(
+        "--model",
+        default=None,
+        help="Base model: hub id or path (default: the one the pool records in pool.json, else the packaged SmolLM2).",
+    )
     gate.set_defaults(handler=_run_gate)
 
 
