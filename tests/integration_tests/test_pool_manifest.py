@@ -313,3 +313,17 @@ def test_a_truncated_card_is_quarantined_on_every_path(command, models, tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     assert "the card cannot be read" in (pool / "quarantine" / "senti" / "reason.txt").read_text()
     assert sorted(p.name for p in (pool / "adapters").iterdir()) == ["fr", "summ"]
+
+
+def test_pool_add_after_a_killed_add_of_the_same_name_succeeds(models, tmp_path):
+    """A writer killed between storing the adapter and its card leaves an intent: the next `pool
+    add` undoes that change first, so the name is free again."""
+    from loraretriever.pool.directory import record_intent, store_adapter
+
+    pool = tmp_path / "pool"
+    assert add(models, pool, "fr", "--create", "--model", str(models["qwen"])).returncode == 0
+    record_intent(pool, "add", "senti")
+    store_adapter(pool, models["adapters"] / "senti", "senti")  # killed here: no card, intent left
+    done = add(models, pool, "senti")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (pool / "cards" / "senti.json").is_file() and not list((pool / ".intents").glob("*.json"))

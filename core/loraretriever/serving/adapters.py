@@ -123,6 +123,7 @@ def add_to_pool_dir(
     check_adapter_name(name)
     model, _ = shared_base_model(model_id if model_id is not None else recorded_model(root))
     recorded = check_pool_model(root, model, model_source(model))
+    recover(root)  # a change a killed writer left half done goes first (its name is free again)
     pool = LoraPool(model)
     try:
         if not recorded:  # a pool without a manifest: its adapters tell whether the model is its own
