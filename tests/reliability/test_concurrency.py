@@ -63,7 +63,7 @@ def test_64_threads_of_generate_add_and_remove(toy_pool_dir, tiny_lm, smol_token
             worker.join(timeout=300)
         assert not any(w.is_alive() for w in workers), "a thread hung"
         assert errors == []
-        assert lm.complete(PROMPTS[0], max_new_tokens=2).text is not None, "the worker still serves"
+        assert lm.complete(PROMPTS[0], max_new_tokens=2).completion_tokens >= 1, "the worker still serves"
         names = {f"new{i}" for i in range(ADDERS)} | (set(TOY_CARDS) - set(removable))
         assert set(adapter_dirs(toy_pool_dir)) == names
         assert set(lm.pool.names) == names == set(CardStore(toy_pool_dir / "cards").names)
