@@ -92,3 +92,26 @@ def test_repetition_penalty_is_passed_to_generation(tiny_lm, smol_tokenizer):
         expected = lm.complete(CHAT["messages"], max_new_tokens=12, repetition_penalty=0.5).text
         assert penalized["choices"][0]["message"]["content"] == expected != plain["choices"][0]["message"]["content"]
         assert client.post("/v1/chat/completions", json={**body, "repetition_penalty": 0}).status_code == 400
+
+
+def test_adding_an_adapter_whose_name_is_taken_is_a_409_however_it_was_added(tiny_lm, smol_tokenizer, tiny_lm_adapters):
+    """An adapter given with adapters= (not stored in a pool directory) takes its name too: adding
+    another of that name is a conflict, not a bad request (the status was chosen by message text)."""
+    lm = RoutedLM.from_model(tiny_lm, smol_tokenizer, adapters={"a": tiny_lm_adapters["a"]})
+    config = ServerConfig(api_key="k")
+    with TestClient(create_app(lm, config)) as client:
+        headers = {"Authorization": "Bearer k"}
+        again = client.post("/v1/adapters", json={"source": str(tiny_lm_adapters["b"]), "name": "a"}, headers=headers)
+        assert again.status_code == 409, again.json()
+        assert again.json()["error"]["param"] == "name" and "'a'" in again.json()["error"]["message"]
+        broken = client.post("/v1/adapters", json={"source": "/no/such/adapter", "name": "c"}, headers=headers)
+        assert broken.status_code == 400 and broken.json()["error"]["param"] == "source"
+    lm.close()
+
+
+def test_a_bugs_key_error_is_a_500_not_a_missing_model():
+    from loraretriever.pool.lora_pool import UnknownAdapterError
+    from loraretriever.server.errors import from_library_error
+
+    assert from_library_error(KeyError("max_new_tokens")).status == 500
+    assert from_library_error(UnknownAdapterError("no adapter named 'x'")).status == 404

@@ -24,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "AdapterError",
+    "AdapterExistsError",
     "AdapterMismatchError",
     "LoraAdapter",
     "LoraWeights",
@@ -52,6 +53,10 @@ _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 class AdapterError(ValueError):
     """An adapter could not be read or does not fit the base model. Nothing was changed."""
+
+
+class AdapterExistsError(AdapterError):
+    """The pool already holds an adapter of that name (an HTTP 409, not a bad request)."""
 
 
 class AdapterMismatchError(AdapterError):

@@ -27,7 +27,13 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from loraretriever.pool.adapter import CONFIG_FILE, SAFETENSORS_FILE, AdapterError, check_adapter_name
+from loraretriever.pool.adapter import (
+    CONFIG_FILE,
+    SAFETENSORS_FILE,
+    AdapterError,
+    AdapterExistsError,
+    check_adapter_name,
+)
 from loraretriever.pool.home import with_umask
 from loraretriever.pool.layout import MANIFEST_FILE, PoolLayout
 from loraretriever.pool.lora_pool import LoraPool
@@ -137,13 +143,15 @@ def store_adapter(pool_dir: str | Path, source: str | Path, name: str) -> Path:
     source = Path(source).expanduser()
     target = PoolLayout(pool_dir).adapter(name)
     if target.exists():
-        raise AdapterError(f"{str(target)!r} already exists. Fix: remove adapter {name!r} first, or pick another name.")
+        raise AdapterExistsError(
+            f"{str(target)!r} already exists. Fix: remove adapter {name!r} first, or pick another name."
+        )
     missing = [f for f in (CONFIG_FILE, SAFETENSORS_FILE) if not (source / f).is_file()]
     if missing:
         raise AdapterError(f"{str(source)!r} lacks {missing}; save the adapter with PEFT's save_pretrained.")
     with pool_change(pool_dir):
         if target.exists():  # stored by another process meanwhile
-            raise AdapterError(
+            raise AdapterExistsError(
                 f"{str(target)!r} already exists. Fix: remove adapter {name!r} first, or pick another name."
             )
         target.parent.mkdir(parents=True, exist_ok=True)

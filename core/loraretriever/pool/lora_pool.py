@@ -21,6 +21,7 @@ from torch import nn
 from loraretriever.pool.adapter import (
     SAFETENSORS_FILE,
     AdapterError,
+    AdapterExistsError,
     LoraAdapter,
     check_adapter_name,
     check_file_size,
@@ -497,7 +498,7 @@ class LoraPool:
     def _check_free(self, name: str) -> None:
         check_adapter_name(name)
         if name in self:
-            raise AdapterError(
+            raise AdapterExistsError(
                 f"an adapter named {name!r} is already in the pool. Fix: pass another name=, or "
                 f"remove({name!r}) first to replace it."
             )

@@ -37,7 +37,7 @@ except ModuleNotFoundError as error:
     raise extra_error(error) from error
 
 from loraretriever.engine.scheduler import QueuedRequest
-from loraretriever.pool.adapter import AdapterError
+from loraretriever.pool.adapter import AdapterError, AdapterExistsError
 from loraretriever.server.backend import Forwarder
 from loraretriever.server.config import ServerConfig
 from loraretriever.server.errors import APIError, from_library_error, unknown_model
@@ -223,9 +223,10 @@ def create_app(source: Served | Callable[[], Served], config: ServerConfig | Non
         lm = _admin(state)
         try:
             name = await asyncio.to_thread(lm.add_adapter, body.source, body.card, name=body.name)
+        except AdapterExistsError as error:
+            raise APIError(409, str(error), param="name") from None
         except AdapterError as error:
-            status = 409 if "already exists" in str(error) else 400
-            raise APIError(status, str(error), param="name" if status == 409 else "source") from None
+            raise APIError(400, str(error), param="source") from None
         except Exception as error:
             raise from_library_error(error) from None
         return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "loraretriever"}

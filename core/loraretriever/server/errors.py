@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from loraretriever.engine.requests import PromptTooLong
+from loraretriever.pool.adapter import AdapterExistsError
+from loraretriever.pool.lora_pool import UnknownAdapterError
 
 __all__ = ["APIError", "from_library_error", "unknown_model"]
 
@@ -71,7 +73,9 @@ def from_library_error(error: BaseException) -> APIError:
     if isinstance(error, PromptTooLong):  # the library's fix (truncation=) is not an API field
         message = str(error).split("; shorten it")[0] + "; shorten the prompt or lower max_tokens."
         return APIError(413, message, param="messages", code="context_length_exceeded")
-    if isinstance(error, KeyError):  # the pool's unknown-adapter error
+    if isinstance(error, AdapterExistsError):
+        return APIError(409, str(error), param="name")
+    if isinstance(error, UnknownAdapterError):  # not any KeyError: a bug's is a 500, not "not found"
         message = error.args[0] if error.args else str(error)
         return APIError(404, str(message), param="model", code="model_not_found")
     if isinstance(error, TypeError | ValueError):

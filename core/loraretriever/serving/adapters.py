@@ -22,6 +22,7 @@ from loraretriever.engine.base_model import model_source
 from loraretriever.pool.adapter import (
     CONFIG_FILE,
     AdapterError,
+    AdapterExistsError,
     AdapterMismatchError,
     check_adapter_name,
     read_adapter_files,
@@ -134,7 +135,7 @@ def add_to_pool_dir(
     cards = CardStore(PoolLayout(root).cards)
     with pool_change(root):
         if name in adapter_dirs(root) or name in cards:
-            raise AdapterError(
+            raise AdapterExistsError(
                 f"an adapter named {name!r} is already in the pool {str(root)!r}. Fix: pick another name."
             )
         record_intent(root, "add", name)
