@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,6 +107,17 @@ def test_a_pool_remembers_its_model_and_refuses_another_without_quarantining(mod
     assert "Qwen2ForCausalLM" in done.stderr and "MistralForCausalLM" in done.stderr
     assert sorted(p.name for p in (pool / "adapters").iterdir()) == ["fr", "senti"]
     assert not (pool / "quarantine").exists()
+
+    # the model moved: the recorded path names the fix; given from its new place, the pool opens
+    moved = tmp_path / "qwen-moved"
+    shutil.copytree(models["qwen"], moved)
+    manifest = json.loads((pool / "pool.json").read_text())
+    manifest["base_model"]["id"] = str(tmp_path / "gone")
+    (pool / "pool.json").write_text(json.dumps(manifest))
+    done = add(models, pool, "summ")
+    assert done.returncode == 2 and "which is not there any more" in done.stderr and "--model" in done.stderr
+    assert add(models, pool, "summ", "--model", str(moved)).returncode == 0
+    assert json.loads((pool / "pool.json").read_text())["base_model"]["id"] == str(moved.resolve())  # followed
 
     done = cli("route", "--pool", str(pool), "--top-k", "1", "Translate to French: the dog", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -126,8 +126,18 @@ def _describe(fingerprint: dict[str, Any]) -> str:
 
 def recorded_model(pool_dir: str | Path) -> str | None:
     """The base model the pool's manifest records (a hub id, a path, or the packaged default's
-    name), or None."""
-    return (read_manifest(pool_dir).get("base_model") or {}).get("id")
+    name), or None.
+
+    Raises:
+        AdapterError: it records a local directory that is not there any more (moved or deleted).
+    """
+    recorded = (read_manifest(pool_dir).get("base_model") or {}).get("id")
+    if recorded is not None and Path(recorded).is_absolute() and not Path(recorded).is_dir():
+        raise AdapterError(
+            f"the pool {str(pool_dir)!r} belongs to the base model at {recorded!r}, which is not there any more. "
+            "Fix: pass the same model from where it is now (--model / model_id=)."
+        )
+    return recorded
 
 
 def check_pool_model(pool_dir: str | Path, model: torch.nn.Module, model_id: str) -> bool:
@@ -148,13 +158,12 @@ def check_pool_model(pool_dir: str | Path, model: torch.nn.Module, model_id: str
             f"adapters do not fit it. Fix: open it with {recorded.get('id')!r} (the default when no model is "
             "given), or use another pool directory for this model."
         )
-    if recorded.get("id") != model_id:
-        logger.info(
-            "the pool %s records %r; opened with %r (the same shapes)",
-            pool_dir,
-            recorded.get("id"),
-            model_id,
-        )
+    old = recorded.get("id")
+    if old != model_id and old is not None and Path(old).is_absolute() and not Path(old).is_dir():
+        update_manifest(pool_dir, base_model={**recorded, "id": model_id})  # the model moved: follow it
+        logger.warning("the pool %s records its base model at %r now (it was at %r)", pool_dir, model_id, old)
+    elif old != model_id:
+        logger.info("the pool %s records %r; opened with %r (the same shapes)", pool_dir, old, model_id)
     return True
 
 
