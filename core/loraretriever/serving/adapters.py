@@ -16,7 +16,7 @@ import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraretriever.engine.base_model import model_source
 from loraretriever.pool.adapter import (
@@ -44,6 +44,9 @@ from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.pool.manifest import PoolMismatchError, check_pool_model, record_pool_model, recorded_model
 from loraretriever.retrieval.cards import AdapterCard, CardStore, RetrievalError, read_json
 from loraretriever.retrieval.index import index_damage, set_aside_index
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ def add_to_pool_dir(
     *,
     name: str | None = None,
     model_id: str | Path | None = None,
+    model: PreTrainedModel | None = None,
 ) -> str:
     """Stores an adapter and its card in a pool directory without opening the pool's index: the
     cards are the source of truth, and whoever routes reconciles the index with them (a running
@@ -111,18 +115,17 @@ def add_to_pool_dir(
     for an embedded index another process holds; they take turns on the pool lock.
 
     The adapter is loaded with the pool's base model (``model_id``, default: the one its manifest
-    records) first, so one that does not fit or is damaged is refused and nothing is stored.
+    records; or ``model``, already loaded) first, so one that does not fit or is damaged is refused
+    and nothing is stored.
 
     Raises:
         PoolMismatchError: ``model_id`` is not the pool's model.
         AdapterError, RetrievalError, ValueError: a bad adapter, card or name; nothing is left behind.
     """
-    from loraretriever.engine.base_model import shared_base_model
-
     root = Path(pool_dir).expanduser()
     card, name = _card_and_name(source, card, name)
     check_adapter_name(name)
-    model, _ = shared_base_model(model_id if model_id is not None else recorded_model(root))
+    model = model if model is not None else _pool_model(root, model_id)
     recorded = check_pool_model(root, model, model_source(model))
     recover(root)  # a change a killed writer left half done goes first (its name is free again)
     pool = LoraPool(model)
@@ -180,10 +183,11 @@ def add_dir_to_pool_dir(
     if n < 1:
         raise ValueError(f"n={n!r} must be a positive number of samples per card.")
     report: dict[str, Any] = {"added": [], "without_card": [], "failed": {}}
+    model = _pool_model(Path(pool_dir).expanduser(), model_id)  # loaded once for every adapter
     for source in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
         try:
             card = _card_from_dir(source, samples, prompt_field, n)
-            add_to_pool_dir(pool_dir, source, card, name=source.name, model_id=model_id)
+            add_to_pool_dir(pool_dir, source, card, name=source.name, model=model)
         except PoolMismatchError:  # the model is not the pool's: no adapter would go in
             raise
         except (AdapterError, RetrievalError, ValueError, OSError) as error:
@@ -195,6 +199,14 @@ def add_dir_to_pool_dir(
             report["without_card"].append(source.name)
         log(f"added {source.name}" + ("" if card is not None else " (no card: pinned calls only)"))
     return report
+
+
+def _pool_model(root: Path, model_id: str | Path | None) -> PreTrainedModel:
+    """The base model to check adapters against: ``model_id``, else the one the pool records."""
+    from loraretriever.engine.base_model import shared_base_model
+
+    model, _ = shared_base_model(model_id if model_id is not None else recorded_model(root))
+    return model
 
 
 def _card_from_dir(source: Path, samples: str | None, prompt_field: str, n: int) -> dict[str, Any] | None:
