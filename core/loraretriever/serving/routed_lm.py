@@ -154,7 +154,7 @@ class RoutedLM:
         Args:
             model_id: See :func:`loraretriever.load_base_model`. ``None`` with a ``pool_dir`` takes the
                 base model its manifest (``pool.json``) records; another model than the recorded one
-                is refused (:class:`~loraretriever.pool.directory.PoolMismatchError`).
+                is refused (:class:`~loraretriever.pool.manifest.PoolMismatchError`).
             device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``;
                 adapters, gates and caches follow the model.
             dtype: ``"auto"`` (bfloat16 or float16 on a GPU, float32 on CPU), ``"float32"``,
