@@ -314,9 +314,8 @@ def open_pool_dir(pool: LoraPool, pool_dir: str | Path, *, cards: CardStore | No
         ``{"loaded": [...], "quarantined": [...], "undone": [...]}`` (adapter names).
     """
     root = Path(pool_dir).expanduser()
-    recorded = check_pool_model(
-        root, pool.model, model_source(pool.model)
-    )  # a pool of another model is refused untouched
+    # a pool of another model is refused untouched
+    recorded = check_pool_model(root, pool.model, model_source(pool.model))
     undone = recover(root)["undone"]
     bad = []
 
