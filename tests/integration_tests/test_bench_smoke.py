@@ -20,6 +20,7 @@ def test_bench_serve_smoke(capsys, flan48):
     result = run_bench(capsys, "serve", "--queries", str(flan48 / "test_dev.json"))
     assert result["batch_size"] == 4 and result["new_tokens"] == 2
     methods = {"base", "ours_mixture_k3", "ours_fusion_k3", "ours_single", "paper_union_einsum", "peft_adapter_names"}
+    methods.add("hf_generate")
     assert methods <= set(result["tokens_per_s"])
     assert all(v > 0 for v in result["tokens_per_s"].values())
     assert set(result["ours_mixture_k3_by_pool_size"]) == {"pool_8"}
@@ -28,6 +29,13 @@ def test_bench_serve_smoke(capsys, flan48):
     for policy in ("continuous", "static"):
         run = mixed[policy]["rate_0.5"]
         assert run["requests"] == 3 and run["completion_tokens"] > 0 and run["ttft_s"]["p99"] > 0
+
+
+def test_bench_serve_quick_keeps_only_the_engine_methods(capsys, flan48):
+    result = run_bench(capsys, "serve", "--quick", "--queries", str(flan48 / "test_dev.json"))
+    assert result["quick"] and result["rounds"] == 1  # --smoke's sizes win over --quick's
+    assert set(result["tokens_per_s"]) == {"base", "ours_mixture_k3", "ours_fusion_k3", "ours_single", "hf_generate"}
+    assert result["ours_mixture_k3_by_pool_size"] == {} and result["mixed"]["same_outputs"]
 
 
 def test_bench_integrations_smoke(capsys):

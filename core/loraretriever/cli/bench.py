@@ -35,8 +35,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--rate-fractions", type=float, nargs="*", default=[0.3, 0.6, 0.9])
     serve.add_argument("--rounds", type=int, default=5, help="Rounds of our methods and base timed in turns.")
     _common(serve)
+    serve.add_argument(
+        "--quick",
+        action="store_true",
+        help="Only the engine's methods, transformers' generate and a small mixed workload (about 3 minutes): "
+        "an engine change's before and after.",
+    )
     serve.set_defaults(
         handler=_run_serve,
+        quick_overrides={"rounds": 3, "mixed_prompts": 16, "mixed_max_new_tokens": 32, "rate_fractions": [0.6]},
         smoke_overrides={
             "batch_size": 4,
             "new_tokens": 2,
@@ -178,9 +185,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _prepare(args: argparse.Namespace) -> Callable[[str], None]:
     """Applies ``--smoke`` and returns the progress logger."""
+    overrides = {}
+    if getattr(args, "quick", False):
+        overrides |= args.quick_overrides
     if args.smoke:
-        for key, value in args.smoke_overrides.items():
-            setattr(args, key, value)
+        overrides |= args.smoke_overrides
+    for key, value in overrides.items():
+        setattr(args, key, value)
     return (lambda message: print(message, file=sys.stderr)) if args.json else print
 
 
@@ -198,6 +209,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         mixed_max_new_tokens=args.mixed_max_new_tokens,
         rate_fractions=args.rate_fractions,
         rounds=args.rounds,
+        quick=args.quick,
         log=log,
     )
     print(json.dumps(result))

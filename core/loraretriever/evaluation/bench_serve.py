@@ -116,13 +116,15 @@ def run_serve_benchmark(
     mixed_max_new_tokens: int = 64,
     rate_fractions: Sequence[float] = (0.3, 0.6, 0.9),
     rounds: int = 5,
+    quick: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Times our methods and ``base`` in turns for ``rounds`` rounds (after a warm-up) and returns
     their median tokens/s and median per-round ratios to ``base``
     (:func:`~loraretriever.evaluation.workload.tokens_per_second_in_turns`); PEFT's baselines are
     timed after them. With ``queries`` (a ``test_dev.json``), also the ``mixed`` workload
-    (:mod:`.bench_mixed`)."""
+    (:mod:`.bench_mixed`). ``quick``: only the engine's own methods, transformers' ``generate``
+    and the mixed workload (an engine change's before and after, in minutes)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -154,8 +156,10 @@ def run_serve_benchmark(
         "ours_fusion_k3": ours("fusion", composer, row_sets),
         "ours_single": ours("single", composer, row_sets),
     }
+    methods["hf_generate"] = _hf_generate(model, tokenizer, prompts, new_tokens)
     union = UnionEinsumComposer(model, pool)
-    methods["paper_union_einsum"] = ours("mixture", union, row_sets, policy="static")
+    if not quick:
+        methods["paper_union_einsum"] = ours("mixture", union, row_sets, policy="static")
 
     results, ratios = tokens_per_second_in_turns(methods, reference="base", rounds=rounds)
     for name in methods:
@@ -165,12 +169,13 @@ def run_serve_benchmark(
     composer.remove_hooks()
     union.remove_hooks()
 
-    peft = _peft_baselines(model, tokenizer, states, rank, prompts, [s[0] for s in row_sets], new_tokens, log)
-    results.update(peft)
-    ratios.update({k: v / results["base"] for k, v in peft.items()})  # timed apart from base: rougher
+    if not quick:
+        peft = _peft_baselines(model, tokenizer, states, rank, prompts, [s[0] for s in row_sets], new_tokens, log)
+        results.update(peft)
+        ratios.update({k: v / results["base"] for k, v in peft.items()})  # timed apart from base: rougher
 
     scaling: dict[str, float] = {}
-    for size in pool_sizes:
+    for size in () if quick else pool_sizes:
         sized = LoraPool(model)
         for i in range(size):
             name = f"lora{i:04d}"
@@ -193,6 +198,7 @@ def run_serve_benchmark(
         "targets": TARGETS,
         "threads": torch.get_num_threads(),
         "rounds": rounds,
+        "quick": quick,
         "tokens_per_s": {k: round(v, 2) for k, v in results.items()},
         "ratio_to_base": {k: round(v, 3) for k, v in ratios.items()},
         "floor": floor,
@@ -203,9 +209,16 @@ def run_serve_benchmark(
         "mixed": _mixed(model, tokenizer, queries, mixed_prompts, mixed_max_new_tokens, rate_fractions, seed, log),
         "targets_met": {
             "mixture_vs_base>=0.9": ratios["ours_mixture_k3"] >= 0.9,
-            "mixture_vs_peft_adapter_names>=1.0": results["ours_mixture_k3"] >= results["peft_adapter_names"],
-            "mixture_vs_peft_sequential>=4": results["ours_mixture_k3"] >= 4 * results["peft_sequential"],
-        },
+            "base_vs_hf_generate>=1.0": ratios["hf_generate"] <= 1.0,
+        }
+        | (
+            {}
+            if quick
+            else {
+                "mixture_vs_peft_adapter_names>=1.0": results["ours_mixture_k3"] >= results["peft_adapter_names"],
+                "mixture_vs_peft_sequential>=4": results["ours_mixture_k3"] >= 4 * results["peft_sequential"],
+            }
+        ),
     }
 
 
@@ -263,6 +276,25 @@ def _mixed(model, tokenizer, queries, prompts, max_new_tokens, rate_fractions, s
         )
     finally:
         router.close()
+
+
+def _hf_generate(model, tokenizer, prompts: list[str], new_tokens: int) -> Callable[[], int]:
+    """transformers' own ``generate`` on the same batch (greedy, fixed length): the plain model
+    this engine wraps, which it must not be slower than."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)  # load_base_model pads on the left
+
+    def run() -> int:
+        with torch.inference_mode():
+            out = model.generate(
+                **batch,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        return (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+
+    return run
 
 
 def _peft_baselines(model, tokenizer, states, rank, prompts, adapters, new_tokens, log) -> dict[str, float]:
