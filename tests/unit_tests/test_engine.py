@@ -9,7 +9,7 @@ import weakref
 import pytest
 
 from loraretriever import Composer, LoraPool, Routing
-from loraretriever.engine import engine as engine_module
+from loraretriever.engine import model_runner
 from loraretriever.engine.engine import Engine, EngineConfig
 from loraretriever.engine.gates import FlowGate, FlowGateConfig
 from loraretriever.engine.requests import GenerationConfig, RequestError
@@ -265,8 +265,8 @@ def test_finished_batches_free_their_kv_cache_without_the_cycle_collector(
 
         return Tracked
 
-    monkeypatch.setattr(engine_module, "PrefillKV", tracked(engine_module.PrefillKV))
-    monkeypatch.setattr(engine_module, "RunningKV", tracked(engine_module.RunningKV))
+    monkeypatch.setattr(model_runner, "PrefillKV", tracked(model_runner.PrefillKV))
+    monkeypatch.setattr(model_runner, "RunningKV", tracked(model_runner.RunningKV))
     gc.collect()
     gc.disable()
     try:

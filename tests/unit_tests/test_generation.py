@@ -207,7 +207,8 @@ def test_bad_settings_are_clear_errors(generator):
 
 
 def test_incremental_detokenisation_waits_for_whole_characters(tokenizer):
-    from loraretriever.engine.requests import RequestState, _new_text
+    from loraretriever.engine.outputs import _new_text
+    from loraretriever.engine.requests import RequestState
 
     text = "naïve café 世界 🙂 done"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -217,6 +218,7 @@ def test_incremental_detokenisation_waits_for_whole_characters(tokenizer):
     shown = []
     for token in ids:
         row.ids.append(token)
+        row.detokenized += 1
         row.text += _new_text(tokenizer, row)
         shown.append(row.text)
     assert row.text == text

@@ -11,7 +11,7 @@ import pytest
 from loraretriever import Routing
 from loraretriever.engine.engine import Engine, EngineConfig
 from loraretriever.engine.requests import GenerationConfig
-from loraretriever.engine.scheduler import EngineLoop, QueuedRequest
+from loraretriever.engine.worker import EngineLoop, QueuedRequest
 
 
 class Preparer:

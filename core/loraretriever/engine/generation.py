@@ -2,7 +2,7 @@
 :class:`~loraretriever.engine.engine.Engine` stepped in the caller's thread.
 
 This is what evaluations, benchmarks and tests call directly; ``RoutedLM`` runs the same engine in
-a worker thread (:mod:`loraretriever.engine.scheduler`) so that concurrent callers share steps.
+a worker thread (:mod:`loraretriever.engine.worker`) so that concurrent callers share steps.
 """
 
 from __future__ import annotations

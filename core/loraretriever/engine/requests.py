@@ -1,8 +1,7 @@
 """What a request is: its prompt, generation settings, result, and its state inside the engine.
 
-Only plain data and per-request text handling live here (incremental detokenisation, stop
-strings, the final :class:`Completion`); the scheduler in :mod:`loraretriever.engine.engine`
-decides what runs when.
+Only plain data lives here; the scheduler (:mod:`loraretriever.engine.worker`) decides what
+runs when, and the output processor (:mod:`loraretriever.engine.outputs`) turns tokens into text.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from loraretriever.engine.routing import Routing
 
@@ -183,77 +181,53 @@ class RequestState:
     prefix_offset: int = 0  # incremental detokenisation window: ids[prefix_offset:read_offset] is
     read_offset: int = 0  # context already turned into text
 
+    ended: FinishReason | None = None  # set by the step thread: EOS ("stop") or max_new_tokens ("length")
+    stopped: bool = False  # set by the output processor: a stop string ended the text
+    outputs: Any = None  # the engine's OutputProcessor once queued: callbacks go through it, in order
+    detokenized: int = 0  # ids[:detokenized] are text (the output processor's progress)
+
     @property
     def finished(self) -> bool:
-        return self.done is not None or self.error is not None
+        """Whether the engine is done with it: it ended, stopped at a stop string, or failed."""
+        return self.ended is not None or self.stopped or self.error is not None
 
     def cancel(self) -> None:
         """Asks the engine to drop this request; its slot is freed at the next step."""
         self.cancelled = True
 
     def fail(self, error: BaseException) -> None:
-        """Ends the request with ``error`` (once; later calls are ignored)."""
+        """Ends the request with ``error`` (once; later calls are ignored). The callback runs after
+        the text events already produced (through the output processor, when it has one)."""
         if self.finished:
             return
         self.error = error
         self.finished_at = time.perf_counter()
-        self._release()
-        if self.on_error is not None:
+        self.release()
+        if self.outputs is not None:
+            self.outputs.post_error(self, error)
+        elif self.on_error is not None:
             self.on_error(error)
 
-    def advance(self, token: int, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int]) -> StreamEvent | None:
-        """Adds one generated token; returns the text that can be shown now, and the end if reached."""
-        cfg = self.config
+    def append_token(self, token: int, eos_ids: set[int]) -> FinishReason | None:
+        """Adds one sampled token (the step thread's part: no text); returns why the request ended
+        if it did. EOS is not kept; stop strings are found in the text by the output processor."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        finish: FinishReason | None = None
-        stop_sequence = None
-        if token in eos_ids and not cfg.ignore_eos:
-            finish = "stop"
+        if token in eos_ids and not self.config.ignore_eos:
+            self.ended = "stop"
         else:
             self.ids.append(token)
-            previous = len(self.text)
-            self.text += _new_text(tokenizer, self)
-            hit = _find_stop(self.text, cfg.stop, previous)
-            if hit is not None:
-                position, stop_sequence = hit
-                self.text = self.text[:position]
-                finish = "stop"
-            elif len(self.ids) >= cfg.max_new_tokens:
-                finish = "length"
-        if finish is not None and stop_sequence is None:
-            self.text += _new_text(tokenizer, self, flush=True)  # bytes of a character cut off at the end
-        if finish is not None:
+            if len(self.ids) >= self.config.max_new_tokens:
+                self.ended = "length"
+        if self.ended is not None:
             self.finished_at = time.perf_counter()
-            self._release()
-            self.done = Completion(
-                text=self.text,
-                finish_reason=finish,
-                prompt_tokens=len(self.prompt_ids),
-                completion_tokens=len(self.ids),
-                routing=self.routing,
-                stop_sequence=stop_sequence,
-                truncated_prompt=self.truncated,
-            )
-            delta = self.text[len(self.emitted) :]
-            self.emitted = self.text
-            return self._emit(StreamEvent(self.index, delta, self.done))
-        shown = self.text[: len(self.text) - _held_back(self.text, cfg.stop)]
-        if len(shown) > len(self.emitted) and shown.startswith(self.emitted):
-            delta = shown[len(self.emitted) :]
-            self.emitted = shown
-            return self._emit(StreamEvent(self.index, delta))
-        return None
+            self.release()
+        return self.ended
 
-    def _release(self) -> None:
-        """Lets the pool evict the adapters again (the request has ended)."""
+    def release(self) -> None:
+        """Lets the pool evict the adapters again (the request has ended; idempotent)."""
         if self.adapters is not None:
             self.adapters.release()
-
-    def _emit(self, event: StreamEvent) -> StreamEvent:
-        if self.on_event is not None:
-            self.on_event(event)
-        return event
 
 
 def prompt_text(prompt: Prompt, index: int = 0) -> str:
@@ -275,36 +249,3 @@ def prompt_text(prompt: Prompt, index: int = 0) -> str:
     if not users:
         raise ValueError(f"prompt {index} has no non-empty user message; the last user message is what gets routed.")
     return str(users[-1])
-
-
-def _new_text(tokenizer: PreTrainedTokenizerBase, row: RequestState, flush: bool = False) -> str:
-    """The text the newest tokens complete. Only a short window of ids is decoded (incremental
-    detokenisation, as in TGI and vLLM), so a step costs the same at token 5 and token 500; a partial
-    UTF-8 character waits for its remaining bytes unless ``flush``."""
-    prefix = tokenizer.decode(row.ids[row.prefix_offset : row.read_offset], skip_special_tokens=True)
-    full = tokenizer.decode(row.ids[row.prefix_offset :], skip_special_tokens=True)
-    if len(full) > len(prefix) and (flush or not full.endswith("\ufffd")):
-        row.prefix_offset, row.read_offset = row.read_offset, len(row.ids)
-        return full[len(prefix) :]
-    return ""
-
-
-def _find_stop(text: str, stops: tuple[str, ...], previous: int) -> tuple[int, str] | None:
-    """The earliest stop string in ``text``; only looks where the newest token can have completed one."""
-    best = None
-    for stop in stops:
-        position = text.find(stop, max(0, previous - len(stop) + 1))
-        if position != -1 and (best is None or position < best[0]):
-            best = (position, stop)
-    return best
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters to hold back: a possible stop-string start or a partial character."""
-    hold = 1 if text.endswith("\ufffd") else 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                hold = max(hold, size)
-                break
-    return hold

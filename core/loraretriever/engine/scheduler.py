@@ -1,227 +1,199 @@
-"""The engine's worker thread: callers in many threads (or asyncio tasks) submit requests, one
-thread steps the :class:`~loraretriever.engine.engine.Engine`.
+"""The scheduling policy: which waiting requests start their prefill, and how many prompt tokens
+each step prefills.
 
-A submitted request gets a :class:`QueuedRequest`: a future for its result and, for streaming
-callers, a queue of text deltas. Between steps the worker takes what arrived, lets the layer above
-prepare it (``prepare``: routing, for ``RoutedLM``) and adds it to the engine, so new requests
-join the running batch at the next step. When the engine is idle, the first arrival waits up to
-``max_wait_ms`` for company, so requests that arrive together are routed and prefilled together.
+The :class:`Scheduler` owns the waiting queue and nothing that runs: it reads how many rows are
+decoding and how far the prefilling group has got, and returns a plain :class:`StepPlan`, which
+the :class:`~loraretriever.engine.model_runner.ModelRunner` carries out (as vLLM v1's scheduler
+returns a ``SchedulerOutput`` to its model runner). Every running request decodes one token every
+step; what the policy decides is the prefill side:
+
+* ``continuous``: the oldest waiting request is admitted first (unless its adapters are still
+  loading, for at most ``max_load_wait`` seconds); it takes along the waiting requests among the
+  next ``max_batch_size`` whose prompt lengths are closest to its own while the padded group fits
+  the step's token budget (``max_batch_tokens`` minus the decoding rows), so little of a prefill
+  is padding and a request is overtaken only by that window. A long prompt is prefilled over
+  several steps (chunked prefill), so it never stalls the others' decoding.
+* ``static`` (a reference for benchmarks): a whole batch is admitted only when nothing runs, and
+  prefilled in one pass.
+
+Requests whose shared prefill failed are admitted one by one, to find the one that fails.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import dataclasses
+import itertools
 import logging
-import queue
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import Future
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-from loraretriever.engine.engine import Engine, cancelled_error
-from loraretriever.engine.requests import RequestState, StreamEvent
+from loraretriever.engine.requests import RequestState
 
-__all__ = ["EngineLoop", "LoopDeltas", "Prepare", "QueuedRequest"]
+if TYPE_CHECKING:
+    from loraretriever.engine.engine import EngineConfig
+    from loraretriever.pool.lora_pool import LoraPool
+
+__all__ = ["MIN_CHUNK", "Scheduler", "StepPlan"]
 
 logger = logging.getLogger(__name__)
 
-_DONE = object()
-
-Prepare = Callable[[Sequence["QueuedRequest"]], None]
-"""Readies newly arrived requests (sets ``state.routing``) or fails them (``state.fail``)."""
+MIN_CHUNK = 16  # prefill tokens per step even when decoding rows use the whole budget
 
 
-class LoopDeltas:
-    """A queue of text deltas that the engine's thread fills and an asyncio event loop drains
-    (no thread is parked per stream, so thousands of streams cost nothing while they wait).
+@dataclass
+class StepPlan:
+    """The prefill side of one step: a new group to start prefilling (empty: none), and how many
+    of the prefilling group's prompt tokens this step computes (0: no prefill this step)."""
 
-    Args:
-        loop: The event loop of the consumer (default: the running one).
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.loop = loop or asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def put(self, item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the consumer's loop has closed: nobody listens any more
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    admitted: list[RequestState] = field(default_factory=list)
+    prefill_tokens: int = 0
 
 
-@dataclass(eq=False)
-class QueuedRequest:
-    """One caller's request: the engine's state, a future for its result, and streamed text."""
-
-    state: RequestState
-    future: Future = field(default_factory=Future)
-    deltas: queue.SimpleQueue | LoopDeltas | None = None  # set for streaming callers (threads / asyncio)
-    enqueued_at: float = field(default_factory=time.perf_counter)
-    make_result: Callable[[QueuedRequest], Any] | None = None  # the future's value from the state
-    admitted_at: float | None = None  # when it was prepared and handed to the engine
-    route_s: float = 0.0  # the routing of the arrivals it came with
-
-    def __post_init__(self) -> None:
-        self.state.on_event = self._on_event
-        self.state.on_error = self._on_error
-        # a caller that gives up (asyncio cancel, closed stream) frees the request's slot
-        self.future.add_done_callback(lambda f: self.state.cancel() if f.cancelled() else None)
-
-    @property
-    def payload(self) -> Any:
-        return self.state.payload
-
-    def cancel(self) -> None:
-        """Drops the request: its slot is freed at the engine's next step."""
-        self.state.cancel()
-        self.future.cancel()
-
-    def iter_deltas(self) -> Iterator[str]:
-        """Yields the text deltas, then raises the request's error if it failed. Closing the
-        iterator early cancels the request."""
-        assert isinstance(self.deltas, queue.SimpleQueue), "a LoopDeltas stream is read with aiter_deltas()"
-        finished = False
-        try:
-            while (item := self.deltas.get()) is not _DONE:
-                yield item
-            finished = True
-        finally:
-            if not finished:
-                self.cancel()
-        self.future.result()  # re-raises a failure
-
-    async def aiter_deltas(self) -> AsyncIterator[str]:
-        """:meth:`iter_deltas` for a :class:`LoopDeltas` stream: awaits each delta on the event
-        loop. Closing it early (or cancelling its task) cancels the request."""
-        assert isinstance(self.deltas, LoopDeltas), "a thread-queue stream is read with iter_deltas()"
-        finished = False
-        try:
-            while (item := await self.deltas.queue.get()) is not _DONE:
-                yield item
-            finished = True
-        finally:
-            if not finished:
-                self.cancel()
-        self.future.result()  # re-raises a failure
-
-    def _on_event(self, event: StreamEvent) -> None:
-        if self.deltas is not None and event.delta:
-            self.deltas.put(event.delta)
-        if event.completion is not None:
-            if not self.future.done():
-                result = self.make_result(self) if self.make_result is not None else event.completion
-                self.future.set_result(result)
-            if self.deltas is not None:
-                self.deltas.put(_DONE)
-
-    def _on_error(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-        if self.deltas is not None:
-            self.deltas.put(_DONE)
-
-
-class EngineLoop:
-    """Runs an engine in a worker thread for concurrent callers.
+class Scheduler:
+    """Holds the waiting requests and decides, step by step, which are admitted and how much is
+    prefilled.
 
     Args:
-        engine: The engine to step.
-        prepare: Readies each batch of new arrivals before they join (or fails them).
-        max_wait_ms: How long the first request to an idle engine waits for others.
+        config: The engine's limits and policy.
+        pool: The adapter pool requests hold their adapters in (None: base model only).
     """
 
-    def __init__(self, engine: Engine, prepare: Prepare | None = None, *, max_wait_ms: float = 10.0) -> None:
-        if not max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms={max_wait_ms!r} must be >= 0.")
-        self.engine = engine
-        self.prepare = prepare
-        self.max_wait_s = max_wait_ms / 1000.0
-        self._intake: queue.SimpleQueue[list[QueuedRequest] | None] = queue.SimpleQueue()
-        self._worker: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-        self._closed = False
+    def __init__(self, config: EngineConfig, pool: LoraPool | None = None) -> None:
+        self.config = config
+        self.pool = pool
+        self.waiting: deque[RequestState] = deque()
+        self._solo: set[int] = set()  # requests whose shared prefill failed: prefilled alone
 
-    def submit(self, requests: Sequence[QueuedRequest]) -> list[QueuedRequest]:
-        """Queues requests that arrive together: they are prepared and admitted together, in order."""
-        if self._closed:
-            raise RuntimeError("the engine loop is closed; create a new RoutedLM.")
-        requests = list(requests)
-        self._ensure_worker()
-        self._intake.put(requests)
-        return requests
+    def add(self, requests: Sequence[RequestState]) -> None:
+        self.waiting.extend(requests)
+        self.hold_ahead()
 
-    def close(self) -> None:
-        """Stops the worker once every queued request has finished."""
-        self._closed = True
-        if self._worker is not None:
-            self._intake.put(None)
-            if self._worker is not threading.current_thread():  # a GC finalizer may run on the worker
-                self._worker.join(timeout=60)
+    def schedule(self, decoding: int, prefilling: tuple[int, int, int] | None) -> StepPlan:
+        """The prefill side of this step.
 
-    def _ensure_worker(self) -> None:
-        with self._start_lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._loop, name="loraretriever-engine", daemon=True)
-                self._worker.start()
+        Args:
+            decoding: Rows that decode this step.
+            prefilling: ``(padded length, tokens done, rows)`` of the group being prefilled, or None
+                (then a new group may be admitted).
+        """
+        plan = StepPlan()
+        if prefilling is None:
+            self.hold_ahead()
+            plan.admitted = self._admit(decoding)
+            if not plan.admitted:
+                return plan
+            prefilling = (max(len(r.prompt_ids) for r in plan.admitted), 0, len(plan.admitted))
+        total, done, rows = prefilling
+        if self.config.policy == "static":
+            plan.prefill_tokens = total - done
+        else:
+            plan.prefill_tokens = min(total - done, max(self._budget(decoding) // rows, 1))
+        return plan
 
-    def _loop(self) -> None:
-        stopping = False
-        while True:
-            arrived: list[QueuedRequest] = []
-            if not self.engine.has_work:
-                if stopping:
-                    return
-                first = self._intake.get()
-                if first is None:
-                    return
-                arrived += first
-                deadline = time.perf_counter() + self.max_wait_s
-                while (remaining := deadline - time.perf_counter()) > 0:
-                    try:
-                        item = self._intake.get(timeout=remaining)
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stopping = True
-                        break
-                    arrived += item
-            while True:  # whatever else arrived since the last step joins now
-                try:
-                    item = self._intake.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                else:
-                    arrived += item
-            try:
-                self._admit(arrived)
-                if self.engine.has_work:
-                    self.engine.step()
-            except BaseException as error:  # never let the worker die with callers waiting
-                logger.exception("the engine failed; failing the requests it held")
-                self._fail_everything(error)
+    def retry_alone(self, requests: Sequence[RequestState]) -> None:
+        """Puts back at the head of the queue requests whose shared prefill failed; each is then
+        admitted alone."""
+        self.waiting.extendleft(reversed(requests))
+        self._solo.update(id(r) for r in requests)
 
-    def _admit(self, arrived: list[QueuedRequest]) -> None:
-        live = [q for q in arrived if not q.state.cancelled]
-        for queued in arrived:
-            if queued.state.cancelled:
-                queued.state.fail(cancelled_error())
-        if not live:
+    def drop_cancelled(self) -> list[RequestState]:
+        """Removes and returns the cancelled waiting requests."""
+        gone = [r for r in self.waiting if r.cancelled]
+        for request in gone:
+            self.waiting.remove(request)
+        return gone
+
+    def window(self) -> list[RequestState]:
+        """The next ``max_batch_size`` waiting requests: those that hold their adapters, and among
+        which a batch is formed (without copying a long queue)."""
+        return list(itertools.islice(self.waiting, self.config.max_batch_size))
+
+    def hold_ahead(self) -> None:
+        """The next ``max_batch_size`` waiting requests hold their adapters: loading starts (a
+        prefetch, as soon as they are routed and queued), and from then on an adapter stays theirs
+        until they end, whether the pool's cache would evict it or the pool drops it. Only that
+        window holds, so a long queue never pins more than a batch's worth of adapters."""
+        if self.pool is None:
             return
-        if self.prepare is not None:
-            self.prepare(live)
-        self.engine.add([q.state for q in live if not q.state.finished])
+        for request in self.window():
+            if request.adapters is None:
+                gone = [n for n in request.routing.adapters if n not in self.pool]
+                if gone and request.reroute is not None:
+                    _reroute(request, gone)
+                request.adapters = self.pool.hold([n for n in request.routing.adapters if n in self.pool])
 
-    def _fail_everything(self, error: BaseException) -> None:
-        engine = self.engine
-        held = list(engine.waiting)
-        for batch in (engine.running, engine.prefilling):
-            if batch is not None:
-                held += batch.requests
-        engine.waiting.clear()
-        engine.running = engine.prefilling = None
-        for state in held:
-            state.fail(error)
+    def _budget(self, decoding: int) -> int:
+        return max(self.config.max_batch_tokens - decoding, MIN_CHUNK)
+
+    def _admit(self, decoding: int) -> list[RequestState]:
+        """The next requests to prefill (taken off the queue): the oldest waiting one first, within
+        the step's token budget."""
+        if not self.waiting or decoding >= self.config.max_batch_size:
+            return []
+        if self.config.policy == "static":
+            if decoding:
+                return []
+            group = self.window()
+            solo = [r for r in group if id(r) in self._solo]
+            group = solo[:1] or group  # requests whose shared prefill failed go one by one
+        else:
+            group = self._continuous_group(decoding)
+        picked = {id(r) for r in group}
+        if picked:
+            self.waiting = deque(r for r in self.waiting if id(r) not in picked)
+            self._solo.difference_update(picked)
+        return group
+
+    def _head(self, decoding: int) -> RequestState | None:
+        """The request to admit first: the oldest, unless its adapters are still loading from disk
+        and it has waited less than ``max_load_wait``; then the oldest whose adapters are loaded,
+        or, with none and a batch decoding, no one this step (the batch decodes on)."""
+        oldest = self.waiting[0]
+        if _loaded(oldest) or time.perf_counter() - oldest.arrived_at >= self.config.max_load_wait:
+            return oldest
+        ready = next((r for r in self.window() if _loaded(r)), None)
+        if ready is not None:
+            return ready
+        return None if decoding else oldest
+
+    def _continuous_group(self, decoding: int) -> list[RequestState]:
+        """The head request, and with it, from the next ``max_batch_size`` waiting ones, those of
+        the closest prompt lengths while the padded group fits the step's budget."""
+        budget = self._budget(decoding)
+        room = self.config.max_batch_size - decoding
+        head = self._head(decoding)
+        if head is None:
+            return []
+        group, longest = [head], len(head.prompt_ids)
+        if id(head) in self._solo:
+            return group
+        window = [r for r in self.window() if r is not head and id(r) not in self._solo and _loaded(r)]
+        for request in sorted(window, key=lambda r: abs(len(r.prompt_ids) - len(head.prompt_ids))):
+            if len(group) >= room:
+                break
+            widest = max(longest, len(request.prompt_ids))
+            if (len(group) + 1) * widest <= budget:
+                group.append(request)
+                longest = widest
+        return group
+
+
+def _loaded(request: RequestState) -> bool:
+    """Whether the request's adapters are loaded (planning it will not wait for the disk)."""
+    return request.adapters is None or request.adapters.ready
+
+
+def _reroute(request: RequestState, gone: list[str]) -> None:
+    """Routes again a request whose adapters ``gone`` were removed between its routing and its
+    hold (the router no longer offers a removed adapter); if that fails, the old routing stays and
+    the request fails alone when it is planned, naming the missing adapter."""
+    try:
+        routing = request.reroute()
+    except Exception:
+        logger.warning("routing request %d again failed", request.index, exc_info=True)
+        return
+    why = f"routed again: {', '.join(gone)} left the pool"
+    request.routing = dataclasses.replace(routing, fallback=f"{routing.fallback}; {why}" if routing.fallback else why)

@@ -36,7 +36,7 @@ try:  # the `serve` extra: without it, name the extra rather than the first pack
 except ModuleNotFoundError as error:
     raise extra_error(error) from error
 
-from loraretriever.engine.scheduler import QueuedRequest
+from loraretriever.engine.worker import QueuedRequest
 from loraretriever.pool.adapter import AdapterError, AdapterExistsError
 from loraretriever.server.backend import Forwarder
 from loraretriever.server.config import ServerConfig

@@ -3,7 +3,7 @@
 Every call is routed: each prompt gets its own adapters (retrieved, pinned by the caller, or
 weighed by a gate). Every call, a list or a single prompt, sync, async or streamed, takes ONE
 path: its requests are validated alone, then go to the
-:class:`~loraretriever.engine.scheduler.EngineLoop`, whose worker routes new arrivals
+:class:`~loraretriever.engine.worker.EngineLoop`, whose worker routes new arrivals
 (:class:`~loraretriever.serving.runner.BatchRunner`) and steps the continuous-batching
 :class:`~loraretriever.engine.engine.Engine`, which concurrent calls share.
 """
@@ -33,7 +33,7 @@ from loraretriever.engine.engine import Engine, EngineConfig, Policy
 from loraretriever.engine.gates import Gate, gate_dirs, load_gate
 from loraretriever.engine.requests import GenerationConfig, Prompt, prompt_text
 from loraretriever.engine.routing import Routing
-from loraretriever.engine.scheduler import EngineLoop, LoopDeltas, QueuedRequest
+from loraretriever.engine.worker import EngineLoop, LoopDeltas, QueuedRequest
 from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.pool.manifest import prompt_format, recorded_model
 from loraretriever.retrieval.options import RouteOptions

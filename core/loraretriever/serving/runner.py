@@ -1,6 +1,6 @@
 """Readying requests for the engine: route each group of arrivals that share their options.
 
-The :class:`~loraretriever.engine.scheduler.EngineLoop` hands :meth:`BatchRunner.prepare` the
+The :class:`~loraretriever.engine.worker.EngineLoop` hands :meth:`BatchRunner.prepare` the
 requests that arrived since its last step; requests that share their :class:`RouteOptions` are
 routed together (one embedding pass), requests with a given routing are not routed again, and a
 group whose routing fails fails alone. :meth:`BatchRunner.result` turns a finished request into
@@ -20,7 +20,7 @@ from typing import Any
 from loraretriever.engine.composer import Composer
 from loraretriever.engine.requests import prompt_text
 from loraretriever.engine.routing import Routing
-from loraretriever.engine.scheduler import QueuedRequest
+from loraretriever.engine.worker import QueuedRequest
 from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.serving.gating import plan_gated

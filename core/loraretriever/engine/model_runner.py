@@ -1,0 +1,290 @@
+"""Executing the scheduler's plans: the model's forward passes over persistent batches, their KV
+caches and composition plans, and finding the request that makes a pass fail.
+
+Two batches live here: the running one (decoding, one token per row per step) and the one being
+prefilled (a group admitted by the scheduler, filled chunk by chunk). Both are persistent: rows
+join and leave in place and only the rows that change are copied (:mod:`loraretriever.engine.kv`,
+:class:`~loraretriever.engine.composer.RunningPlan`). A decoding pass that raises is retried on
+halves of the batch until only the request that causes it fails; a prefill that raises hands its
+group back to the scheduler to be prefilled one by one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from loraretriever.engine.composer import BatchPlan, Composer, RunningPlan
+from loraretriever.engine.kv import PrefillKV, RunningKV, swap_moves
+from loraretriever.engine.requests import RequestError, RequestState
+
+__all__ = ["ModelRunner", "PrefillDone", "RowBatch"]
+
+logger = logging.getLogger(__name__)
+
+RESERVE = 256  # answer tokens of a request that the running KV cache reserves columns for
+
+
+class RowBatch:
+    """Requests that share a KV cache and a composition plan, row by row, changed in place."""
+
+    def __init__(
+        self,
+        requests: list[RequestState],
+        kv: PrefillKV | RunningKV,
+        plan: RunningPlan | None,
+        prompt: torch.Tensor | None = None,
+    ) -> None:
+        self.requests = list(requests)
+        self.kv = kv
+        self.plan = plan
+        self.prompt = prompt  # (rows, length) left-padded prompt ids (prefill)
+        self.last: torch.Tensor | None = None  # (rows,) the token each row feeds next (decoding)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def remove(self, leaving: Sequence[int]) -> None:
+        """Drops rows: the last rows move into the holes, so only they are copied."""
+        destinations, sources, n = swap_moves(len(self.requests), leaving)
+        order = list(range(len(self.requests)))
+        for d, s in zip(destinations, sources, strict=True):
+            order[d] = s
+        order = order[:n]
+        self.requests = [self.requests[i] for i in order]
+        self.kv.remove(leaving)
+        if self.plan is not None:
+            self.plan.remove(leaving)
+        index = torch.tensor(order, dtype=torch.long, device=self.kv.device)
+        if self.last is not None:
+            self.last = self.last.index_select(0, index)
+        if self.prompt is not None:
+            self.prompt = self.prompt.index_select(0, index)
+
+    def keep(self, rows: Sequence[int]) -> RowBatch | None:
+        """This batch with only ``rows`` (changed in place), or None when none are left."""
+        kept = set(rows)
+        if not kept:
+            return None
+        leaving = [i for i in range(len(self)) if i not in kept]
+        if leaving:
+            self.remove(leaving)
+        return self
+
+    def take(self, rows: Sequence[int]) -> RowBatch:
+        """A new batch holding copies of some rows (to retry them apart)."""
+        rows = list(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=self.kv.device)
+        batch = RowBatch(
+            [self.requests[i] for i in rows], self.kv.take(rows), self.plan.take(rows) if self.plan else None
+        )
+        batch.last = None if self.last is None else self.last.index_select(0, index)
+        return batch
+
+    def extend(self, other: RowBatch, reserve: int = 0) -> None:
+        """Appends the rows of ``other``, which is not used afterwards (only its rows are copied);
+        ``reserve``: KV columns to make room for."""
+        self.requests += other.requests
+        self.kv.extend(other.kv, reserve)
+        if self.plan is not None:
+            self.plan.absorb(other.plan)
+        self.last = other.last if self.last is None else torch.cat([self.last, other.last])
+
+
+@dataclass
+class PrefillDone:
+    """A group whose prompts are all in its KV cache: the logits of each row's last prompt token."""
+
+    batch: RowBatch
+    logits: torch.Tensor
+
+
+class ModelRunner:
+    """Runs the model over the engine's batches.
+
+    Args:
+        model: A causal LM (eval mode).
+        composer: Applies routings; None for the base model only.
+        capacity: Rows of the running batch (the engine's ``max_batch_size``).
+        pad_id: The token prompts are left-padded with.
+    """
+
+    def __init__(self, model: PreTrainedModel, composer: Composer | None, capacity: int, pad_id: int) -> None:
+        self.model = model
+        self.composer = composer
+        self.capacity = capacity
+        self.pad_id = pad_id
+        self.layers = int(model.config.get_text_config().num_hidden_layers)
+        self.running: RowBatch | None = None
+        self.prefilling: RowBatch | None = None
+
+    @property
+    def decoding(self) -> int:
+        return len(self.running) if self.running is not None else 0
+
+    def progress(self) -> tuple[int, int, int] | None:
+        """``(padded length, tokens done, rows)`` of the group being prefilled, or None."""
+        group = self.prefilling
+        return None if group is None else (group.prompt.shape[1], group.kv.length, len(group))
+
+    # -- decoding ----------------------------------------------------------------------------
+    def decode(self) -> tuple[RowBatch, torch.Tensor] | None:
+        """One decoding pass over the running batch: the batch (its rows that did not fail) and
+        their logits, or None when every row failed."""
+        batch, logits = self._decode(self.running)
+        self.running = batch
+        return None if batch is None else (batch, logits)
+
+    def _decode(self, batch: RowBatch) -> tuple[RowBatch | None, torch.Tensor | None]:
+        """A failing forward pass is retried on halves of the batch, down to the row that fails."""
+        try:
+            return batch, self._forward(batch, batch.last[:, None], [1] * len(batch))
+        except Exception as error:
+            if len(batch) == 1:
+                batch.requests[0].fail(_step_error(error, batch.requests[0]))
+                return None, None
+            logger.warning("a decoding step of %d rows failed (%s); splitting the batch", len(batch), error)
+            half = len(batch) // 2
+            parts = [self._decode(part) for part in (batch.take(range(half)), batch.take(range(half, len(batch))))]
+            survivors = [(b, logits) for b, logits in parts if b is not None]
+            if not survivors:
+                return None, None
+            merged = survivors[0][0]
+            for part, _ in survivors[1:]:
+                merged.extend(part)
+            return merged, torch.cat([logits for _, logits in survivors])
+
+    # -- prefill -----------------------------------------------------------------------------
+    def start_prefill(self, requests: list[RequestState]) -> None:
+        """Plans the admitted group's composition (a request that cannot be planned fails alone)
+        and makes its batch."""
+        requests, plan = self._plan(requests)
+        if not requests:
+            return
+        length = max(len(r.prompt_ids) for r in requests)
+        prompt = torch.full((len(requests), length), self.pad_id, dtype=torch.long)
+        for row, request in enumerate(requests):
+            prompt[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            request.prefilled = 0
+        kv = PrefillKV(len(requests), length, self.layers, self.model.device)
+        self.prefilling = RowBatch(requests, kv, self._running_plan(plan, len(requests)), prompt.to(self.model.device))
+
+    def prefill(self, tokens: int) -> PrefillDone | list[RequestState] | None:
+        """The next ``tokens`` prompt tokens of the prefilling group. Returns the group and its last
+        logits once its whole prompt is in; the group's requests to retry one by one if a shared
+        pass failed (a group of one fails instead); None while the prefill goes on."""
+        group = self.prefilling
+        total, done = group.prompt.shape[1], group.kv.length
+        lengths = [max(0, min(tokens, len(r.prompt_ids) - (total - done - tokens))) for r in group.requests]
+        try:
+            logits = self._forward(group, group.prompt[:, done : done + tokens], lengths)
+        except Exception as error:
+            self.prefilling = None
+            if len(group) == 1:
+                group.requests[0].fail(_step_error(error, group.requests[0]))
+                return None
+            logger.warning("prefill of %d requests failed (%s); retrying them one by one", len(group), error)
+            return group.requests
+        for request, n in zip(group.requests, lengths, strict=True):
+            request.prefilled += n
+        if group.kv.length < total:
+            return None
+        self.prefilling = None
+        group.prompt = None
+        return PrefillDone(group, logits)
+
+    def join(self, batch: RowBatch, upcoming: Sequence[RequestState]) -> None:
+        """Moves prefilled rows into the running batch, with KV room for theirs and ``upcoming``
+        requests' prompts and answers (up to ``RESERVE`` answer tokens), so that neither decoding
+        nor the next joins regrow the cache."""
+        if self.running is None:  # a batch with room for the most rows, so joins copy only themselves
+            empty = None if self.composer is None else self.composer.build_plan([])
+            self.running = RowBatch(
+                [],
+                RunningKV(self.capacity, self.layers, self.model.device),
+                self._running_plan(empty, self.capacity),
+            )
+        soon = batch.requests + list(upcoming)
+        self.running.extend(batch, max(len(r.prompt_ids) + min(r.config.max_new_tokens, RESERVE) for r in soon))
+
+    # -- shared ------------------------------------------------------------------------------
+    def drop(self, finished: bool = True) -> list[RequestState]:
+        """Removes the cancelled rows (returned, to be failed) and, with ``finished``, the rows that
+        ended meanwhile (a stop string found by the output processor, a failed callback)."""
+        cancelled = []
+        for name in ("running", "prefilling"):
+            batch = getattr(self, name)
+            if batch is None:
+                continue
+            gone = [i for i, r in enumerate(batch.requests) if r.cancelled or (finished and r.finished)]
+            if gone:
+                cancelled += [batch.requests[i] for i in gone if batch.requests[i].cancelled]
+                for i in gone:
+                    batch.requests[i].release()
+                setattr(self, name, batch.keep([i for i in range(len(batch)) if i not in set(gone)]))
+        return cancelled
+
+    def clear(self) -> list[RequestState]:
+        """Forgets both batches; returns their requests."""
+        held = [r for batch in (self.running, self.prefilling) if batch is not None for r in batch.requests]
+        self.running = self.prefilling = None
+        return held
+
+    def _forward(self, batch: RowBatch, input_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        mask, positions = batch.kv.step_inputs(lengths)
+        context = self.composer.use(batch.plan.view()) if batch.plan is not None else nullcontext()
+        with context:  # a failed pass leaves the cache as it was: new tokens count only after advance()
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=batch.kv.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        batch.kv.advance(mask)
+        return out.logits[:, -1, :]
+
+    def _plan(self, requests: list[RequestState]) -> tuple[list[RequestState], BatchPlan | None]:
+        """The composition plan of ``requests``, with the adapters each holds; a request whose
+        routing cannot be planned (an adapter already gone when it was added, a gate that no longer
+        fits) fails alone."""
+        if self.composer is None:
+            return requests, None
+
+        def plan(group: list[RequestState]) -> BatchPlan:
+            held = {n: a for r in group if r.adapters is not None for n, a in r.adapters.adapters().items()}
+            return self.composer.build_plan([r.routing for r in group], held=held)
+
+        try:
+            return requests, plan(requests)
+        except Exception:
+            good = []
+            for request in requests:
+                try:
+                    plan([request])
+                    good.append(request)
+                except Exception as error:
+                    request.fail(error)
+            if not good:
+                return [], None
+            return good, plan(good)
+
+    def _running_plan(self, plan: BatchPlan | None, capacity: int) -> RunningPlan | None:
+        if self.composer is None:
+            return None
+        return RunningPlan.adopt(self.composer, plan, capacity)
+
+
+def _step_error(error: Exception, request: RequestState) -> RequestError:
+    failure = RequestError(
+        f"prompt {request.index} failed in the model's forward pass with routing [{request.routing}]: "
+        f"{type(error).__name__}: {error}"
+    )
+    failure.__cause__ = error
+    return failure
