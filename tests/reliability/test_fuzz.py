@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from loraretriever.errors import LoraRetrieverError
 from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.retrieval.cards import AdapterCard
 from loraretriever.serving.routed_lm import Result
@@ -24,19 +25,24 @@ pytestmark = pytest.mark.slow
 
 TRIED: Counter = Counter()
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-CLEAR = (ValueError, TypeError)  # every library error is a ValueError naming the value and the fix
+CLEAR = LoraRetrieverError  # the library's own errors, typed by meaning; anything else is a bug
 PACKAGE = Path(__import__("loraretriever").__file__).parent
 
 
-def assert_clear(error: BaseException) -> None:
+def assert_clear(error: LoraRetrieverError, names: tuple[str, ...] = ()) -> None:
     """Raised by loraretriever's own checks, not escaped from deep inside torch or transformers
-    (a bad value must be caught where it enters), and saying something."""
+    (a bad value must be caught where it enters), a client's error (4xx), and saying something;
+    with ``names`` (what the caller passed), the message names one of them."""
+    assert 400 <= error.status < 500, f"{error!r} answers {error.status}: a bad input must be a 4xx"
     frame = error.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
     origin = Path(frame.tb_frame.f_code.co_filename) if frame is not None else None
     assert origin is not None and PACKAGE in origin.parents, f"{error!r} escaped from {origin}"
     assert len(str(error)) > 10, f"{error!r} does not say what is wrong"
+    if names:
+        assert any(name in str(error) for name in names), f"{error!r} names none of {names}"
+        assert error.param is None or error.param in names, f"{error!r} blames {error.param!r}, not one of {names}"
 
 
 texts = st.one_of(
@@ -79,7 +85,7 @@ def test_requests_get_a_clear_error_or_an_answer(lm, prompt, kwargs):
     try:
         (result,) = lm.generate([prompt], **kwargs)
     except CLEAR as error:
-        assert_clear(error)
+        assert_clear(error, names=("prompt", *kwargs))
         TRIED["request: clear error"] += 1
     else:
         assert isinstance(result, Result) and isinstance(result.text, str)

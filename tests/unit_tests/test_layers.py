@@ -1,6 +1,6 @@
 """The package's layers: a module imports only from its own layer and the layers below it.
 
-pool < engine < retrieval < serving < training, evaluation < cli. Imports inside functions count too (a
+errors < pool < engine < retrieval < serving < training, evaluation < cli. Imports inside functions count too (a
 lazy import is still a dependency). The top-level facade and the integrations stand on serving.
 """
 
@@ -16,16 +16,36 @@ PACKAGE = ROOT / "core" / "loraretriever"
 
 # What each layer may import from loraretriever (besides itself).
 ALLOWED: dict[str, set[str]] = {
-    "pool": set(),  # adapter files, the registry and its tiers, the pool directory
-    "engine": {"pool"},
-    "retrieval": {"pool", "engine"},
-    "serving": {"pool", "engine", "retrieval"},
-    "server": {"pool", "engine", "retrieval", "serving"},  # the HTTP layer over RoutedLM
-    "training": {"pool", "engine", "retrieval", "serving"},
-    "evaluation": {"pool", "engine", "retrieval", "serving", "server", "integration"},  # benchmarks measure these
-    "cli": {"pool", "engine", "retrieval", "serving", "server", "training", "evaluation", "integration", "facade"},
-    "facade": {"pool", "engine", "retrieval", "serving"},
-    "integration": {"facade", "pool", "engine", "retrieval", "serving"},
+    "errors": set(),  # the library's error types, which every layer raises
+    "pool": {"errors"},  # adapter files, the registry and its tiers, the pool directory
+    "engine": {"errors", "pool"},
+    "retrieval": {"errors", "pool", "engine"},
+    "serving": {"errors", "pool", "engine", "retrieval"},
+    "server": {"errors", "pool", "engine", "retrieval", "serving"},  # the HTTP layer over RoutedLM
+    "training": {"errors", "pool", "engine", "retrieval", "serving"},
+    "evaluation": {
+        "errors",
+        "pool",
+        "engine",
+        "retrieval",
+        "serving",
+        "server",
+        "integration",
+    },  # benchmarks measure these
+    "cli": {
+        "errors",
+        "pool",
+        "engine",
+        "retrieval",
+        "serving",
+        "server",
+        "training",
+        "evaluation",
+        "integration",
+        "facade",
+    },
+    "facade": {"errors", "pool", "engine", "retrieval", "serving"},
+    "integration": {"errors", "facade", "pool", "engine", "retrieval", "serving"},
 }
 INTEGRATIONS = ("langchain_loraretriever", "llamaindex_loraretriever")
 

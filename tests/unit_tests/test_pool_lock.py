@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from loraretriever.errors import PoolBusyError
 from loraretriever.pool import directory as pool_dir_module
-from loraretriever.pool.adapter import AdapterError
 from loraretriever.pool.directory import generation, pool_change
 
 HOLDER = textwrap.dedent(
@@ -52,7 +52,7 @@ def test_a_writer_gives_up_after_the_bound_naming_the_fix(tmp_path, monkeypatch)
     holder = hold(pool, 5.0)
     try:
         with (
-            pytest.raises(AdapterError, match="locked by another process for over 1 s. Fix: let that process finish"),
+            pytest.raises(PoolBusyError, match="locked by another process for over 1 s. Fix: let that process finish"),
             pool_change(pool),
         ):
             pass

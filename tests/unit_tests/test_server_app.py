@@ -109,9 +109,20 @@ def test_adding_an_adapter_whose_name_is_taken_is_a_409_however_it_was_added(tin
     lm.close()
 
 
-def test_a_bugs_key_error_is_a_500_not_a_missing_model():
+def test_the_status_comes_from_the_error_type_alone():
+    """A bug's KeyError or ValueError is a 500, never "not found" or "bad request"; the library's
+    errors answer with their own status and name their parameter."""
+    from loraretriever.engine.requests import GenerationConfig, PromptTooLong
+    from loraretriever.errors import PoolBusyError
     from loraretriever.pool.lora_pool import UnknownAdapterError
     from loraretriever.server.errors import from_library_error
 
     assert from_library_error(KeyError("max_new_tokens")).status == 500
+    assert from_library_error(ValueError("invalid literal for int()")).status == 500
     assert from_library_error(UnknownAdapterError("no adapter named 'x'")).status == 404
+    with pytest.raises(ValueError) as bad:  # still a ValueError for callers that catch one
+        GenerationConfig(top_p=2)
+    api = from_library_error(bad.value)
+    assert (api.status, api.param) == (400, "top_p") and "top_p=2" in api.message
+    assert from_library_error(PromptTooLong("prompt 0 has 9 tokens; shorten it or pass truncation='left'")).status == 413
+    assert from_library_error(PoolBusyError("the pool is locked")).status == 503

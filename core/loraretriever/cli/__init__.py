@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loraretriever import __version__
 from loraretriever.engine.extras import MissingExtraError, extra_error
+from loraretriever.errors import LoraRetrieverError
 
 __all__ = ["USER_ERRORS", "fail", "main", "missing_pool"]
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(missing, MissingExtraError):
             raise
         return fail(MissingExtraError(missing.name, missing.extra, feature=f"loraretriever {args.command}"))
+    except LoraRetrieverError as error:  # the library's own errors name the value and the fix
+        return fail(error)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from loraretriever.engine.gate_set import GatedRows, GateSet
 from loraretriever.engine.gates import MeteoraGate, layer_index
 from loraretriever.engine.kv import move_rows, swap_moves
 from loraretriever.engine.routing import Routing
+from loraretriever.errors import InvalidOptionError, InvalidTypeError
 from loraretriever.pool.adapter import LoraAdapter
 from loraretriever.pool.lora_pool import LoraPool
 
@@ -78,7 +79,9 @@ class Composer:
 
     def __init__(self, model: nn.Module, pool: LoraPool) -> None:
         if pool.model is not model:
-            raise ValueError("the pool was built for another model object; pass the model the pool validates against.")
+            raise InvalidOptionError(
+                "the pool was built for another model object; pass the model the pool validates against."
+            )
         self.model = model
         self.pool = pool
         self.gates = GateSet(model, pool)
@@ -119,7 +122,7 @@ class Composer:
         rows: list[list[tuple[str, float]]] = []
         for i, routing in enumerate(routings):
             if not isinstance(routing, Routing):
-                raise TypeError(f"routings[{i}] is a {type(routing).__name__}, not a Routing.")
+                raise InvalidTypeError(f"routings[{i}] is a {type(routing).__name__}, not a Routing.")
             self.pool.check_names([n for n in routing.adapters if n not in held])
             rows.append(routing.effective())
         self.pool.follow_model()  # adapters and gates on the model's device and dtype, if it moved

@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loraretriever.engine.extras import import_optional
+from loraretriever.errors import InvalidOptionError
 
 __all__ = ["Grammars", "json_rule", "json_schema_grammar", "lark_grammar"]
 
@@ -72,7 +73,7 @@ class Grammars:
             self._ll = import_optional("llguidance.hf").from_tokenizer(self.tokenizer)
         matcher = import_optional("llguidance").LLMatcher(self._ll, grammar)
         if matcher.is_error():
-            raise ValueError(f"the grammar does not compile: {matcher.get_error()}")
+            raise InvalidOptionError(f"the grammar does not compile: {matcher.get_error()}")
         return matcher
 
     def mask(self, logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[Any]) -> None:

@@ -40,10 +40,11 @@ from loraretriever.engine.composer import Composer
 from loraretriever.engine.intake import RequestIntake
 from loraretriever.engine.model_runner import ModelRunner, PrefillDone, RowBatch
 from loraretriever.engine.outputs import OutputProcessor, TokenEvent
-from loraretriever.engine.requests import GenerationConfig, Prompt, RequestError, RequestState
+from loraretriever.engine.requests import GenerationConfig, Prompt, RequestState, StepError
 from loraretriever.engine.routing import Routing
 from loraretriever.engine.sampler import Sampler
 from loraretriever.engine.scheduler import Scheduler
+from loraretriever.errors import InvalidOptionError
 
 __all__ = ["Engine", "EngineConfig", "Policy", "cancelled_error"]
 
@@ -88,19 +89,21 @@ class EngineConfig:
         for name in ("max_batch_size", "max_batch_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer.")
+                raise InvalidOptionError(f"{name}={value!r} must be a positive integer.", param=name)
         for name in ("max_prompt_tokens", "max_new_tokens_limit"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer or None.")
+                raise InvalidOptionError(f"{name}={value!r} must be a positive integer or None.", param=name)
         if (
             not isinstance(self.max_load_wait, int | float)
             or isinstance(self.max_load_wait, bool)
             or not (0 <= self.max_load_wait < float("inf"))
         ):
-            raise ValueError(f"max_load_wait={self.max_load_wait!r} must be a number of seconds >= 0.")
+            raise InvalidOptionError(
+                f"max_load_wait={self.max_load_wait!r} must be a number of seconds >= 0.", param="max_load_wait"
+            )
         if self.policy not in ("continuous", "static"):
-            raise ValueError(f"policy={self.policy!r} must be 'continuous' or 'static'.")
+            raise InvalidOptionError(f"policy={self.policy!r} must be 'continuous' or 'static'.", param="policy")
 
 
 class Engine:
@@ -133,7 +136,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048))
         if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token).")
+            raise InvalidOptionError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token).")
         self.intake = RequestIntake(
             tokenizer,
             self.context_window,
@@ -177,11 +180,11 @@ class Engine:
         """Queues routed requests (first come, first served)."""
         for request in requests:
             if request.queued:
-                raise ValueError(f"request {request.index} was already added to an engine; make a new one.")
+                raise InvalidOptionError(f"request {request.index} was already added to an engine; make a new one.")
             if request.routing is None:
-                raise ValueError("a request must be routed before it is added to the engine.")
+                raise InvalidOptionError("a request must be routed before it is added to the engine.")
             if self.composer is None and not request.routing.is_base:
-                raise ValueError("requests are routed to adapters but the engine has no Composer.")
+                raise InvalidOptionError("requests are routed to adapters but the engine has no Composer.")
         if requests and not self.has_work:
             self.busy_periods += 1
         for request in requests:
@@ -250,7 +253,7 @@ class Engine:
             request.batch_rows = max(request.batch_rows, len(batch))
             if not sampled.finite[row]:
                 request.fail(
-                    RequestError(
+                    StepError(
                         f"prompt {request.index}: the model produced non-finite logits with routing "
                         f"[{request.routing}]; the request was stopped. Fix: check the adapters' weights, or "
                         "use float32."

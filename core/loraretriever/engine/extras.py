@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from loraretriever.errors import LoraRetrieverError
+
 __all__ = ["EXTRA_OF", "MissingExtraError", "extra_error", "import_optional"]
 
 # The import name of every optional package -> the extra of pyproject.toml that declares it.
@@ -40,18 +42,20 @@ EXTRA_OF: dict[str, str] = {
 }
 
 
-class MissingExtraError(ModuleNotFoundError):
+class MissingExtraError(LoraRetrieverError, ModuleNotFoundError):
     """An optional package is not installed; the message names the extra that installs it.
 
     A ``ModuleNotFoundError``, so code that already catches that one keeps working.
     """
 
     def __init__(self, module: str, extra: str, feature: str = "this") -> None:
-        super().__init__(
+        ModuleNotFoundError.__init__(
+            self,
             f"{feature} needs the optional package {module!r}, which is not installed. "
             f"Fix: pip install 'loraretriever[{extra}]'",
             name=module,
         )
+        self.param = None
         self.extra = extra
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from loraretriever.engine.gates import FlowGate, Gate, GateError, MeteoraGate
 from loraretriever.engine.routing import Routing
+from loraretriever.errors import InvalidTypeError
 from loraretriever.pool.lora_pool import LoraPool
 
 __all__ = ["GateSet", "GatedRows"]
@@ -64,7 +65,7 @@ class GateSet(Mapping[str, Gate]):
             if unknown:
                 raise GateError(f"meteora gate {name!r} gates modules {unknown[:3]} that the model does not have.")
         else:
-            raise TypeError(f"gate {name!r} is a {type(gate).__name__}, not a FlowGate or MeteoraGate.")
+            raise InvalidTypeError(f"gate {name!r} is a {type(gate).__name__}, not a FlowGate or MeteoraGate.")
         weight = next(self.model.parameters())
         gate.to(device=weight.device, dtype=weight.dtype)
         with self._lock:

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from loraretriever.errors import InvalidOptionError
 from loraretriever.pool.layout import PoolLayout
 
 __all__ = [
@@ -50,7 +51,7 @@ GateKind = Literal["flow", "meteora"]
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
-class GateError(ValueError):
+class GateError(InvalidOptionError):
     """A gate could not be read, or does not fit the model, the pool or a routing."""
 
 

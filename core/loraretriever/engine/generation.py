@@ -15,6 +15,7 @@ from loraretriever.engine.composer import Composer
 from loraretriever.engine.engine import Engine, EngineConfig
 from loraretriever.engine.requests import Completion, GenerationConfig, Prompt, StreamEvent, prompt_text
 from loraretriever.engine.routing import Routing
+from loraretriever.errors import InvalidOptionError, InvalidTypeError
 
 __all__ = ["Generator"]
 
@@ -83,12 +84,14 @@ class Generator:
                 first row that fails while generating.
         """
         if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not one string; wrap it: [prompt].")
+            raise InvalidTypeError("prompts must be a list of strings, not one string; wrap it: [prompt].")
         n = len(prompts)
         routings = list(routings) if routings is not None else [Routing.base()] * n
         configs = [config or GenerationConfig()] * n if not isinstance(config, Sequence) else list(config)
         if len(routings) != n or len(configs) != n:
-            raise ValueError(f"got {n} prompts, {len(routings)} routings and {len(configs)} configs; they must match.")
+            raise InvalidOptionError(
+                f"got {n} prompts, {len(routings)} routings and {len(configs)} configs; they must match."
+            )
         for i, prompt in enumerate(prompts):
             prompt_text(prompt, i)  # every prompt is checked before any is tokenized
         events: list[StreamEvent] = []

@@ -21,6 +21,7 @@ from loraretriever.engine.requests import (
     prompt_text,
 )
 from loraretriever.engine.routing import Routing
+from loraretriever.errors import InvalidTypeError
 
 __all__ = ["RequestIntake"]
 
@@ -70,7 +71,7 @@ class RequestIntake:
                 ``truncation="error"``, ``max_new_tokens`` over the limit; naming the value and the fix.
         """
         if not isinstance(config, GenerationConfig):
-            raise TypeError(f"config is a {type(config).__name__}, not a GenerationConfig.")
+            raise InvalidTypeError(f"config is a {type(config).__name__}, not a GenerationConfig.")
         ids = self.encode(prompt, config, index)
         limit = self.max_new_tokens_limit or self.context_window - 1
         if config.max_new_tokens > limit:

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from loraretriever.engine.composer import BatchPlan, Composer, RunningPlan
 from loraretriever.engine.kv import PrefillKV, RunningKV, swap_moves
-from loraretriever.engine.requests import RequestError, RequestState
+from loraretriever.engine.requests import RequestState, StepError
 
 __all__ = ["ModelRunner", "PrefillDone", "RowBatch"]
 
@@ -281,8 +281,8 @@ class ModelRunner:
         return RunningPlan.adopt(self.composer, plan, capacity)
 
 
-def _step_error(error: Exception, request: RequestState) -> RequestError:
-    failure = RequestError(
+def _step_error(error: Exception, request: RequestState) -> StepError:
+    failure = StepError(
         f"prompt {request.index} failed in the model's forward pass with routing [{request.routing}]: "
         f"{type(error).__name__}: {error}"
     )

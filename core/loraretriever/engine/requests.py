@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from loraretriever.engine.routing import Routing
+from loraretriever.errors import InvalidOptionError, PromptTooLongError
 
 __all__ = [
     "ChatMessages",
@@ -25,6 +26,7 @@ __all__ = [
     "PromptTooLong",
     "RequestError",
     "RequestState",
+    "StepError",
     "StreamEvent",
     "prompt_text",
 ]
@@ -37,12 +39,19 @@ formatted with the model's chat template."""
 FinishReason = Literal["stop", "length"]
 
 
-class RequestError(ValueError):
+class RequestError(InvalidOptionError):
     """One request cannot be served (bad prompt, settings or limits); other requests are unaffected."""
 
 
-class PromptTooLong(RequestError):
-    """A prompt over ``max_prompt_tokens`` (or the context window) with ``truncation="error"``."""
+class PromptTooLong(RequestError, PromptTooLongError):
+    """A prompt over ``max_prompt_tokens`` (or the context window) with ``truncation="error"`` (413)."""
+
+
+class StepError(RequestError):
+    """The model failed on one request's row (its forward pass raised, or its logits were not
+    finite): a server-side failure (500), not a bad request, and only that request's."""
+
+    status = 500
 
 
 @dataclass(frozen=True)
@@ -92,27 +101,34 @@ class GenerationConfig:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer.")
+            raise InvalidOptionError(
+                f"max_new_tokens={self.max_new_tokens!r} must be a positive integer.", param="max_new_tokens"
+            )
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed={self.seed!r} must be an integer or None.")
+            raise InvalidOptionError(f"seed={self.seed!r} must be an integer or None.", param="seed")
         if not (
             isinstance(self.temperature, int | float) and math.isfinite(self.temperature) and self.temperature >= 0
         ):
-            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 means greedy).")
+            raise InvalidOptionError(
+                f"temperature={self.temperature!r} must be a finite number >= 0 (0 means greedy).", param="temperature"
+            )
         if not (
             isinstance(self.repetition_penalty, int | float)
             and math.isfinite(self.repetition_penalty)
             and self.repetition_penalty > 0
         ):
-            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be a finite number > 0 (1 is off).")
+            raise InvalidOptionError(
+                f"repetition_penalty={self.repetition_penalty!r} must be a finite number > 0 (1 is off).",
+                param="repetition_penalty",
+            )
         if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1].")
+            raise InvalidOptionError(f"top_p={self.top_p!r} must be in (0, 1].", param="top_p")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop={self.stop!r} must hold non-empty strings.")
+            raise InvalidOptionError(f"stop={self.stop!r} must hold non-empty strings.", param="stop")
         if self.truncation not in ("left", "error"):
-            raise ValueError(f"truncation={self.truncation!r} must be 'left' or 'error'.")
+            raise InvalidOptionError(f"truncation={self.truncation!r} must be 'left' or 'error'.", param="truncation")
         if self.grammar is not None and not isinstance(self.grammar, str):
-            raise ValueError(
+            raise InvalidOptionError(
                 f"grammar is a {type(self.grammar).__name__}; pass a grammar string, e.g. json_schema_grammar(schema)."
             )
 
@@ -238,14 +254,18 @@ def prompt_text(prompt: Prompt, index: int = 0) -> str:
     """
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise ValueError(f"prompt {index} is empty ({prompt!r}); pass some text to generate from.")
+            raise InvalidOptionError(f"prompt {index} is empty ({prompt!r}); pass some text to generate from.")
         return prompt
     if not isinstance(prompt, Sequence) or not prompt:
-        raise ValueError(f"prompt {index} is empty ({prompt!r}); pass text or a non-empty list of chat messages.")
+        raise InvalidOptionError(
+            f"prompt {index} is empty ({prompt!r}); pass text or a non-empty list of chat messages."
+        )
     for message in prompt:
         if not isinstance(message, Mapping) or not {"role", "content"} <= message.keys():
-            raise ValueError(f"prompt {index}: chat message {message!r} needs 'role' and 'content'.")
+            raise InvalidOptionError(f"prompt {index}: chat message {message!r} needs 'role' and 'content'.")
     users = [m["content"] for m in prompt if m["role"] == "user" and str(m["content"]).strip()]
     if not users:
-        raise ValueError(f"prompt {index} has no non-empty user message; the last user message is what gets routed.")
+        raise InvalidOptionError(
+            f"prompt {index} has no non-empty user message; the last user message is what gets routed."
+        )
     return str(users[-1])

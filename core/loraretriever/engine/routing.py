@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from loraretriever.errors import InvalidOptionError
+
 __all__ = ["FUSIONS", "GATED_MODES", "MODES", "Fusion", "Mode", "Routing"]
 
 Mode = Literal["mixture", "fusion", "single", "flow", "meteora"]
@@ -64,34 +66,40 @@ class Routing:
         if self.similarities is not None:
             object.__setattr__(self, "similarities", tuple(float(s) for s in self.similarities))
         if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {MODES}.")
+            raise InvalidOptionError(f"mode={self.mode!r} is not one of {MODES}.", param="mode")
         if len(self.weights) != len(self.adapters):
-            raise ValueError(
+            raise InvalidOptionError(
                 f"Routing has {len(self.adapters)} adapters {self.adapters} but {len(self.weights)} weights."
             )
         if self.similarities is not None and len(self.similarities) != len(self.adapters):
-            raise ValueError(f"Routing has {len(self.adapters)} adapters but {len(self.similarities)} similarities.")
+            raise InvalidOptionError(
+                f"Routing has {len(self.adapters)} adapters but {len(self.similarities)} similarities."
+            )
         if (self.mode in GATED_MODES) != (self.gate is not None):
-            raise ValueError(
+            raise InvalidOptionError(
                 f"mode={self.mode!r} with gate={self.gate!r}: the modes {GATED_MODES} need a gate name, "
-                "the others take none."
+                "the others take none.",
+                param="mode",
             )
         if self.mode == "meteora" and self.adapters:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"a meteora routing lists no adapters (its gate picks them per token); got {self.adapters}."
             )
         if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion={self.fusion!r} is not one of {FUSIONS}.")
+            raise InvalidOptionError(f"fusion={self.fusion!r} is not one of {FUSIONS}.", param="fusion")
         if self.fusion != "linear" and self.mode != "fusion":
-            raise ValueError(f"fusion={self.fusion!r} merges matrices, so it needs mode='fusion' (got {self.mode!r}).")
+            raise InvalidOptionError(
+                f"fusion={self.fusion!r} merges matrices, so it needs mode='fusion' (got {self.mode!r}).",
+                param="fusion",
+            )
         density = self.density
         if isinstance(density, bool) or not isinstance(density, int | float) or not 0 < density <= 1:
-            raise ValueError(f"density={density!r} must be a share in (0, 1], e.g. 0.5.")
+            raise InvalidOptionError(f"density={density!r} must be a share in (0, 1], e.g. 0.5.", param="density")
         if len(set(self.adapters)) != len(self.adapters):
-            raise ValueError(f"Routing names an adapter twice: {self.adapters}.")
+            raise InvalidOptionError(f"Routing names an adapter twice: {self.adapters}.")
         for name, weight in zip(self.adapters, self.weights, strict=True):
             if not math.isfinite(weight):
-                raise ValueError(f"weight {weight!r} of adapter {name!r} is not finite.")
+                raise InvalidOptionError(f"weight {weight!r} of adapter {name!r} is not finite.")
 
     @classmethod
     def base(cls, reason: str | None = None) -> Routing:

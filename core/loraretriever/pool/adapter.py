@@ -22,6 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from loraretriever.errors import ConflictError, InvalidOptionError
+
 __all__ = [
     "AdapterError",
     "AdapterExistsError",
@@ -51,12 +53,14 @@ MAX_WEIGHT = 1e4  # the largest |A| and |scaling * B| entry: trained adapters st
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
-class AdapterError(ValueError):
+class AdapterError(InvalidOptionError):
     """An adapter could not be read or does not fit the base model. Nothing was changed."""
 
 
-class AdapterExistsError(AdapterError):
+class AdapterExistsError(AdapterError, ConflictError):
     """The pool already holds an adapter of that name (an HTTP 409, not a bad request)."""
+
+    status = 409
 
 
 class AdapterMismatchError(AdapterError):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from loraretriever.errors import NotFoundError, PoolBusyError
 from loraretriever.pool.adapter import (
     CONFIG_FILE,
     SAFETENSORS_FILE,
@@ -95,7 +96,7 @@ def _acquire(lock: FileLock, root: Path) -> None:
     try:
         lock.acquire(timeout=LOCK_WAIT_S)
     except Timeout:
-        raise AdapterError(
+        raise PoolBusyError(
             f"the pool {str(root)!r} has been locked by another process for over {LOCK_WAIT_S} s. Fix: let that "
             "process finish, or stop it (a lock dies with its process)."
         ) from None
@@ -172,7 +173,7 @@ def delete_adapter(pool_dir: str | Path, name: str) -> None:
     check_adapter_name(name)
     target = PoolLayout(pool_dir).adapter(name)
     if not target.is_dir():
-        raise KeyError(f"no stored adapter named {name!r} in {str(target.parent)!r}.")
+        raise NotFoundError(f"no stored adapter named {name!r} in {str(target.parent)!r}.", param="name")
     with pool_change(pool_dir):
         trash = target.with_name(f".{name}.deleting")
         if trash.exists():  # left by a delete that was killed: finish it first

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraretriever.errors import NotFoundError
 from loraretriever.pool.adapter import (
     SAFETENSORS_FILE,
     AdapterError,
@@ -38,9 +39,13 @@ from loraretriever.pool.sources import resolve_source
 __all__ = ["AdapterHold", "LoraPool", "PoolListener", "StoredAdapter", "UnknownAdapterError"]
 
 
-class UnknownAdapterError(KeyError, ValueError):
-    """A name that is not in the pool: a KeyError for lookups, and a ValueError like every other bad
-    value a caller passes (so a request naming an unknown adapter fails with the library's errors)."""
+class UnknownAdapterError(NotFoundError, ValueError):
+    """A name that is not in the pool (404): a KeyError for lookups, and a ValueError like every
+    other bad value a caller passes (so a request naming an unknown adapter fails with the
+    library's errors)."""
+
+    def __init__(self, message: str = "", *, param: str | None = "model") -> None:
+        super().__init__(message, param=param)
 
 
 PoolListener = Callable[[str, str], None]

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from loraretriever.errors import ConflictError
 from loraretriever.pool.adapter import AdapterError
 from loraretriever.pool.directory import pool_change
 from loraretriever.pool.home import with_umask
@@ -116,8 +117,10 @@ def update_manifest(pool_dir: str | Path, **fields: Any) -> dict[str, Any]:
     return manifest
 
 
-class PoolMismatchError(AdapterError):
-    """The pool belongs to another base model; nothing in it was touched."""
+class PoolMismatchError(AdapterError, ConflictError):
+    """The pool belongs to another base model; nothing in it was touched (a 409)."""
+
+    status = 409
 
 
 def _describe(fingerprint: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraretriever.errors import InvalidOptionError, NotFoundError
 from loraretriever.pool.adapter import AdapterError, check_adapter_name
 from loraretriever.pool.home import with_umask
 from loraretriever.pool.layout import PoolLayout
@@ -47,7 +48,7 @@ _TAG_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
 RESERVED_TAG_KEYS = frozenset({"name", "domain", "card_digest"})
 
 
-class RetrievalError(ValueError):
+class RetrievalError(InvalidOptionError):
     """Bad retrieval input or state (cards, filters, index). The message names the value and the fix."""
 
 
@@ -309,7 +310,7 @@ class CardStore:
     def get(self, name: str) -> AdapterCard:
         if self._memory is not None:
             if name not in self._memory:
-                raise KeyError(f"no card named {name!r} (there are {len(self._memory)}).")
+                raise NotFoundError(f"no card named {name!r} (there are {len(self._memory)}).", param="name")
             return self._memory[name]
         path = self._path(name)
         try:
@@ -318,7 +319,9 @@ class CardStore:
             stat = None
         if stat is None or not path.is_file():
             self._parsed.pop(name, None)
-            raise KeyError(f"no card named {name!r} in {str(self.directory)!r} (it has {len(self)}).")
+            raise NotFoundError(
+                f"no card named {name!r} in {str(self.directory)!r} (it has {len(self)}).", param="name"
+            )
         # Writes replace the file (a new inode), so inode, size and mtime tell a changed card.
         signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         cached = self._parsed.get(name)
@@ -363,12 +366,12 @@ class CardStore:
         """Deletes a card; ``KeyError`` if there is none of that name."""
         if self._memory is not None:
             if name not in self._memory:
-                raise KeyError(f"no card named {name!r}.")
+                raise NotFoundError(f"no card named {name!r}.", param="name")
             del self._memory[name]
             return
         path = self._path(name)
         if not path.is_file():
-            raise KeyError(f"no card named {name!r} in {str(self.directory)!r}.")
+            raise NotFoundError(f"no card named {name!r} in {str(self.directory)!r}.", param="name")
         path.unlink()
         self._listing = None
         self._parsed.pop(name, None)

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from loraretriever.errors import InvalidOptionError
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -45,7 +47,7 @@ EMBEDDER_INFO_FILE = "loraretriever_embedder.json"
 _DEFAULT_ALIASES = {DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"}
 
 
-class EmbedderError(ValueError):
+class EmbedderError(InvalidOptionError):
     """The embedder could not be loaded, or texts could not be embedded."""
 
 

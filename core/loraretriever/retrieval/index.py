@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
+from loraretriever.errors import UnavailableError
 from loraretriever.retrieval.cards import AdapterCard, RetrievalError
 from loraretriever.retrieval.filters import BUILTIN_KEYS, chroma_where
 
@@ -55,9 +56,11 @@ _CHUNK = 2048  # rows per Chroma write; stays under its max batch size
 _CLAIMED: dict[Path, FileLock] = {}  # embedded index directories this process holds
 
 
-class ChromaError(RetrievalError):
+class ChromaError(RetrievalError, UnavailableError):
     """Chroma itself failed under an index operation (a broken database, a server that is down),
-    as opposed to a bad request; an embedded index can be repaired from the cards."""
+    as opposed to a bad request (a 503); an embedded index can be repaired from the cards."""
+
+    status = 503
 
 
 def open_chroma_client(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from loraretriever.engine.routing import FUSIONS, GATED_MODES, MODES, Fusion, Mode
+from loraretriever.errors import InvalidTypeError
 from loraretriever.retrieval.cards import RetrievalError
 
 __all__ = [
@@ -297,7 +298,7 @@ def check_names(options: Mapping[str, Any]) -> None:
     """Raises TypeError for a key that is not a routing option, naming the known ones."""
     unknown = sorted(set(options) - set(ROUTE_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown routing option(s) {unknown}; the routing options are {list(ROUTE_OPTIONS)}.")
+        raise InvalidTypeError(f"unknown routing option(s) {unknown}; the routing options are {list(ROUTE_OPTIONS)}.")
 
 
 def _freeze(value: Any) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from loraretriever.engine.routing import GATED_MODES, Routing
+from loraretriever.errors import NotFoundError
 from loraretriever.pool.layout import PoolLayout
 from loraretriever.pool.manifest import read_manifest, update_manifest
 from loraretriever.retrieval.candidates import fetch_size, make_routing, nearest
@@ -228,7 +229,9 @@ class Router:
     def unregister(self, name: str) -> None:
         """Removes an adapter's card and its vector (the adapter itself stays in the pool)."""
         if name not in self.store:
-            raise KeyError(f"no card named {name!r}; known: {', '.join(self.store.names[:10]) or 'none'}.")
+            raise NotFoundError(
+                f"no card named {name!r}; known: {', '.join(self.store.names[:10]) or 'none'}.", param="name"
+            )
         self._with_index(lambda: self.index.delete([name]))
         self.store.remove(name)
 

@@ -37,7 +37,7 @@ except ModuleNotFoundError as error:
     raise extra_error(error) from error
 
 from loraretriever.engine.worker import QueuedRequest
-from loraretriever.pool.adapter import AdapterError, AdapterExistsError
+from loraretriever.pool.adapter import AdapterExistsError
 from loraretriever.server.backend import Forwarder
 from loraretriever.server.config import ServerConfig
 from loraretriever.server.errors import APIError, from_library_error, unknown_model
@@ -224,11 +224,9 @@ def create_app(source: Served | Callable[[], Served], config: ServerConfig | Non
         try:
             name = await asyncio.to_thread(lm.add_adapter, body.source, body.card, name=body.name)
         except AdapterExistsError as error:
-            raise APIError(409, str(error), param="name") from None
-        except AdapterError as error:
-            raise APIError(400, str(error), param="source") from None
+            raise from_library_error(error, param="name") from None
         except Exception as error:
-            raise from_library_error(error) from None
+            raise from_library_error(error, param="source") from None
         return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "loraretriever"}
 
     @app.delete("/v1/adapters/{name}")

@@ -20,6 +20,7 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraretriever.engine.routing import Routing
+from loraretriever.errors import InvalidOptionError
 from loraretriever.pool.directory import adapter_dirs
 from loraretriever.retrieval.options import RouteOptions
 from loraretriever.retrieval.router import Router
@@ -70,7 +71,7 @@ class Forwarder:
             listed.raise_for_status()
             return listed.json()["data"][0]["id"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"the backend {self.backend} did not list its models ({error}). Fix: check --backend, or name its "
                 "base model with --backend-model."
             ) from error
@@ -152,9 +153,10 @@ class Forwarder:
 
 def _check_single(options: RouteOptions) -> None:
     if options.mode != "single":
-        raise ValueError(
+        raise InvalidOptionError(
             f"mode={options.mode!r} composes several adapters per prompt, which a one-adapter engine behind "
-            "--backend cannot do. Fix: use mode='single', or serve without --backend (this engine does every mode)."
+            "--backend cannot do. Fix: use mode='single', or serve without --backend (this engine does every mode).",
+            param="mode",
         )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loraretriever.errors import InvalidOptionError
+
 __all__ = ["ServerConfig"]
 
 
@@ -30,6 +32,6 @@ class ServerConfig:
         for name in ("max_pending", "default_max_tokens", "retry_after_s"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer.")
+                raise InvalidOptionError(f"{name}={value!r} must be a positive integer.", param=name)
         if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("api_key is empty; pass a real key or None.")
+            raise InvalidOptionError("api_key is empty; pass a real key or None.")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraretriever.engine.requests import PromptTooLong
-from loraretriever.pool.adapter import AdapterExistsError
-from loraretriever.pool.lora_pool import UnknownAdapterError
+from loraretriever.errors import LoraRetrieverError, PromptTooLongError
 
 __all__ = ["APIError", "from_library_error", "unknown_model"]
 
@@ -66,18 +64,16 @@ def unknown_model(name: str) -> APIError:
     )
 
 
-def from_library_error(error: BaseException) -> APIError:
-    """The response for an error the library raised for one request."""
+def from_library_error(error: BaseException, param: str | None = None) -> APIError:
+    """The response for an error the library raised for one request, by its type alone: a
+    :class:`~loraretriever.errors.LoraRetrieverError` answers with its own status and param; any
+    other exception is a bug (500), whatever its base class. ``param``: the request field to name
+    when the error names none."""
     if isinstance(error, APIError):
         return error
-    if isinstance(error, PromptTooLong):  # the library's fix (truncation=) is not an API field
+    if isinstance(error, PromptTooLongError):  # the library's fix (truncation=) is not an API field
         message = str(error).split("; shorten it")[0] + "; shorten the prompt or lower max_tokens."
-        return APIError(413, message, param="messages", code="context_length_exceeded")
-    if isinstance(error, AdapterExistsError):
-        return APIError(409, str(error), param="name")
-    if isinstance(error, UnknownAdapterError):  # not any KeyError: a bug's is a 500, not "not found"
-        message = error.args[0] if error.args else str(error)
-        return APIError(404, str(message), param="model", code="model_not_found")
-    if isinstance(error, TypeError | ValueError):
-        return APIError(400, str(error))
+        return APIError(error.status, message, param=error.param or "messages", code=error.code)
+    if isinstance(error, LoraRetrieverError):
+        return APIError(error.status, str(error), param=error.param or param, code=error.code)
     return APIError(500, f"{type(error).__name__}: {error}")

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from loraretriever.errors import InvalidOptionError
 from loraretriever.retrieval.options import ROUTE_OPTIONS
 from loraretriever.server.errors import APIError
 
@@ -96,7 +97,7 @@ class _Sampling(_Body):
     @classmethod
     def _at_most_four(cls, stop: str | list[str] | None) -> str | list[str] | None:
         if isinstance(stop, list) and len(stop) > 4:
-            raise ValueError(f"stop has {len(stop)} strings; at most 4 are allowed.")
+            raise InvalidOptionError(f"stop has {len(stop)} strings; at most 4 are allowed.")
         return stop
 
     def route_options(self) -> dict[str, Any]:

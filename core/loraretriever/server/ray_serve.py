@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 
 from loraretriever.engine.extras import import_optional
+from loraretriever.errors import InvalidOptionError
 from loraretriever.server.app import Served, create_app
 from loraretriever.server.config import ServerConfig
 
@@ -48,7 +49,7 @@ def serve_replicas(
         address: A running cluster (``ray start --head``); default: a local one for this process.
     """
     if not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas={replicas!r} must be a positive integer.")
+        raise InvalidOptionError(f"replicas={replicas!r} must be a positive integer.", param="replicas")
     ray = import_optional("ray")
     serve = import_optional("ray.serve")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraretriever.engine.base_model import model_source
+from loraretriever.errors import InvalidOptionError, NotFoundError
 from loraretriever.pool.adapter import (
     CONFIG_FILE,
     AdapterError,
@@ -79,7 +80,7 @@ def add_adapter(
     """
     card, name = _card_and_name(source, card, name)
     if card is not None and router is None:
-        raise ValueError("a card needs a router; open the RoutedLM with pool_dir= or router=.")
+        raise InvalidOptionError("a card needs a router; open the RoutedLM with pool_dir= or router=.")
     with _change(pool_dir):
         if pool_dir is None:
             return _add(pool, router, pool_dir, source, card, name)
@@ -96,7 +97,7 @@ def _card_and_name(source: str | Path, card: Any, name: str | None) -> tuple[Ada
         card = AdapterCard.from_dict({"name": name or Path(str(source)).name, **dict(card)})
     name = name or (card.name if card is not None else Path(str(source).rstrip("/")).name)
     if card is not None and card.name != name:
-        raise ValueError(f"the card is named {card.name!r} but the adapter {name!r}; they must match.")
+        raise InvalidOptionError(f"the card is named {card.name!r} but the adapter {name!r}; they must match.")
     return card, name
 
 
@@ -181,7 +182,7 @@ def add_dir_to_pool_dir(
     if not root.is_dir():
         raise AdapterError(f"{str(root)!r} is not a directory. Fix: pass a directory holding PEFT adapter directories.")
     if n < 1:
-        raise ValueError(f"n={n!r} must be a positive number of samples per card.")
+        raise InvalidOptionError(f"n={n!r} must be a positive number of samples per card.", param="n")
     report: dict[str, Any] = {"added": [], "without_card": [], "failed": {}}
     model = _pool_model(Path(pool_dir).expanduser(), model_id)  # loaded once for every adapter
     for source in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
@@ -252,7 +253,7 @@ def remove_from_pool_dir(pool_dir: str | Path, name: str) -> None:
     cards = CardStore(PoolLayout(root).cards)
     with pool_change(root):
         if name not in adapter_dirs(root) and name not in cards:
-            raise KeyError(f"the pool {str(root)!r} has no adapter named {name!r}.")
+            raise NotFoundError(f"the pool {str(root)!r} has no adapter named {name!r}.", param="name")
         record_intent(root, "remove", name)
         if name in cards:  # the card first: a router never routes to a missing adapter
             cards.remove(name)

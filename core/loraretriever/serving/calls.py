@@ -16,6 +16,7 @@ from typing import Any
 
 from loraretriever.engine.requests import GenerationConfig, Prompt, prompt_text
 from loraretriever.engine.routing import Routing
+from loraretriever.errors import InvalidOptionError, InvalidTypeError
 from loraretriever.retrieval.options import ROUTE_OPTIONS, RouteOptions
 from loraretriever.serving.tools import TOOL_OPTIONS, ToolSpec
 
@@ -61,7 +62,7 @@ def split_call_options(
     """
     unknown = sorted(set(kwargs) - set(CALL_OPTIONS))
     if unknown:
-        raise TypeError(
+        raise InvalidTypeError(
             f"unknown argument(s) {unknown}; generation takes {list(GENERATION_OPTIONS)}, routing takes "
             f"{list(ROUTE_OPTIONS)} (and route_on) and tools take {list(TOOL_OPTIONS)}."
         )
@@ -94,11 +95,13 @@ def route_text(prompt: Prompt, route_on: str | Callable[[Prompt], str] | None, i
     if callable(route_on):
         chosen = route_on(prompt)
         if not isinstance(chosen, str) or not chosen.strip():
-            raise ValueError(
+            raise InvalidOptionError(
                 f"route_on returned {chosen!r:.80} for prompt {index}; it must return the text to route by."
             )
         return chosen
-    raise ValueError(f"route_on={route_on!r} is not 'last_user', 'prompt' or a callable of the prompt.")
+    raise InvalidOptionError(
+        f"route_on={route_on!r} is not 'last_user', 'prompt' or a callable of the prompt.", param="route_on"
+    )
 
 
 def route_on_variable(template: str, name: str) -> Callable[[Prompt], str]:
@@ -117,7 +120,9 @@ def route_on_variable(template: str, name: str) -> Callable[[Prompt], str]:
     parts = list(string.Formatter().parse(template))
     fields = [field for _, field, _, _ in parts if field is not None]
     if name not in fields:
-        raise ValueError(f"{name!r} is not a variable of the template; its variables are {sorted(set(fields))}.")
+        raise InvalidOptionError(
+            f"{name!r} is not a variable of the template; its variables are {sorted(set(fields))}."
+        )
     groups: dict[str, str] = {}
     pattern = ""
     for literal, field, _, _ in parts:
@@ -136,6 +141,6 @@ def route_on_variable(template: str, name: str) -> Callable[[Prompt], str]:
         for text in texts:
             if (match := compiled.fullmatch(text)) is not None:
                 return match.group(groups[name])
-        raise ValueError(f"the prompt {texts[0]!r:.80} was not made from the template, so it has no {name!r}.")
+        raise InvalidOptionError(f"the prompt {texts[0]!r:.80} was not made from the template, so it has no {name!r}.")
 
     return extract

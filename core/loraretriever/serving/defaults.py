@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraretriever.engine.base_model import DEFAULT_MODEL, DEFAULT_MODEL_PACKAGE, default_model_path
+from loraretriever.errors import LoraRetrieverError
 from loraretriever.retrieval.embedder import DEFAULT_EMBEDDER, DEFAULT_EMBEDDER_PACKAGE, default_embedder_path
 
 __all__ = ["DEFAULT_PACKAGES", "DefaultPackage", "SetupError", "missing_packages", "prepare_defaults"]
 
 
-class SetupError(RuntimeError):
+class SetupError(LoraRetrieverError, RuntimeError):
     """A default could not be installed or prepared; the message says what to run instead."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
+from loraretriever.errors import InvalidTypeError
 from loraretriever.retrieval.options import ROUTE_OPTIONS, RouteOptions
 
 __all__ = ["CallDefaults", "RouteFields"]
@@ -63,7 +64,7 @@ class CallDefaults(RouteFields):
         overrides = dict(overrides)
         if "max_tokens" in overrides:
             if "max_new_tokens" in overrides:
-                raise TypeError("pass max_new_tokens or its alias max_tokens, not both.")
+                raise InvalidTypeError("pass max_new_tokens or its alias max_tokens, not both.")
             overrides["max_new_tokens"] = overrides.pop("max_tokens")
         names = (*ROUTE_OPTIONS, *_GENERATION_FIELDS)
         defaults = {name: getattr(self, name) for name in names if getattr(self, name) is not None}

@@ -34,6 +34,7 @@ from loraretriever.engine.gates import Gate, gate_dirs, load_gate
 from loraretriever.engine.requests import GenerationConfig, Prompt, prompt_text
 from loraretriever.engine.routing import Routing
 from loraretriever.engine.worker import EngineLoop, LoopDeltas, QueuedRequest
+from loraretriever.errors import InvalidOptionError, InvalidTypeError
 from loraretriever.pool.lora_pool import LoraPool
 from loraretriever.pool.manifest import prompt_format, recorded_model
 from loraretriever.retrieval.options import RouteOptions
@@ -341,9 +342,9 @@ class RoutedLM:
         prompts = _check_prompts(prompts)
         routing_options = sorted(set(kwargs) - set(GENERATION_OPTIONS))
         if routing_options:
-            raise TypeError(f"{routing_options} do not apply to generate_routed: the routings are given.")
+            raise InvalidTypeError(f"{routing_options} do not apply to generate_routed: the routings are given.")
         if len(routings) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(routings)} routings; pass one per prompt.")
+            raise InvalidOptionError(f"got {len(prompts)} prompts but {len(routings)} routings; pass one per prompt.")
         for routing in routings:
             self.pool.check_names(list(routing.adapters))
         config, options = split_call_options(kwargs, self.generation, self.route_defaults)
@@ -523,7 +524,7 @@ def _deltas(stream: bool | str) -> queue.SimpleQueue | LoopDeltas | None:
 
 def _check_prompts(prompts: Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string; wrap it: [prompt].")
+        raise InvalidTypeError("prompts must be a list of strings, not one string; wrap it: [prompt].")
     prompts = list(prompts)
     for i, prompt in enumerate(prompts):
         prompt_text(prompt, i)
@@ -548,14 +549,14 @@ def _gib_to_bytes(value: float | None, tier: str) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < float("inf"):
-        raise ValueError(f"{tier}_cache_gb={value!r} must be a number of GiB >= 0, or None for no limit.")
+        raise InvalidOptionError(f"{tier}_cache_gb={value!r} must be a number of GiB >= 0, or None for no limit.")
     return int(value * 2**30)
 
 
 def _check_load_options(kwargs: Mapping[str, Any]) -> None:
     unknown = sorted(set(kwargs) - set(LOAD_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown}; RoutedLM.from_pretrained takes {list(LOAD_OPTIONS)}.")
+        raise InvalidTypeError(f"unknown option(s) {unknown}; RoutedLM.from_pretrained takes {list(LOAD_OPTIONS)}.")
 
 
 def split_load_options(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

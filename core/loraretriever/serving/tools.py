@@ -26,6 +26,7 @@ from typing import Any
 
 from loraretriever.engine.constraints import json_rule, json_schema_grammar, lark_grammar
 from loraretriever.engine.requests import Prompt
+from loraretriever.errors import InvalidOptionError, InvalidTypeError
 
 __all__ = [
     "TOOL_OPTIONS",
@@ -64,20 +65,20 @@ class ToolCalls:
 
 def _function(tool: Any, index: int) -> dict[str, Any]:
     if not isinstance(tool, Mapping):
-        raise TypeError(f"tools[{index}] is a {type(tool).__name__}; pass OpenAI function specs (dicts).")
+        raise InvalidTypeError(f"tools[{index}] is a {type(tool).__name__}; pass OpenAI function specs (dicts).")
     spec = tool.get("function", tool) if tool.get("type", "function") == "function" else None
     if spec is None or not isinstance(spec.get("name"), str) or not spec["name"]:
-        raise ValueError(f"tools[{index}] = {dict(tool)!r} is not a function spec with a name.")
+        raise InvalidOptionError(f"tools[{index}] = {dict(tool)!r} is not a function spec with a name.")
     parameters = spec.get("parameters") or {"type": "object", "properties": {}}
     if not isinstance(parameters, Mapping):
-        raise ValueError(f"tools[{index}] ({spec['name']!r}): parameters must be a JSON schema object.")
+        raise InvalidOptionError(f"tools[{index}] ({spec['name']!r}): parameters must be a JSON schema object.")
     return {"type": "function", "function": {**dict(spec), "parameters": dict(parameters)}}
 
 
 def _tool_spec(tools: Sequence[Any] | None, choice: Any) -> ToolSpec | None:
     if not tools:
         if choice not in (None, "none", "auto"):
-            raise ValueError(f"tool_choice={choice!r} needs tools; pass tools=[...].")
+            raise InvalidOptionError(f"tool_choice={choice!r} needs tools; pass tools=[...].", param="tool_choice")
         return None
     normalized = tuple(_function(t, i) for i, t in enumerate(tools))
     names = [t["function"]["name"] for t in normalized]
@@ -87,7 +88,9 @@ def _tool_spec(tools: Sequence[Any] | None, choice: Any) -> ToolSpec | None:
     if choice == "any":
         choice = "required"
     if choice not in ("auto", "none", "required") and choice not in names:
-        raise ValueError(f"tool_choice={choice!r} is not 'auto', 'none', 'required' or a tool name ({names}).")
+        raise InvalidOptionError(
+            f"tool_choice={choice!r} is not 'auto', 'none', 'required' or a tool name ({names}).", param="tool_choice"
+        )
     return ToolSpec(normalized, choice)
 
 
@@ -129,7 +132,9 @@ def _format_grammar(response_format: Any) -> str | None:
     if response_format is None:
         return None
     if not isinstance(response_format, Mapping) or "type" not in response_format:
-        raise ValueError(f"response_format={response_format!r} must be a dict with a 'type'.")
+        raise InvalidOptionError(
+            f"response_format={response_format!r} must be a dict with a 'type'.", param="response_format"
+        )
     kind = response_format["type"]
     if kind == "text":
         return None
@@ -138,9 +143,9 @@ def _format_grammar(response_format: Any) -> str | None:
     if kind == "json_schema":
         schema = (response_format.get("json_schema") or {}).get("schema")
         if not isinstance(schema, Mapping):
-            raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}.")
+            raise InvalidOptionError("response_format json_schema needs {'json_schema': {'schema': {...}}}.")
         return json_schema_grammar(schema)
-    raise ValueError(f"response_format type {kind!r} is not 'text', 'json_object' or 'json_schema'.")
+    raise InvalidOptionError(f"response_format type {kind!r} is not 'text', 'json_object' or 'json_schema'.")
 
 
 def renders_tools(chat_template: str | None) -> bool:
@@ -167,7 +172,7 @@ def with_tools(
     if spec is None or spec.choice == "none":
         return prompt, grammar, None, None
     if grammar is not None:
-        raise ValueError("tools and response_format both constrain the answer; pass one of them.")
+        raise InvalidOptionError("tools and response_format both constrain the answer; pass one of them.")
     chat = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     call_grammar = _call_grammar(spec) if spec.choice != "auto" else None
     if renders_tools(chat_template):
@@ -196,7 +201,9 @@ def parse_tool_calls(text: str, spec: ToolSpec, cut: bool = False) -> ToolCalls:
             value = json.loads(block)
             name, args = value["name"], value.get("arguments", {})
             if name not in spec.names or not isinstance(args, dict):
-                raise ValueError(f"{name!r} is not one of the tools {spec.names}, or its arguments are not an object")
+                raise InvalidOptionError(
+                    f"{name!r} is not one of the tools {spec.names}, or its arguments are not an object"
+                )
             calls.append({"name": name, "args": args, "id": call_id})
         except (ValueError, KeyError, TypeError) as error:
             reason = f"{type(error).__name__}: {error}"
