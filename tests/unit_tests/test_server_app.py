@@ -124,5 +124,7 @@ def test_the_status_comes_from_the_error_type_alone():
         GenerationConfig(top_p=2)
     api = from_library_error(bad.value)
     assert (api.status, api.param) == (400, "top_p") and "top_p=2" in api.message
-    assert from_library_error(PromptTooLong("prompt 0 has 9 tokens; shorten it or pass truncation='left'")).status == 413
+    assert (
+        from_library_error(PromptTooLong("prompt 0 has 9 tokens; shorten it or pass truncation='left'")).status == 413
+    )
     assert from_library_error(PoolBusyError("the pool is locked")).status == 503
