@@ -7,12 +7,12 @@ pool are loaded, so an orchestrator can tell a loading replica from a dead one.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 from pathlib import Path
 
 from loraretriever.cli import fail
+from loraretriever.cli.config_flags import add_config_arguments, config_options_from
 from loraretriever.cli.route_flags import add_route_arguments, route_options_from
 from loraretriever.retrieval.cards import RetrievalError
 
@@ -20,6 +20,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from loraretriever.engine.engine import EngineConfig
     from loraretriever.server.config import ServerConfig
 
     parser = subparsers.add_parser(
@@ -45,18 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--chroma-port", type=int, default=8000)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="The most requests decoding at once.")
-    parser.add_argument("--max-batch-tokens", type=int, default=512, help="Tokens per engine step.")
     parser.add_argument(
         "--host-cache-gb", type=float, default=None, help="Adapters held in memory, in GiB (default: no limit)."
     )
     parser.add_argument(
         "--device-cache-gb", type=float, default=None, help="Adapters held on the GPU, in GiB (default: no limit)."
-    )
-    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(ServerConfig)}
-    parser.add_argument("--max-pending", type=int, default=ServerConfig.max_pending, help=helps["max_pending"])
-    parser.add_argument(
-        "--default-max-tokens", type=int, default=ServerConfig.default_max_tokens, help=helps["default_max_tokens"]
     )
     parser.add_argument(
         "--backend",
@@ -72,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ray-address", default=None, help="With --ray: a running cluster (default: a local one).")
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="With --ray: CPUs reserved per replica.")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_config_arguments(parser, ServerConfig, "server (see ServerConfig)", skip=("api_key",))
+    add_config_arguments(parser, EngineConfig, "engine (see EngineConfig)")
     add_route_arguments(parser)
     parser.set_defaults(handler=_run)
 
@@ -79,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from loraretriever.engine.engine import EngineConfig
     from loraretriever.pool.layout import PoolLayout
     from loraretriever.retrieval.cards import CardStore
     from loraretriever.retrieval.router import Router
@@ -104,9 +101,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     try:
         route_defaults = route_options_from(args)
-        config = ServerConfig(
-            api_key=args.api_key, max_pending=args.max_pending, default_max_tokens=args.default_max_tokens
-        )
+        engine_options = config_options_from(args, EngineConfig)
+        config = ServerConfig(api_key=args.api_key, **config_options_from(args, ServerConfig, skip=("api_key",)))
     except (RetrievalError, ValueError) as error:
         return fail(str(error))
 
@@ -131,8 +127,7 @@ def _run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             chroma_host=args.chroma_host,
             chroma_port=args.chroma_port,
-            max_batch_size=args.max_batch_size,
-            max_batch_tokens=args.max_batch_tokens,
+            **engine_options,
             host_cache_gb=args.host_cache_gb,
             device_cache_gb=args.device_cache_gb,
             route_defaults=route_defaults,

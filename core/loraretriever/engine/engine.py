@@ -26,6 +26,7 @@ there and never reaches a shared batch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -46,7 +47,7 @@ from loraretriever.engine.sampler import Sampler
 from loraretriever.engine.scheduler import Scheduler
 from loraretriever.errors import InvalidOptionError
 
-__all__ = ["Engine", "EngineConfig", "Policy", "cancelled_error"]
+__all__ = ["ENGINE_OPTIONS", "Engine", "EngineConfig", "Policy", "cancelled_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,11 @@ class EngineConfig:
             )
         if self.policy not in ("continuous", "static"):
             raise InvalidOptionError(f"policy={self.policy!r} must be 'continuous' or 'static'.", param="policy")
+
+
+ENGINE_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EngineConfig))
+"""The engine's options by name: RoutedLM's keywords, the integrations' load options and
+``serve``'s flags are derived from :class:`EngineConfig`, never listed again."""
 
 
 class Engine:

@@ -1,8 +1,9 @@
 """The per-call defaults an integration exposes as pydantic fields: generation settings and every
 :class:`~loraretriever.retrieval.options.RouteOptions` option, under the same names.
 
-The routing fields are derived from RouteOptions (type, help), never listed twice. LangChain's
-``.bind(top_k=2)`` and a LlamaIndex call's kwargs override them per call, by the same names.
+Both are derived (type, help) from where they are declared, :class:`GenerationConfig` and
+RouteOptions, never listed twice. LangChain's ``.bind(top_k=2)`` and a LlamaIndex call's kwargs
+override them per call, by the same names.
 """
 
 from __future__ import annotations
@@ -14,40 +15,50 @@ from typing import Any
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
+from loraretriever.engine.requests import GenerationConfig
 from loraretriever.errors import InvalidTypeError
 from loraretriever.retrieval.options import ROUTE_OPTIONS, RouteOptions
 
-__all__ = ["CallDefaults", "RouteFields"]
+__all__ = ["DEFAULT_GENERATION_OPTIONS", "CallDefaults", "RouteFields"]
 
-_HINTS = typing.get_type_hints(RouteOptions)
+DEFAULT_GENERATION_OPTIONS: tuple[str, ...] = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "repetition_penalty",
+    "seed",
+    "chat_template",
+)
+"""The generation settings an integration object holds as defaults (the others, such as ``stop``
+and ``grammar``, are per call)."""
+
+
+def _optional_fields(source: type, names: tuple[str, ...]) -> dict[str, Any]:
+    hints = typing.get_type_hints(source)
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(source)}
+    return {name: (hints[name] | None, Field(default=None, description=helps[name])) for name in names}
+
 
 RouteFields: type[BaseModel] = create_model(
     "RouteFields",
     __doc__="Every RouteOptions option as an optional field (None: the RoutedLM's default).",
-    **{
-        f.name: (_HINTS[f.name] | None, Field(default=None, description=f.metadata["help"]))
-        for f in dataclasses.fields(RouteOptions)
-    },
+    **_optional_fields(RouteOptions, ROUTE_OPTIONS),
+)
+
+_CallFields: type[BaseModel] = create_model(
+    "CallFields",
+    __base__=RouteFields,
+    __doc__="RouteFields and the default generation settings (None: the RoutedLM's default).",
+    **_optional_fields(GenerationConfig, DEFAULT_GENERATION_OPTIONS),
 )
 
 
-class CallDefaults(RouteFields):
+class CallDefaults(_CallFields):
     """Generation and routing defaults of an integration's calls (None: the RoutedLM's default).
 
     Raises:
         pydantic.ValidationError: routing fields that RouteOptions refuses, with its message.
     """
-
-    max_new_tokens: int | None = Field(default=None, description="The most tokens to generate per prompt.")
-    temperature: float | None = Field(default=None, description="0 for greedy decoding; above 0 samples.")
-    top_p: float | None = Field(default=None, description="Nucleus sampling mass, in (0, 1].")
-    repetition_penalty: float | None = Field(
-        default=None, description="Above 1 discourages repeating prompt or output tokens; 1 is off."
-    )
-    seed: int | None = Field(default=None, description="Sampling seed, for reproducible sampled text.")
-    chat_template: bool | None = Field(
-        default=None, description="Wrap each prompt in the base model's chat template (instruction-tuned models)."
-    )
 
     @model_validator(mode="after")
     def _check_routing(self) -> CallDefaults:
@@ -66,9 +77,6 @@ class CallDefaults(RouteFields):
             if "max_new_tokens" in overrides:
                 raise InvalidTypeError("pass max_new_tokens or its alias max_tokens, not both.")
             overrides["max_new_tokens"] = overrides.pop("max_tokens")
-        names = (*ROUTE_OPTIONS, *_GENERATION_FIELDS)
+        names = (*ROUTE_OPTIONS, *DEFAULT_GENERATION_OPTIONS)
         defaults = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         return {**defaults, **overrides}
-
-
-_GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed", "chat_template")

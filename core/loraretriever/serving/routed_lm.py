@@ -29,7 +29,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraretriever.engine.composer import Composer
-from loraretriever.engine.engine import Engine, EngineConfig, Policy
+from loraretriever.engine.engine import ENGINE_OPTIONS, Engine, EngineConfig
 from loraretriever.engine.gates import Gate, gate_dirs, load_gate
 from loraretriever.engine.requests import GenerationConfig, Prompt, prompt_text
 from loraretriever.engine.routing import Routing
@@ -77,15 +77,11 @@ class RoutedLM:
         generation: Default generation settings (overridable per call).
         route_defaults: Default :class:`~loraretriever.retrieval.options.RouteOptions` (or their
             names and values), overridable per call.
-        max_batch_size: The most requests decoding at once.
-        max_batch_tokens: Tokens per engine step: one per decoding request plus the prefill chunk
-            of new ones (a long prompt is prefilled over several steps).
-        max_prompt_tokens: The longest prompt; default: the context window minus ``max_new_tokens``.
-            A longer one is an error naming the limit, or with ``truncation="left"`` is cut.
-        max_new_tokens_limit: The most ``max_new_tokens`` a call may ask for (default: the context window).
         max_wait_ms: How long the first call to an idle engine waits for others to share its step.
-        policy: ``"continuous"`` (requests join and leave between steps) or ``"static"`` (whole
-            batches, the benchmarks' reference).
+        **engine_options: The engine's limits and policy, by the names of
+            :class:`~loraretriever.engine.engine.EngineConfig`'s fields (:data:`ENGINE_OPTIONS`:
+            ``max_batch_size``, ``max_batch_tokens``, ``max_prompt_tokens``,
+            ``max_new_tokens_limit``, ``max_load_wait``, ``policy``), declared there once.
 
     Example:
         >>> lm = RoutedLM.from_pretrained(pool_dir="my_pool")  # doctest: +SKIP
@@ -103,33 +99,25 @@ class RoutedLM:
         *,
         generation: GenerationConfig | None = None,
         route_defaults: RouteOptions | Mapping[str, Any] | None = None,
-        max_batch_size: int = 32,
-        max_batch_tokens: int = 512,
-        max_prompt_tokens: int | None = None,
-        max_new_tokens_limit: int | None = None,
         max_wait_ms: float = 10.0,
-        policy: Policy = "continuous",
+        **engine_options: Any,
     ) -> None:
+        unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
+        if unknown:
+            raise InvalidTypeError(
+                f"unknown option(s) {unknown}; RoutedLM takes generation, route_defaults, max_wait_ms and the "
+                f"engine's {list(ENGINE_OPTIONS)}."
+            )
+        config = EngineConfig(**engine_options)  # checked before anything is built
         self.model = model
         self.tokenizer = tokenizer
         self.pool = pool
         self.router = router
         self.composer = Composer(model, pool)
-        self.engine = Engine(
-            model,
-            tokenizer,
-            self.composer,
-            EngineConfig(
-                max_batch_size=max_batch_size,
-                max_batch_tokens=max_batch_tokens,
-                max_prompt_tokens=max_prompt_tokens,
-                max_new_tokens_limit=max_new_tokens_limit,
-                policy=policy,
-            ),
-        )
+        self.engine = Engine(model, tokenizer, self.composer, config)
         self.generation = generation or GenerationConfig()
         self.route_defaults = RouteOptions.coerce(route_defaults)
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = config.max_batch_size
         self._runner = BatchRunner(pool, router, self.composer)
         self._loop = EngineLoop(self.engine, self._runner.prepare, max_wait_ms=max_wait_ms)
         self.pool_dir: Path | None = None  # set by from_pretrained(pool_dir=...)
@@ -541,7 +529,8 @@ def _parameters(function: Any) -> list[str]:
 LOAD_OPTIONS: tuple[str, ...] = tuple(
     [p for p in _parameters(RoutedLM.from_pretrained) if p != "model_id"]
     + _parameters(RoutedLM.from_model)
-    + _parameters(RoutedLM.__init__)
+    + [p for p in _parameters(RoutedLM.__init__) if p != "engine_options"]
+    + list(ENGINE_OPTIONS)
 )
 
 
