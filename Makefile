@@ -7,7 +7,7 @@ export LORARETRIEVER_HOME ?= $(CURDIR)/.home
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test check lint bench
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ setup: $(STAMP)
 demo: setup
 	$(PY) examples/demo.py
 
+# every test, in two processes (a test file stays in one, with its module fixtures)
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# the inner loop: lint and the tests that need no real model (tiny models built in memory)
+check: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests/unit_tests tests/reliability
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from tests.conftest import ROOT
 
 COMMITTED = ROOT / "results" / "reliability" / "summary.json"
@@ -25,9 +27,13 @@ def summary_path() -> Path:
 
 
 def record_summary(suite: str, figures: dict[str, Any]) -> None:
-    """Sets one suite's entry of the summary, keeping the others'."""
+    """Sets one suite's entry of the summary, keeping the others' (under a lock and replaced whole:
+    suites in other test processes write it too)."""
     path = summary_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    summary[suite] = figures
-    path.write_text(json.dumps(summary, indent=1) + "\n")
+    with FileLock(f"{path}.lock"):
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        summary[suite] = figures
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(staging, path)
