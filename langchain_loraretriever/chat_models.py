@@ -25,7 +25,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import PrivateAttr
 
 from langchain_loraretriever.params import MODEL_CONFIG, RoutedLMParams, generation_info
-from loraretriever.engine.requests import prompt_text
+from loraretriever.serving.calls import prompt_text
 from loraretriever.serving.routed_lm import Result, aflag_last, flag_last
 from loraretriever.serving.tools import tool_call_text
 

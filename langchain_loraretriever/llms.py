@@ -15,8 +15,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import get_config_list
 
 from langchain_loraretriever.params import MODEL_CONFIG, RoutedLMParams, generation_info, token_usage
-from loraretriever.engine.requests import prompt_text
-from loraretriever.serving.calls import CALL_OPTIONS
+from loraretriever.serving.calls import CALL_OPTIONS, prompt_text
 from loraretriever.serving.routed_lm import aflag_last, flag_last
 
 __all__ = ["LoraRetrieverLLM"]

@@ -115,3 +115,38 @@ def test_the_check_catches_an_upward_import(tmp_path):
     assert violations(bad, "integration", tmp_path) == [
         "pool.py (integration) imports loraretriever.evaluation (evaluation)"
     ]
+
+
+# The one engine module the integrations may name: it turns a missing optional package into the
+# error naming the extra to install, and every layer's optional imports share it.
+INTEGRATION_ENGINE_EXCEPTIONS = {"loraretriever.engine.extras"}
+
+
+def engine_imports(path: Path) -> list[str]:
+    """What a file imports from ``loraretriever.engine``, each as ``module.name``
+    (``from loraretriever import engine`` counts too), less the exceptions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return sorted(
+        name
+        for name in found
+        if (name == "loraretriever.engine" or name.startswith("loraretriever.engine."))
+        and not any(name == e or name.startswith(e + ".") for e in INTEGRATION_ENGINE_EXCEPTIONS)
+    )
+
+
+def test_the_integrations_enter_through_serving_not_the_engine():
+    """LangChain and LlamaIndex reach the library through ``loraretriever.serving`` (and the
+    facade): what they need of the engine (``prompt_text``, ...) is re-exported there, so the
+    engine's modules can change without breaking them."""
+    found = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path, layer in package_files()
+        if layer == "integration"
+        for module in engine_imports(path)
+    ]
+    assert found == [], "\n".join(found)

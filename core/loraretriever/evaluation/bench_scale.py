@@ -101,9 +101,9 @@ def zipf_routings(
 def rss_bytes() -> int:
     """The process's resident set size (after handing freed heap back to the OS)."""
     gc.collect()
-    from loraretriever.serving.routed_lm import _return_freed_memory
+    from loraretriever.serving.memory import return_freed_memory
 
-    _return_freed_memory()
+    return_freed_memory()
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 

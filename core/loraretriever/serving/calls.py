@@ -3,6 +3,8 @@
 A call's keyword arguments are split into a :class:`~loraretriever.engine.generation.GenerationConfig`
 and :class:`~loraretriever.retrieval.options.RouteOptions`, each over the RoutedLM's defaults. The
 names are the same in ``RoutedLM.generate``, the LangChain and LlamaIndex fields and ``.bind()``.
+It also re-exports :func:`~loraretriever.engine.requests.prompt_text` (a prompt's text, checked), so
+that the integrations take what they need of a call from the serving layer alone.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "GENERATION_OPTIONS",
     "ROUTE_ON",
     "Request",
+    "prompt_text",  # re-exported from loraretriever.engine.requests for the integrations
     "route_on_variable",
     "route_text",
     "split_call_options",

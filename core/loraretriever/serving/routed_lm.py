@@ -11,15 +11,11 @@ path: its requests are validated alone, then go to the
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
-import gc
 import inspect
 import json
 import logging
 import queue
-import sys
-import threading
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -41,6 +37,7 @@ from loraretriever.retrieval.options import RouteOptions
 from loraretriever.serving import adapters as pool_changes
 from loraretriever.serving.calls import GENERATION_OPTIONS, ROUTE_ON, Request, route_text, split_call_options
 from loraretriever.serving.gating import plan_gated, warn_if_mismatched
+from loraretriever.serving.memory import return_freed_memory
 from loraretriever.serving.pool_sync import PoolSync
 from loraretriever.serving.runner import BatchRunner, Result, Timings
 from loraretriever.serving.tools import TOOL_OPTIONS, with_tools
@@ -459,28 +456,7 @@ def _release(loop: EngineLoop, composer: Composer, owned: list[Any]) -> None:
     for resource in owned:
         resource.close()
     owned.clear()
-    _return_freed_memory()
-
-
-def _return_freed_memory() -> None:
-    """Hands the heap that a closed LM's adapters, caches and worker thread freed back to the OS,
-    a moment later (a finalizer runs before the garbage collector frees what the LM held). glibc
-    keeps freed memory in its arenas (the worker thread has one of its own), so without this a
-    process that builds and drops LLM objects grows by tens of MB each time, with nothing leaked."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl): nothing to do
-        return
-
-    def collect_and_trim() -> None:
-        gc.collect()  # what the LM held in reference cycles (router, index client) goes first
-        trim(0)
-
-    timer = threading.Timer(0.5, collect_and_trim)
-    timer.daemon = True
-    timer.start()
+    return_freed_memory()
 
 
 def flag_last(deltas: Iterable[str]) -> Iterator[tuple[str, bool]]:
