@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -51,6 +52,7 @@ def test_a_dropped_lm_is_collected_and_stops_its_worker(tiny_lm, smol_tokenizer,
 
 
 def run_script(code: str, tmp_path) -> subprocess.CompletedProcess:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(code))
     return subprocess.run(
@@ -71,9 +73,9 @@ def test_a_script_that_never_closes_exits_cleanly(tmp_path):
         stream = llm.stream("Is the following sentence plausible? Joao Moutinho caught the screen pass.")
         next(stream)  # and leave it open
     """
-    for _ in range(3):
-        done = run_script(code, tmp_path)
-        assert done.returncode == 0, done.stderr[-2000:]
+    with ThreadPoolExecutor(3) as runs:  # three at once: the abort showed in about half the runs
+        for done in runs.map(lambda i: run_script(code, tmp_path / str(i)), range(3)):
+            assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.slow

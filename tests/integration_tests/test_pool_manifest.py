@@ -145,9 +145,10 @@ def test_a_pool_without_a_manifest_opened_with_another_model_is_refused_whole(mo
     assert json.loads((pool / "pool.json").read_text())["base_model"]["id"] == str(models["qwen"].resolve())
 
 
-def test_two_shells_each_adding_ten_adapters_lose_none(models, tmp_path):
-    """Two shells, each running 10 `pool add --create` on one pool: writers take turns on the pool
-    lock (no index is opened), so all 20 land."""
+def test_two_shells_each_adding_five_adapters_lose_none(models, tmp_path):
+    """Two shells, each running 5 `pool add --create` on one pool: writers take turns on the pool
+    lock (no index is opened), so all 10 land. (test_pool_processes adds 20 per process through
+    the library; this is the CLI's path, each add a process of its own.)"""
     from tests.conftest import save_peft_adapter as save
 
     qwen = Qwen2ForCausalLM.from_pretrained(models["qwen"])
@@ -155,7 +156,7 @@ def test_two_shells_each_adding_ten_adapters_lose_none(models, tmp_path):
     shells = []
     for shell in ("p", "q"):
         lines = ["set -e"]
-        for i in range(10):
+        for i in range(5):
             name = f"{shell}{i:02d}"
             save(qwen, sources / name, r=2, seed=len(lines), targets=["q_proj", "v_proj"])
             (sources / f"{name}.json").write_text(json.dumps({"samples": [f"A question about topic {name}"]}))
@@ -176,8 +177,8 @@ def test_two_shells_each_adding_ten_adapters_lose_none(models, tmp_path):
     for shell in shells:
         out, err = shell.communicate(timeout=600)
         assert shell.returncode == 0, err[-3000:]
-        assert out.count("added ") == 10
-    everyone = sorted(f"{s}{i:02d}" for s in "pq" for i in range(10))
+        assert out.count("added ") == 5
+    everyone = sorted(f"{s}{i:02d}" for s in "pq" for i in range(5))
     assert sorted(p.name for p in (pool / "adapters").iterdir()) == everyone
     assert sorted(p.stem for p in (pool / "cards").glob("*.json")) == everyone
     assert not (pool / ".intents").exists() or not list((pool / ".intents").iterdir())

@@ -1,15 +1,14 @@
 """Fault injection: a process adding or removing an adapter is killed (SIGKILL) at each of its
 filesystem and index steps; whoever opens the pool next finds the adapter whole (files, card,
 vector, loaded) or absent, no intent, staging or trash left, the other adapters untouched, and a
-retried add or remove succeeds. Writes results/reliability/summary.json."""
+retried add or remove succeeds. Records its figures with tests.reliability.record_summary."""
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -18,46 +17,12 @@ from loraretriever.retrieval.cards import CardStore
 from loraretriever.serving.routed_lm import RoutedLM
 from tests.conftest import save_peft_adapter
 from tests.reliability import record_summary
+from tests.reliability.crash_child import NEW_SAMPLES, change
 
 pytestmark = pytest.mark.slow
 
 POINTS_PER_OP = 12  # kill points per operation, spread over all its steps
-NEW_CARD = {"samples": ["Summarise this paragraph in one sentence: the meeting moved to Friday."]}
-
-# Runs one add or remove, counting its mutating steps (renames, writes synced, deletions, copies,
-# index writes) and killing itself with SIGKILL at step KILL_AT (0: never; prints the count).
-CHANGE = """
-    import os, shutil, signal, sys
-    from loraretriever.retrieval.index import LoraIndex
-    from loraretriever.serving.routed_lm import RoutedLM
-
-    model_dir, pool_dir, op, kill_at, source = sys.argv[1:]
-    kill_at, steps = int(kill_at), 0
-    lm = RoutedLM.from_pretrained(model_dir, pool_dir=pool_dir, device="cpu", dtype="float32")
-
-    def step(owner, name):
-        real = getattr(owner, name)
-
-        def counted(*args, **kwargs):
-            global steps
-            steps += 1
-            if steps == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*args, **kwargs)
-
-        setattr(owner, name, counted)
-
-    for name in ("rename", "replace", "unlink", "rmdir", "mkdir", "fsync"):
-        step(os, name)
-    step(shutil, "copy2")
-    step(LoraIndex, "upsert")
-    step(LoraIndex, "delete")
-    if op == "add":
-        lm.add_adapter(source, name="newbie", card={"samples": NEW_SAMPLES})
-    else:
-        lm.remove_adapter("sentiment")
-    print(steps)
-""".replace("NEW_SAMPLES", repr(NEW_CARD["samples"]))
+NEW_CARD = {"samples": NEW_SAMPLES}
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +33,25 @@ def model_dir(tiny_lm, smol_tokenizer, tmp_path_factory):
     return directory
 
 
-def run_change(script, model_dir, pool_dir, op, kill_at, source) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(script), str(model_dir), str(pool_dir), op, str(kill_at), str(source)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+@pytest.fixture(scope="module")
+def forks():
+    """Children forked from a server that has imported the library (not from this process, whose
+    threads a fork would copy mid-state)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tests.reliability.crash_child"])
+    return context
+
+
+def run_change(forks, model_dir, pool_dir, op, kill_at, source) -> tuple[int, int | None]:
+    """The child's exit code and, if it finished, its count of steps."""
+    count = Path(pool_dir).with_name(f"{Path(pool_dir).name}.steps")
+    child = forks.Process(target=change, args=(str(model_dir), str(pool_dir), op, kill_at, str(source), str(count)))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    return child.exitcode, int(count.read_text()) if count.is_file() else None
 
 
 def state(lm: RoutedLM, pool_dir) -> dict:
@@ -90,25 +67,22 @@ def state(lm: RoutedLM, pool_dir) -> dict:
 
 
 def test_a_kill_at_any_step_of_add_or_remove_leaves_a_whole_pool(
-    toy_pool_dir, model_dir, tiny_lm, smol_tokenizer, minilm, tmp_path
+    toy_pool_dir, model_dir, forks, tiny_lm, smol_tokenizer, minilm, tmp_path
 ):
-    script = tmp_path / "change.py"
-    script.write_text(textwrap.dedent(CHANGE))
     source = save_peft_adapter(tiny_lm, tmp_path / "newbie", r=4, seed=9)
     others = {"translate_de", "nli", "closed_qa"}
     injected, survived, lost = 0, 0, 0
     for op, name in (("add", "newbie"), ("remove", "sentiment")):
         dry = tmp_path / f"dry-{op}"
         shutil.copytree(toy_pool_dir, dry, ignore=shutil.ignore_patterns("index"))
-        done = run_change(script, model_dir, dry, op, 0, source)
-        assert done.returncode == 0, done.stderr[-3000:]
-        steps = int(done.stdout.strip().splitlines()[-1])
+        code, steps = run_change(forks, model_dir, dry, op, 0, source)
+        assert code == 0 and steps, (op, code)
         points = sorted({1 + round(i * (steps - 1) / (POINTS_PER_OP - 1)) for i in range(POINTS_PER_OP)})
         for kill_at in points:
             pool_dir = tmp_path / f"{op}-{kill_at}"
             shutil.copytree(toy_pool_dir, pool_dir, ignore=shutil.ignore_patterns("index"))
-            killed = run_change(script, model_dir, pool_dir, op, kill_at, source)
-            assert killed.returncode == -signal.SIGKILL, (op, kill_at, killed.stderr[-3000:])
+            code, _ = run_change(forks, model_dir, pool_dir, op, kill_at, source)
+            assert code == -signal.SIGKILL, (op, kill_at, code)
             injected += 1
             with RoutedLM.from_model(tiny_lm, smol_tokenizer, pool_dir=pool_dir, embedder=minilm) as lm:
                 after = state(lm, pool_dir)
