@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,12 +25,14 @@ from pydantic import PrivateAttr
 
 from langchain_loraretriever.params import MODEL_CONFIG, RoutedLMParams, generation_info
 from loraretriever.serving.calls import prompt_text
+from loraretriever.serving.prefetch import Prefetched
 from loraretriever.serving.routed_lm import Result, aflag_last, flag_last
 from loraretriever.serving.tools import tool_call_text
 
 __all__ = ["ChatLoraRetriever"]
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
+_AHEAD_LOCK = threading.Lock()
 
 
 class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
@@ -64,8 +65,7 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
     streaming: bool = False
     """Stream tokens to callbacks during ``invoke``."""
 
-    _prefetched: dict[str, deque[Result]] = PrivateAttr(default_factory=dict)
-    _prefetch_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _ahead: Prefetched | None = PrivateAttr(default=None)
 
     @property
     def _llm_type(self) -> str:
@@ -259,26 +259,14 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
                 messages = self._convert_input(item).to_messages()
                 chat = to_chat_messages(messages)
                 prompt_text(chat, i)
-            except Exception:
+            except Exception:  # not prefetched: its own invoke raises the error for its row
                 continue
             if not cached(messages):
                 chats.append(chat)
         if len(chats) < 2:
             return []
-        limit = get_config_list(config, len(inputs))[0].get("max_concurrency") or len(chats)
-        keys = []
-        for start in range(0, len(chats), limit):
-            group = chats[start : start + limit]
-            try:
-                results = self.lm.generate(group, **call)
-            except Exception:
-                continue  # the invokes surface the error row by row
-            with self._prefetch_lock:
-                for chat, result in zip(group, results, strict=True):
-                    key = _prefetch_key(chat, call)
-                    self._prefetched.setdefault(key, deque()).append(result)
-                    keys.append(key)
-        return keys
+        limit = get_config_list(config, len(inputs))[0].get("max_concurrency")
+        return self._prefetched().generate(chats, call, group=limit)
 
     def _cache_lookup(self, stop: Any, kwargs: dict[str, Any]) -> Callable[[list[BaseMessage]], bool]:
         """Whether LangChain's cache holds a conversation's answer, under the key its invoke will use."""
@@ -297,26 +285,19 @@ class ChatLoraRetriever(RoutedLMParams, BaseChatModel):
 
         return cached
 
+    def _prefetched(self) -> Prefetched:
+        with _AHEAD_LOCK:  # one store per model, however many threads batch at once
+            if self._ahead is None:
+                self._ahead = Prefetched(self.lm)
+            return self._ahead
+
     def _take_prefetched(self, chat: list[dict[str, str]], call: dict[str, Any]) -> Result | None:
-        key = _prefetch_key(chat, call)
-        with self._prefetch_lock:
-            waiting = self._prefetched.get(key)
-            if not waiting:
-                return None
-            result = waiting.popleft()
-            if not waiting:
-                del self._prefetched[key]
-            return result
+        return self._ahead.take(chat, call) if self._ahead is not None else None
 
     def _drop_prefetched(self, keys: list[str]) -> None:
         """Forgets answers no invoke took (e.g. served from LangChain's cache)."""
-        with self._prefetch_lock:
-            for key in keys:
-                waiting = self._prefetched.get(key)
-                if waiting:
-                    waiting.popleft()
-                    if not waiting:
-                        del self._prefetched[key]
+        if keys:
+            self._prefetched().drop(keys)
 
 
 def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
@@ -357,10 +338,6 @@ def _text(message: BaseMessage) -> str:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise ValueError(f"content block of type {kind!r} is not supported: ChatLoraRetriever reads text only.")
     return "".join(parts)
-
-
-def _prefetch_key(chat: list[dict[str, str]], call: dict[str, Any]) -> str:
-    return json.dumps([chat, call], sort_keys=True, default=str)
 
 
 def _usage(result: Result) -> dict[str, int]:

@@ -43,7 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.set_defaults(
         handler=_run_serve,
-        quick_overrides={"rounds": 3, "mixed_prompts": 16, "mixed_max_new_tokens": 32, "rate_fractions": [0.6]},
+        quick_overrides={
+            "rounds": 2,
+            "batch_size": 16,
+            "mixed_prompts": 8,
+            "mixed_max_new_tokens": 24,
+            "rate_fractions": [0.6],
+        },
         smoke_overrides={
             "batch_size": 4,
             "new_tokens": 2,

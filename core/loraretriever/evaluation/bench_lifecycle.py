@@ -26,6 +26,12 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
 
 
+def _our_threads() -> int:
+    """loraretriever's threads alive (engine workers, output processors, pool loaders), not
+    libraries' own that come and go (tqdm's monitor, timers)."""
+    return sum(t.name.startswith(("loraretriever-", "lora-loader")) for t in threading.enumerate())
+
+
 def _settle() -> None:
     gc.collect()
     time.sleep(2)  # a closed LM hands its freed heap back a moment later
@@ -51,12 +57,12 @@ def run_lifecycle_benchmark(
 
         build_use_drop()  # the first of a kind warms caches; the growth is counted after it
         _settle()
-        base, threads = _rss_mb(), threading.active_count()
+        base, threads = _rss_mb(), _our_threads()
         for i in range(objects):
             build_use_drop()
             log(f"object {i + 1}/{objects}: RSS {_rss_mb():.0f} MB")
         _settle()
-        after = _rss_mb()
+        after, threads_after = _rss_mb(), _our_threads()  # the kept object's threads still run
         kept.close()
     return {
         "objects": objects,
@@ -64,5 +70,5 @@ def run_lifecycle_benchmark(
         "rss_growth_mb": round(after - base, 1),
         "rss_growth_per_object_mb": round((after - base) / objects, 2),
         "shared_base_model": all(shared),
-        "threads_before_after": [threads, threading.active_count()],
+        "threads_before_after": [threads, threads_after],
     }
