@@ -1,9 +1,13 @@
-"""A pool for the user's own model, through the CLI in real processes: the pool records its base
-model (``pool.json``), later commands default to it, and another model is refused whole, without
-moving a valid adapter to quarantine. Tiny Qwen2 and Mistral models with real PEFT adapters."""
+"""A pool for the user's own model, through the CLI: the pool records its base model
+(``pool.json``), later commands default to it, and another model is refused whole, without moving
+a valid adapter to quarantine. Tiny Qwen2 and Mistral models with real PEFT adapters. Commands that
+open the pool's index, and writers beside other processes, run in processes of their own; a
+``pool add`` on its own (it opens no index) runs the CLI's ``main`` in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -71,9 +75,24 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def add(models, pool: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+def in_process(*args: str) -> subprocess.CompletedProcess:
+    """``loraretriever ARGS`` through the CLI's ``main`` in this process (exit status and output as
+    a process would give them)."""
+    from loraretriever.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def add(models, pool: Path, name: str, *extra: str, process: bool = False) -> subprocess.CompletedProcess:
     source = models["adapters"]
-    return cli(
+    run = (lambda *args, cwd: cli(*args, cwd=cwd)) if process else (lambda *args, cwd: in_process(*args))
+    return run(
         "pool",
         "add",
         name,
@@ -138,8 +157,8 @@ def test_a_pool_without_a_manifest_opened_with_another_model_is_refused_whole(mo
     assert sorted(p.name for p in (pool / "adapters").iterdir()) == ["fr", "senti"]
     assert not (pool / "quarantine").exists() and not (pool / "pool.json").exists()
 
-    # the right model opens it and records itself
-    done = add(models, pool, "summ", "--model", str(models["qwen"]))
+    # the right model opens it and records itself (a log line, which a process of its own prints)
+    done = add(models, pool, "summ", "--model", str(models["qwen"]), process=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "recorded base model" in done.stderr
     assert json.loads((pool / "pool.json").read_text())["base_model"]["id"] == str(models["qwen"].resolve())
@@ -239,7 +258,7 @@ def test_pool_add_beside_a_running_server_is_routed_after_its_next_sync(models, 
 
         prompt = "Summarize: the meeting moved to Tuesday because of the storm"
         assert routed(prompt) != ["summ"]
-        done = add(models, pool, "summ")  # the server holds the index: this process never opens it
+        done = add(models, pool, "summ", process=True)  # the server holds the index: this never opens it
         assert done.returncode == 0, done.stderr[-2000:]
         assert routed(prompt) == ["summ"]
     finally:
