@@ -25,7 +25,7 @@ demo: setup
 
 # every test, in two processes (a test file stays in one, with its module fixtures)
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # the inner loop: lint and the tests that need no real model (tiny models built in memory)
 check: $(STAMP)

@@ -60,7 +60,8 @@ def test_held_out_prompts_are_routed_to_their_own_task(lm):
     assert top1 >= 0.8 * len(first) and top3 >= 0.9 * len(first), (top1, top3)
 
 
-@pytest.mark.parametrize("task", ["sports_understanding", "intent_recognition", "qa_wikidata"])
+# intent_recognition's LoRA beating the base model is checked on its whole split by the table test
+@pytest.mark.parametrize("task", ["sports_understanding", "qa_wikidata"])
 def test_a_tasks_lora_beats_the_base_model_on_its_test_prompts(lm, task):
     queries = load_split_queries(BIGBENCH_SPLITS, tasks=[task])[:12]
     prompts = [q["inputs"] for q in queries]
