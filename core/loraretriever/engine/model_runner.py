@@ -213,20 +213,22 @@ class ModelRunner:
         self.running.extend(batch, max(len(r.prompt_ids) + min(r.config.max_new_tokens, RESERVE) for r in soon))
 
     # -- shared ------------------------------------------------------------------------------
-    def drop(self, finished: bool = True) -> list[RequestState]:
-        """Removes the cancelled rows (returned, to be failed) and, with ``finished``, the rows that
-        ended meanwhile (a stop string found by the output processor, a failed callback)."""
+    def drop(self) -> list[RequestState]:
+        """Removes the cancelled rows (returned, to be failed) and the rows that ended meanwhile (a
+        stop string found by the output processor, a failed callback)."""
         cancelled = []
         for name in ("running", "prefilling"):
             batch = getattr(self, name)
             if batch is None:
                 continue
-            gone = [i for i, r in enumerate(batch.requests) if r.cancelled or (finished and r.finished)]
-            if gone:
-                cancelled += [batch.requests[i] for i in gone if batch.requests[i].cancelled]
-                for i in gone:
-                    batch.requests[i].release()
-                setattr(self, name, batch.keep([i for i in range(len(batch)) if i not in set(gone)]))
+            keep = [i for i, r in enumerate(batch.requests) if not (r.cancelled or r.finished)]
+            if len(keep) < len(batch):
+                for request in batch.requests:
+                    if request.cancelled or request.finished:
+                        request.release()
+                        if request.cancelled:
+                            cancelled.append(request)
+                setattr(self, name, batch.keep(keep))
         return cancelled
 
     def clear(self) -> list[RequestState]:

@@ -19,8 +19,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -178,7 +179,7 @@ class OutputProcessor:
         return StreamEvent(state.index, delta, state.done)
 
 
-def _call(state: RequestState, callback, value) -> None:
+def _call(state: RequestState, callback: Callable[[Any], None], value: Any) -> None:
     """A caller's callback; one that raises fails only its own request."""
     try:
         callback(value)
