@@ -278,3 +278,27 @@ def test_finished_batches_free_their_kv_cache_without_the_cycle_collector(
         assert alive == [], f"finished batches' caches still alive: {alive}"
     finally:
         gc.enable()
+
+
+def test_the_running_kv_cache_grows_by_rows_as_requests_join_not_to_the_batch_limit(tiny_lm, smol_tokenizer, composer):
+    """One long prompt alone held ``max_batch_size`` rows of its length (32 x 2,600 columns of KV,
+    4 GB zero-filled on SmolLM2: half of a long prompt's time went to it)."""
+    engine = Engine(tiny_lm, smol_tokenizer, composer, EngineConfig(max_batch_size=32))
+    alone = make(engine, PROMPTS[:1], ROUTINGS[:1], [4])
+    engine.add(alone)
+    while engine.running is None:
+        engine.step()
+    assert engine.running.kv._k[0].shape[0] == 1
+    engine.run(alone)
+    requests = make(engine)
+    engine.add(requests[:1])
+    while engine.running is None:
+        engine.step()
+    engine.add(requests[1:])
+    while len(engine.running) < 4:
+        engine.step()
+    assert engine.running.kv._k[0].shape[0] in (2, 4)  # doubled, never the limit of 32
+    assert texts(engine.run(requests)) == [
+        texts(engine.run(make(engine, [p], [r], [n])))[0]
+        for p, r, n in zip(PROMPTS, ROUTINGS, (6, 12, 9, 4), strict=True)
+    ]

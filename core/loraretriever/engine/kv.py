@@ -7,7 +7,9 @@ last row, so a join or a leave copies only the rows that change. Its rows are le
 ``i`` holds its ``lengths[i]`` tokens in columns ``[0, lengths[i])`` and a decoding step writes
 each row's new token at its own column, so rows of any history length sit together without
 shifting anyone; the attention mask hides the columns past each row's length. Buffers grow by
-a quarter at a time (memory is rows x the longest row: the price of one dense attention call).
+a quarter at a time in columns and double in rows, up to the batch's row limit, so one long
+prompt alone holds one row's worth, not the limit's (memory is rows x the longest row: the price
+of one dense attention call).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class PrefillKV:
         self._v: list[torch.Tensor | None] = [None] * num_layers
         self.mask_buffer = torch.zeros((rows, columns), dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)  # tokens cached per row
+        self.dense = True  # no padded column so far: passes need no explicit mask
         self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(num_layers)])
 
     def __len__(self) -> int:
@@ -122,17 +125,25 @@ class PrefillKV:
         """The attention mask and position ids for the next chunk (``lengths[i]`` real tokens of
         row ``i``, right-aligned in the chunk): ``(rows, end + chunk)`` and ``(rows, chunk)``."""
         new = max(lengths)
+        if self.dense and min(lengths) == new:  # no padding anywhere: attention builds its causal mask
+            return None, self.positions[: self.n, None] + torch.arange(new, device=self.device)[None, :]
+        self.dense = False
         pad = torch.tensor([new - n for n in lengths], device=self.device)
         columns = torch.arange(new, device=self.device)
         real = (columns[None, :] >= pad[:, None]).long()
         positions = self.positions[: self.n, None] + (columns[None, :] - pad[:, None]).clamp(min=0)
         return torch.cat([self.mask_buffer[: self.n, : self.end], real], dim=1), positions
 
-    def advance(self, mask: torch.Tensor) -> None:
-        new = mask[:, self.end :]
-        self.mask_buffer[: self.n, self.end : self.end + new.shape[1]] = new
-        self.positions[: self.n] += new.sum(1)
-        self.end += new.shape[1]
+    def advance(self, mask: torch.Tensor | None, width: int) -> None:
+        """Counts the ``width`` columns of the pass just made (``mask`` None: all real)."""
+        if mask is None:
+            self.mask_buffer[: self.n, self.end : self.end + width] = 1
+            self.positions[: self.n] += width
+        else:
+            new = mask[:, self.end :]
+            self.mask_buffer[: self.n, self.end : self.end + width] = new
+            self.positions[: self.n] += new.sum(1)
+        self.end += width
 
     def _write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._k[layer] is None:
@@ -150,21 +161,25 @@ class PrefillKV:
 
 
 class RunningKV:
-    """The cache of the running batch: up to ``capacity`` left-aligned rows (see the module docstring).
+    """The cache of the running batch: left-aligned rows (see the module docstring).
 
     Args:
-        capacity: Rows to allocate (the buffers grow if more join).
+        capacity: Rows to allocate now (the buffers grow if more join).
         num_layers: The model's decoder layers.
         device: The model's device.
+        max_rows: The most rows expected at once (the engine's ``max_batch_size``): rows grow by
+            doubling up to it, then one join at a time.
     """
 
-    def __init__(self, capacity: int, num_layers: int, device: torch.device) -> None:
+    def __init__(self, capacity: int, num_layers: int, device: torch.device, max_rows: int | None = None) -> None:
         self.capacity, self.device, self.n = capacity, device, 0
+        self.max_rows = max_rows or capacity
         self._k: list[torch.Tensor | None] = [None] * num_layers
         self._v: list[torch.Tensor | None] = [None] * num_layers
         self._columns = 0
         self.lengths = torch.zeros(capacity, dtype=torch.long, device=device)  # tokens cached per row
         self._end = 0  # columns in use: the longest row
+        self._uniform = True  # every row is ``_end`` long
         self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(num_layers)])
         self._rows = torch.arange(capacity, device=device)
 
@@ -182,10 +197,12 @@ class RunningKV:
         if self._end + 1 > self._columns:
             self._realloc(self.capacity, _grown(self._columns, self._end + 1))
         own = self.lengths[: self.n]
+        if self._uniform:  # no row has a hole: no mask, so attention takes its unmasked kernel
+            return None, own[:, None]
         mask = (torch.arange(self._end + 1, device=self.device)[None, :] <= own[:, None]).long()
         return mask, own[:, None]
 
-    def advance(self, mask: torch.Tensor) -> None:
+    def advance(self, mask: torch.Tensor | None, width: int = 1) -> None:
         self.lengths[: self.n] += 1
         self._end += 1
 
@@ -202,7 +219,7 @@ class RunningKV:
         move_rows([*self._k, *self._v], destinations, sources, columns=self._end)
         move_rows([self.lengths], destinations, sources)
         self.n = n
-        self._end = int(self.lengths[:n].max()) if n else 0
+        self._settle()
 
     def extend(self, other: PrefillKV | RunningKV, reserve: int = 0) -> None:
         """Appends the rows of ``other`` (copied), each to the left of its row.
@@ -215,9 +232,11 @@ class RunningKV:
         rows_needed = self.n + other.n
         other_lengths = (other.positions if isinstance(other, PrefillKV) else other.lengths)[: other.n].tolist()
         needed = max(max(other_lengths, default=0) + 1, reserve)
-        longest = max(other_lengths, default=0)
         if rows_needed > self.capacity or needed > self._columns:
-            self._realloc(max(rows_needed, self.capacity), max(self._columns, _grown(self._columns, needed)))
+            rows = self.capacity
+            if rows_needed > rows:  # double, up to the batch's limit (then exactly what is needed)
+                rows = max(rows_needed, min(2 * rows, self.max_rows))
+            self._realloc(rows, max(self._columns, _grown(self._columns, needed)))
         for mine, theirs in ((self._k, other._k), (self._v, other._v)):
             for i, buffer in enumerate(theirs):
                 if mine[i] is None:
@@ -228,7 +247,7 @@ class RunningKV:
                     mine[i][self.n + j, :, :length] = buffer[j, :, start : start + length]
         self.lengths[self.n : rows_needed] = torch.tensor(other_lengths, device=self.device)
         self.n = rows_needed
-        self._end = max(self._end, longest)
+        self._settle()
 
     def take(self, rows: Sequence[int]) -> RunningKV:
         """A new batch holding copies of some rows."""
@@ -240,8 +259,14 @@ class RunningKV:
         out._columns = self._columns
         out.lengths = self.lengths.index_select(0, index)
         out.n = len(rows)
-        out._end = int(out.lengths.max()) if len(rows) else 0
+        out._settle()
         return out
+
+    def _settle(self) -> None:
+        """The columns in use and whether every row is that long, after rows joined or left."""
+        lengths = self.lengths[: self.n]
+        self._end = int(lengths.max()) if self.n else 0
+        self._uniform = not self.n or int(lengths.min()) == self._end
 
     def _realloc(self, rows: int, columns: int) -> None:
         for buffers in (self._k, self._v):

@@ -202,11 +202,11 @@ class ModelRunner:
         """Moves prefilled rows into the running batch, with KV room for theirs and ``upcoming``
         requests' prompts and answers (up to ``RESERVE`` answer tokens), so that neither decoding
         nor the next joins regrow the cache."""
-        if self.running is None:  # a batch with room for the most rows, so joins copy only themselves
+        if self.running is None:  # its KV rows double as rows join (a long prompt alone holds one row)
             empty = None if self.composer is None else self.composer.build_plan([])
             self.running = RowBatch(
                 [],
-                RunningKV(self.capacity, self.layers, self.model.device),
+                RunningKV(len(batch), self.layers, self.model.device, max_rows=self.capacity),
                 self._running_plan(empty, self.capacity),
             )
         soon = batch.requests + list(upcoming)
@@ -249,7 +249,7 @@ class ModelRunner:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        batch.kv.advance(mask)
+        batch.kv.advance(mask, input_ids.shape[1])
         return out.logits[:, -1, :]
 
     def _plan(self, requests: list[RequestState]) -> tuple[list[RequestState], BatchPlan | None]:

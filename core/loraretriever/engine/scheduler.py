@@ -12,7 +12,9 @@ step; what the policy decides is the prefill side:
   next ``max_batch_size`` whose prompt lengths are closest to its own while the padded group fits
   the step's token budget (``max_batch_tokens`` minus the decoding rows), so little of a prefill
   is padding and a request is overtaken only by that window. A long prompt is prefilled over
-  several steps (chunked prefill), so it never stalls the others' decoding.
+  several steps (chunked prefill), so it never stalls the others' decoding; with no row
+  decoding, nobody waits on the chunk, so a step prefills up to ``IDLE_PREFILL_TOKENS`` (one
+  causal pass is cheaper than chunks that attend to their past through an explicit mask).
 * ``static`` (a reference for benchmarks): a whole batch is admitted only when nothing runs, and
   prefilled in one pass.
 
@@ -41,6 +43,7 @@ __all__ = ["MIN_CHUNK", "Scheduler", "StepPlan"]
 logger = logging.getLogger(__name__)
 
 MIN_CHUNK = 16  # prefill tokens per step even when decoding rows use the whole budget
+IDLE_PREFILL_TOKENS = 8192  # prefill tokens per step while no row decodes (bounds the pass's activations)
 
 
 @dataclass
@@ -90,7 +93,8 @@ class Scheduler:
         if self.config.policy == "static":
             plan.prefill_tokens = total - done
         else:
-            plan.prefill_tokens = min(total - done, max(self._budget(decoding) // rows, 1))
+            budget = self._budget(decoding) if decoding else max(self.config.max_batch_tokens, IDLE_PREFILL_TOKENS)
+            plan.prefill_tokens = min(total - done, max(budget // rows, 1))
         return plan
 
     def retry_alone(self, requests: Sequence[RequestState]) -> None:
