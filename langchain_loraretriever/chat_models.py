@@ -340,11 +340,12 @@ def _text(message: BaseMessage) -> str:
     return "".join(parts)
 
 
-def _usage(result: Result) -> dict[str, int]:
+def _usage(result: Result) -> dict[str, Any]:
     return {
         "input_tokens": result.prompt_tokens,
         "output_tokens": result.completion_tokens,
         "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "input_token_details": {"cache_read": result.cached_tokens},
     }
 
 

@@ -98,6 +98,7 @@ def generation_info(result: Result) -> dict[str, Any]:
         "stop_sequence": result.stop_sequence,
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
+        "cached_tokens": result.cached_tokens,
         "batch_size": result.batch_size,
         "timings": {
             "queue_s": result.timings.queue_s,

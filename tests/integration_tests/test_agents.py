@@ -71,6 +71,43 @@ def test_create_agent_runs_a_tool_loop(chat, task_adapters):
     assert_tool_loop(state["messages"], task_adapters)
 
 
+def test_an_agent_loop_answers_the_same_with_the_prefix_cache_and_reuses_the_conversation(chat, tools_lm):
+    """Each model turn of an agent re-sends the conversation so far: with the prefix cache (on by
+    default) the later turns start from the earlier turns' KV, and every answer is what the same
+    model without the cache gives."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import wrap_model_call
+
+    from loraretriever.serving.routed_lm import RoutedLM
+
+    @wrap_model_call
+    def first_turn_calls_a_tool(request, handler):
+        called = any(isinstance(m, ToolMessage) for m in request.messages)
+        return handler(request if called else request.override(tool_choice="any"))
+
+    def loop(model):
+        agent = create_agent(model, tools=[get_weather], middleware=[first_turn_calls_a_tool])
+        return agent.invoke({"messages": [HumanMessage(QUESTION)]})["messages"]
+
+    uncached_lm = RoutedLM(
+        tools_lm.model, tools_lm.tokenizer, tools_lm.pool, tools_lm.router, max_wait_ms=0, prefix_cache_gb=0
+    )
+    try:
+        expected = loop(ChatLoraRetriever(lm=uncached_lm, max_new_tokens=96))
+    finally:
+        uncached_lm.close()
+    messages = loop(chat)
+
+    def turns(messages):
+        return [(type(m), m.content, [(c["name"], c["args"]) for c in getattr(m, "tool_calls", [])]) for m in messages]
+
+    assert turns(messages) == turns(expected)
+    # the later turn shares the system prompt and the question (its tool note differs: the first
+    # turn was forced to call a tool), so its head comes from the cache
+    assert messages[3].usage_metadata["input_token_details"]["cache_read"] > 0
+    assert all(m.usage_metadata["input_token_details"]["cache_read"] == 0 for m in expected if isinstance(m, AIMessage))
+
+
 def test_create_agent_structured_response_validates(chat):
     from langchain.agents import create_agent
 

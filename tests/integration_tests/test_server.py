@@ -261,6 +261,30 @@ def test_metrics_count_what_was_served(server, client):
     assert "loraretriever_queue_depth" in samples and "loraretriever_running_batch_size" in samples
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_in_usage_and_metrics(server, client):
+    """Prompt tokens served from the prefix cache, as OpenAI reports them (usage's
+    prompt_tokens_details.cached_tokens) and as vLLM counts them (prefix cache queries and hits)."""
+
+    def hits() -> float:
+        with urllib.request.urlopen(f"{server.url}/metrics") as response:
+            text = response.read().decode()
+        samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line[:1] != "#"}
+        return samples["loraretriever_prefix_cache_hits_total"]
+
+    system = "You are a careful assistant. " + "Answer in one short sentence, citing the rule you used. " * 12
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": PROMPTS[1]}]
+    before = hits()
+    first = client.chat.completions.create(model="word_sorting", messages=messages, max_tokens=4, temperature=0)
+    again = client.chat.completions.create(model="word_sorting", messages=messages, max_tokens=4, temperature=0)
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens > 100
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens - 64, (cached, first.usage.prompt_tokens)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    other = client.chat.completions.create(model="tense", messages=messages, max_tokens=4, temperature=0)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # another adapter, another KV
+    assert hits() - before >= cached
+
+
 def test_pool_admin_needs_a_configured_key(tmp_path):
     keyless = ServeProcess(copy_pool(DEMO_POOL, tmp_path / "pool"), tmp_path, "--max-batch-size", "2", api_key=None)
     try:

@@ -40,7 +40,7 @@ def test_every_engine_option_reaches_the_engine(tiny_lm, smol_tokenizer):
 
     pool = LoraPool(tiny_lm)
     given = {"max_batch_size": 3, "max_batch_tokens": 99, "max_prompt_tokens": 40, "max_new_tokens_limit": 20}
-    given |= {"max_load_wait": 0.25, "policy": "static"}
+    given |= {"max_load_wait": 0.25, "policy": "static", "prefix_cache_gb": 0.5}
     assert set(given) == set(ENGINE_OPTIONS), "a new engine option needs a value here"
     lm = RoutedLM(tiny_lm, smol_tokenizer, pool, **given)
     try:

@@ -41,6 +41,7 @@ from loraretriever.engine.composer import Composer
 from loraretriever.engine.intake import RequestIntake
 from loraretriever.engine.model_runner import ModelRunner, PrefillDone, RowBatch
 from loraretriever.engine.outputs import OutputProcessor, TokenEvent
+from loraretriever.engine.prefix_cache import PrefixCache
 from loraretriever.engine.requests import GenerationConfig, Prompt, RequestState, StepError
 from loraretriever.engine.routing import Routing
 from loraretriever.engine.sampler import Sampler
@@ -81,6 +82,13 @@ class EngineConfig:
             "help": "Seconds a request whose adapters are still loading lets requests with loaded ones go first."
         },
     )
+    prefix_cache_gb: float = field(
+        default=1.0,
+        metadata={
+            "help": "GiB of the model's device memory kept for the KV of prompt prefixes, reused by later "
+            "requests with the same routing and prefix (least recently used out first); 0 turns it off."
+        },
+    )
     policy: Policy = field(
         default="continuous",
         metadata={"help": "continuous: join and leave between steps; static: whole batches (a reference)."},
@@ -102,6 +110,12 @@ class EngineConfig:
         ):
             raise InvalidOptionError(
                 f"max_load_wait={self.max_load_wait!r} must be a number of seconds >= 0.", param="max_load_wait"
+            )
+        gb = self.prefix_cache_gb
+        if isinstance(gb, bool) or not isinstance(gb, int | float) or not (0 <= gb < float("inf")):
+            raise InvalidOptionError(
+                f"prefix_cache_gb={gb!r} must be a number of GiB >= 0 (0 turns the prefix cache off).",
+                param="prefix_cache_gb",
             )
         if self.policy not in ("continuous", "static"):
             raise InvalidOptionError(f"policy={self.policy!r} must be 'continuous' or 'static'.", param="policy")
@@ -152,7 +166,11 @@ class Engine:
         )
         self._eos_ids = _eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(self.config, composer.pool if composer is not None else None)
-        self.runner = ModelRunner(model, composer, self.config.max_batch_size, int(tokenizer.pad_token_id))
+        gib = self.config.prefix_cache_gb
+        self.prefix_cache = PrefixCache(int(gib * 2**30)) if gib > 0 else None
+        self.runner = ModelRunner(
+            model, composer, self.config.max_batch_size, int(tokenizer.pad_token_id), self.prefix_cache
+        )
         self.sampler = Sampler(self.intake.grammars)
         self.outputs = OutputProcessor(tokenizer)
         self.steps = 0
@@ -233,7 +251,7 @@ class Engine:
             if plan.admitted:
                 self.runner.start_prefill(plan.admitted)
                 progress = self.runner.progress()
-                if progress is not None and progress[2] < len(plan.admitted):  # some could not be planned
+                if progress is not None:  # some could not be planned, or prompt heads came from the prefix cache
                     plan = self.scheduler.schedule(self.runner.decoding, progress)
             if self.runner.prefilling is not None and plan.prefill_tokens:
                 self._prefill(plan.prefill_tokens)
@@ -275,6 +293,7 @@ class Engine:
                 request.release()
             else:
                 keep.append(row)
+        self.runner.remember(batch, [row for row in range(len(batch)) if row not in keep])
         batch.last = sampled.tokens
         return batch.keep(keep)
 

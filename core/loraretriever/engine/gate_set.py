@@ -40,6 +40,8 @@ class GateSet(Mapping[str, Gate]):
         self.pool = pool
         self._linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._gates: dict[str, Gate] = {}
+        self._versions: dict[str, int] = {}  # registrations so far, per name (prefix cache keys)
+        self._registered = 0
         self._lock = threading.Lock()
 
     def __getitem__(self, name: str) -> Gate:
@@ -70,6 +72,12 @@ class GateSet(Mapping[str, Gate]):
         gate.to(device=weight.device, dtype=weight.dtype)
         with self._lock:
             self._gates = {**self._gates, name: gate}
+            self._registered += 1
+            self._versions[name] = self._registered
+
+    def version(self, name: str) -> int | None:
+        """Which registration the gate ``name`` is (a gate replaced under its name differs)."""
+        return self._versions.get(name)
 
     def follow_model(self) -> None:
         """Moves the gates to the model's device and dtype if the model moved since they were registered."""

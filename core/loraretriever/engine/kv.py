@@ -94,9 +94,21 @@ class _SlotLayer(DynamicLayer):
         return self.owner.end + query_length, 0
 
 
+def _stack_rows(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], row: int, columns) -> torch.Tensor:
+    """One row's KV at ``columns`` of every layer: ``(2, layers, heads, len(columns), dim)``."""
+    return torch.stack(
+        [torch.stack([k[row, :, columns] for k in keys]), torch.stack([v[row, :, columns] for v in values])]
+    )
+
+
 class PrefillKV:
     """The cache of requests being prefilled together: prompts left-padded to ``columns``, filled
     chunk by chunk (each chunk's real tokens right-aligned in it).
+
+    A row whose prompt head came from the prefix cache starts with it preloaded
+    (:meth:`preload`): the heads fill the first ``start`` columns, left-padded, and the rest of
+    each prompt is prefilled after them as usual; a row's two parts may have padding between
+    them, which the mask hides and the positions skip.
 
     Args:
         rows: The requests.
@@ -112,14 +124,55 @@ class PrefillKV:
         self.mask_buffer = torch.zeros((rows, columns), dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)  # tokens cached per row
         self.dense = True  # no padded column so far: passes need no explicit mask
+        self.start = 0  # columns preloaded from the prefix cache (prefilled columns follow)
+        self.cached = torch.zeros(rows, dtype=torch.long, device=device)  # tokens per row preloaded
         self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(num_layers)])
 
     def __len__(self) -> int:
         return self.n
 
     @property
-    def length(self) -> int:
-        return self.end
+    def done(self) -> int:
+        """Prefilled columns (after the preloaded ones)."""
+        return self.end - self.start
+
+    def preload(self, heads: Sequence[torch.Tensor | None]) -> None:
+        """Writes each row's cached prompt head (``(2, layers, heads, tokens, dim)``, or None for a
+        row without one) into the first columns, before anything is prefilled."""
+        width = max((h.shape[3] for h in heads if h is not None), default=0)
+        if not width:
+            return
+        for row, head in enumerate(heads):
+            if head is None:
+                continue
+            n = head.shape[3]
+            for layer in range(len(self._k)):
+                if self._k[layer] is None:
+                    shape = (self.n, head.shape[2], self.columns, head.shape[4])
+                    self._k[layer], self._v[layer] = head.new_zeros(shape), head.new_zeros(shape)
+                self._k[layer][row, :, width - n : width] = head[0, layer]
+                self._v[layer][row, :, width - n : width] = head[1, layer]
+            self.mask_buffer[row, width - n : width] = 1
+            self.positions[row] = n
+            self.cached[row] = n
+        self.start = self.end = width
+        self.dense = all(h is not None and h.shape[3] == width for h in heads)
+
+    def token_columns(self, row: int) -> slice | torch.Tensor:
+        """The columns of ``row``'s tokens so far, in order."""
+        columns = self.mask_buffer[row, : self.end].nonzero().squeeze(1)
+        if len(columns) and int(columns[-1]) - int(columns[0]) + 1 == len(columns):
+            return slice(int(columns[0]), int(columns[-1]) + 1)
+        return columns
+
+    def read(self, row: int, start: int, stop: int) -> torch.Tensor:
+        """Tokens ``start:stop`` of ``row``: ``(2, layers, heads, stop - start, dim)``."""
+        columns = self.token_columns(row)
+        if isinstance(columns, slice):
+            columns = slice(columns.start + start, columns.start + stop)
+        else:
+            columns = columns[start:stop]
+        return _stack_rows(self._k, self._v, row, columns)
 
     def step_inputs(self, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention mask and position ids for the next chunk (``lengths[i]`` real tokens of
@@ -157,7 +210,7 @@ class PrefillKV:
     def remove(self, leaving: Sequence[int]) -> None:
         """Drops rows: the last rows move into the holes (see :func:`swap_moves`)."""
         destinations, sources, self.n = swap_moves(self.n, leaving)
-        move_rows([*self._k, *self._v, self.mask_buffer, self.positions], destinations, sources)
+        move_rows([*self._k, *self._v, self.mask_buffer, self.positions, self.cached], destinations, sources)
 
 
 class RunningKV:
@@ -237,17 +290,25 @@ class RunningKV:
             if rows_needed > rows:  # double, up to the batch's limit (then exactly what is needed)
                 rows = max(rows_needed, min(2 * rows, self.max_rows))
             self._realloc(rows, max(self._columns, _grown(self._columns, needed)))
+        # a prefill row's tokens end at its last column (after a gap if its head was cached); a
+        # running row's start at 0
+        if isinstance(other, PrefillKV):
+            sources = [other.token_columns(j) for j in range(other.n)]
+        else:
+            sources = [slice(0, length) for length in other_lengths]
         for mine, theirs in ((self._k, other._k), (self._v, other._v)):
             for i, buffer in enumerate(theirs):
                 if mine[i] is None:
                     mine[i] = buffer.new_zeros((self.capacity, buffer.shape[1], self._columns, buffer.shape[3]))
-                for j, length in enumerate(other_lengths):
-                    # a prefill row's tokens end at its last column; a running row's start at 0
-                    start = other.end - length if isinstance(other, PrefillKV) else 0
-                    mine[i][self.n + j, :, :length] = buffer[j, :, start : start + length]
+                for j, (length, columns) in enumerate(zip(other_lengths, sources, strict=True)):
+                    mine[i][self.n + j, :, :length] = buffer[j, :, columns]
         self.lengths[self.n : rows_needed] = torch.tensor(other_lengths, device=self.device)
         self.n = rows_needed
         self._settle()
+
+    def read(self, row: int, start: int, stop: int) -> torch.Tensor:
+        """Tokens ``start:stop`` of ``row``: ``(2, layers, heads, stop - start, dim)``."""
+        return _stack_rows(self._k, self._v, row, slice(start, stop))
 
     def take(self, rows: Sequence[int]) -> RunningKV:
         """A new batch holding copies of some rows."""

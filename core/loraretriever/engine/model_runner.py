@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from loraretriever.engine.composer import BatchPlan, Composer, RunningPlan
 from loraretriever.engine.kv import PrefillKV, RunningKV, swap_moves
+from loraretriever.engine.prefix_cache import PrefixCache, composition_key
 from loraretriever.engine.requests import RequestState, StepError
 
 __all__ = ["ModelRunner", "PrefillDone", "RowBatch"]
@@ -112,10 +113,20 @@ class ModelRunner:
         composer: Applies routings; None for the base model only.
         capacity: Rows of the running batch (the engine's ``max_batch_size``).
         pad_id: The token prompts are left-padded with.
+        prefix_cache: Where prompt heads' KV is kept for reuse (None: nothing is kept).
     """
 
-    def __init__(self, model: PreTrainedModel, composer: Composer | None, capacity: int, pad_id: int) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        composer: Composer | None,
+        capacity: int,
+        pad_id: int,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self.model = model
+        self.prefix_cache = prefix_cache
+        self._kv_kind: tuple[torch.device, torch.dtype] | None = None  # of the cached blocks
         self.composer = composer
         self.capacity = capacity
         self.pad_id = pad_id
@@ -130,7 +141,7 @@ class ModelRunner:
     def progress(self) -> tuple[int, int, int] | None:
         """``(padded length, tokens done, rows)`` of the group being prefilled, or None."""
         group = self.prefilling
-        return None if group is None else (group.prompt.shape[1], group.kv.length, len(group))
+        return None if group is None else (group.prompt.shape[1], group.kv.done, len(group))
 
     # -- decoding ----------------------------------------------------------------------------
     def decode(self) -> tuple[RowBatch, torch.Tensor] | None:
@@ -166,12 +177,16 @@ class ModelRunner:
         requests, plan = self._plan(requests)
         if not requests:
             return
-        length = max(len(r.prompt_ids) for r in requests)
+        heads = [self._cached_head(r) for r in requests]
+        length = max(len(r.prompt_ids) - r.cached_tokens for r in requests)
         prompt = torch.full((len(requests), length), self.pad_id, dtype=torch.long)
         for row, request in enumerate(requests):
-            prompt[row, length - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            request.prefilled = 0
-        kv = PrefillKV(len(requests), length, self.layers, self.model.device)
+            rest = request.prompt_ids[request.cached_tokens :]
+            prompt[row, length - len(rest) :] = torch.tensor(rest)
+            request.prefilled = request.cached_tokens
+        width = max(r.cached_tokens for r in requests)
+        kv = PrefillKV(len(requests), width + length, self.layers, self.model.device)
+        kv.preload(heads)
         self.prefilling = RowBatch(requests, kv, self._running_plan(plan, len(requests)), prompt.to(self.model.device))
 
     def prefill(self, tokens: int) -> PrefillDone | list[RequestState] | None:
@@ -179,8 +194,9 @@ class ModelRunner:
         logits once its whole prompt is in; the group's requests to retry one by one if a shared
         pass failed (a group of one fails instead); None while the prefill goes on."""
         group = self.prefilling
-        total, done = group.prompt.shape[1], group.kv.length
-        lengths = [max(0, min(tokens, len(r.prompt_ids) - (total - done - tokens))) for r in group.requests]
+        total, done = group.prompt.shape[1], group.kv.done
+        rests = [len(r.prompt_ids) - r.cached_tokens for r in group.requests]
+        lengths = [max(0, min(tokens, rest - (total - done - tokens))) for rest in rests]
         try:
             logits = self._forward(group, group.prompt[:, done : done + tokens], lengths)
         except Exception as error:
@@ -192,10 +208,12 @@ class ModelRunner:
             return group.requests
         for request, n in zip(group.requests, lengths, strict=True):
             request.prefilled += n
-        if group.kv.length < total:
+        if group.kv.done < total:
             return None
         self.prefilling = None
         group.prompt = None
+        for row, request in enumerate(group.requests):
+            self._store(group.kv, row, request, request.prompt_ids, len(request.prompt_ids))
         return PrefillDone(group, logits)
 
     def join(self, batch: RowBatch, upcoming: Sequence[RequestState]) -> None:
@@ -223,6 +241,7 @@ class ModelRunner:
                 continue
             keep = [i for i, r in enumerate(batch.requests) if not (r.cancelled or r.finished)]
             if len(keep) < len(batch):
+                self.remember(batch, [i for i in range(len(batch)) if i not in set(keep)])
                 for request in batch.requests:
                     if request.cancelled or request.finished:
                         request.release()
@@ -230,6 +249,69 @@ class ModelRunner:
                             cancelled.append(request)
                 setattr(self, name, batch.keep(keep))
         return cancelled
+
+    # -- prefix cache ------------------------------------------------------------------------
+    def remember(self, batch: RowBatch, rows: Sequence[int]) -> None:
+        """Keeps the KV of ``rows`` that ended well (prompt and answer) in the prefix cache, before
+        they leave the running batch: an agent's next call starts with this one's conversation."""
+        if self.prefix_cache is None or not isinstance(batch.kv, RunningKV):
+            return
+        for row in rows:
+            request = batch.requests[row]
+            if request.error is None and not request.cancelled:
+                self._store(batch.kv, row, request, request.prompt_ids + request.ids, int(batch.kv.lengths[row]))
+
+    def _cached_head(self, request: RequestState) -> torch.Tensor | None:
+        """The KV of the longest head of ``request``'s prompt in the prefix cache (at least one
+        prompt token is left to prefill: its logits give the first token); sets its
+        ``cached_tokens`` and ``prefix_key``."""
+        request.cached_tokens = 0
+        cache = self.prefix_cache
+        if cache is None:
+            return None
+        request.prefix_key = self._prefix_key(request)
+        if request.prefix_key is None:
+            return None
+        kind = (self.model.device, next(self.model.parameters()).dtype)
+        if kind != self._kv_kind:  # the model moved or changed dtype: what is cached no longer fits
+            cache.clear()
+            self._kv_kind = kind
+        usable = (len(request.prompt_ids) - 1) // cache.block_tokens
+        head = cache.lookup(cache.chain(request.prefix_key, request.prompt_ids[: usable * cache.block_tokens]))
+        request.cached_tokens = 0 if head is None else head.shape[3]
+        cache.count(len(request.prompt_ids), request.cached_tokens)
+        return head
+
+    def _store(self, kv: PrefillKV | RunningKV, row: int, request: RequestState, tokens: list[int], n: int) -> None:
+        """Keeps the full blocks of the first ``n`` of ``tokens`` (those in ``kv``'s ``row``) that
+        the prefix cache lacks."""
+        cache = self.prefix_cache
+        if cache is None or request.prefix_key is None:
+            return
+        chain = cache.chain(request.prefix_key, tokens[:n])
+        first = cache.match(chain)
+        if first < len(chain):
+            cache.store(chain, kv.read(row, first * cache.block_tokens, len(chain) * cache.block_tokens), first)
+
+    def _prefix_key(self, request: RequestState) -> str | None:
+        """The prefix cache key of ``request``'s composition, or None if it cannot be told (then
+        nothing of it is cached)."""
+        routing = request.routing
+        if routing.is_base:
+            return "base"
+        if self.composer is None:
+            return None
+        try:
+            held = request.adapters.adapters() if request.adapters is not None else {}
+            if routing.mode == "meteora":
+                digests = dict(self.composer.gates[routing.gate].config.digests)
+            else:
+                digests = {n: (held.get(n) or self.composer.pool.get(n)).digest for n in routing.adapters}
+            version = self.composer.gates.version(routing.gate) if routing.gate else None
+        except Exception as error:  # an adapter or gate gone meanwhile: this request is just not cached
+            logger.debug("no prefix cache key for prompt %d: %s", request.index, error)
+            return None
+        return composition_key(routing, digests, version)
 
     def clear(self) -> list[RequestState]:
         """Forgets both batches; returns their requests."""

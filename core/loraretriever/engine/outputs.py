@@ -170,6 +170,7 @@ class OutputProcessor:
             finish_reason=finish,
             prompt_tokens=len(state.prompt_ids),
             completion_tokens=state.detokenized,
+            cached_tokens=state.cached_tokens,
             routing=state.routing,
             stop_sequence=stop_sequence,
             truncated_prompt=state.truncated,

@@ -144,6 +144,7 @@ class Completion:
     routing: Routing
     stop_sequence: str | None = None  # the stop string that ended the text, if one did
     truncated_prompt: bool = False  # the prompt lost its oldest tokens to fit the context window
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,8 @@ class RequestState:
     finished_at: float | None = None
     queued: bool = False  # handed to an engine (a request is served once)
     prefilled: int = 0  # prompt tokens already in the KV cache
+    cached_tokens: int = 0  # of those, tokens whose KV came from the prefix cache
+    prefix_key: str | None = None  # its composition's key in the prefix cache (None: not cached)
     batch_rows: int = 0  # the most requests it was decoded together with (itself included)
     ids: list[int] = field(default_factory=list)
     text: str = ""

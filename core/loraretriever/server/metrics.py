@@ -55,6 +55,16 @@ class ServerMetrics:
             "loraretriever_generation_tokens", "Tokens generated (rate() is tokens/s).", registry=r
         )
         self.prompt_tokens = Counter("loraretriever_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.prefix_cache_queries = Counter(
+            "loraretriever_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (as vLLM's prefix_cache_queries).",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "loraretriever_prefix_cache_hits",
+            "Prompt tokens whose KV came from the prefix cache, prefill saved (hit rate: hits / queries).",
+            registry=r,
+        )
         self.adapter_requests = Counter(
             "loraretriever_adapter_requests",
             "Requests routed to each adapter ('base' for none).",
@@ -74,6 +84,8 @@ class ServerMetrics:
             self.itl.observe((t.generate_s - t.first_token_s) / (result.completion_tokens - 1))
         self.generation_tokens.inc(result.completion_tokens)
         self.prompt_tokens.inc(result.prompt_tokens)
+        self.prefix_cache_queries.inc(result.prompt_tokens)
+        self.prefix_cache_hits.inc(result.cached_tokens)
         for adapter in result.routing.adapters or ("base",):
             self.adapter_requests.labels(adapter=adapter).inc()
 

@@ -54,10 +54,16 @@ class Reply:
         prefix = "chatcmpl-" if self.chat else "cmpl-"
         return {"id": prefix + self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def usage(self, results: Sequence[Result]) -> dict[str, int]:
-        prompt = sum(r.prompt_tokens for i, r in enumerate(results) if i % self.n == 0)  # once per prompt
+    def usage(self, results: Sequence[Result]) -> dict[str, Any]:
+        first = [r for i, r in enumerate(results) if i % self.n == 0]  # a prompt counts once
+        prompt = sum(r.prompt_tokens for r in first)
         completion = sum(r.completion_tokens for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in first)},
+        }
 
     def whole(self, results: Sequence[Result]) -> dict[str, Any]:
         choices = []

@@ -57,6 +57,7 @@ class Result:
     batch_size: int = 1  # the most requests it was decoded together with (itself included)
     tool_calls: tuple[dict[str, Any], ...] = ()  # {"name", "args", "id"} when the call had tools
     invalid_tool_calls: tuple[dict[str, Any], ...] = ()  # calls that did not parse, with the error
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (OpenAI's prompt_tokens_details)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -163,6 +164,7 @@ class BatchRunner:
             invalid_tool_calls=invalid,
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
+            cached_tokens=completion.cached_tokens,
             stop_sequence=completion.stop_sequence,
             truncated_prompt=completion.truncated_prompt,
             timings=timings,
