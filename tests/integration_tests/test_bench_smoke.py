@@ -29,6 +29,13 @@ def test_bench_serve_smoke(capsys, flan48):
     for policy in ("continuous", "static"):
         run = mixed[policy]["rate_0.5"]
         assert run["requests"] == 3 and run["completion_tokens"] > 0 and run["ttft_s"]["p99"] > 0
+    long = result["long_prompt"]
+    assert long["prompt_tokens"] > 60 and set(long["seconds"]) == {"hf_generate", "ours_base", "ours_routed"}
+    assert long["repeat_cached_tokens"] > 0  # the repeat's head came from the prefix cache
+    agent = result["agent_loop"]
+    assert agent["cache_on"]["cached_tokens"][0] == 0 < agent["cache_on"]["cached_tokens"][1]
+    assert agent["cache_off"]["cached_tokens"] == [0, 0] and agent["same_answers"]
+    assert result["vllm"] is None  # --smoke never starts the peer
 
 
 def test_bench_serve_quick_keeps_only_the_engine_methods(capsys):

