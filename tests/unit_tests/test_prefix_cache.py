@@ -215,3 +215,20 @@ def test_a_cached_head_gives_the_logits_of_a_full_prefill(tiny_lm, smol_tokenize
     request, logits = first_token_logits(cached, PROMPTS[1], routing)
     assert request.cached_tokens > 0
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_requests_admitted_together_share_a_head_one_computes(tiny_lm, smol_tokenizer, composer):
+    """n choices of one prompt, and concurrent calls with one system prompt: the first computes the
+    shared head, the others are prefilled right after it and find it cached."""
+    plain = engine_with(tiny_lm, smol_tokenizer, composer, cached=False)
+    cached = engine_with(tiny_lm, smol_tokenizer, composer, cached=True)
+    system = "You answer tersely and cite the rule. "
+    prompts = [PROMPTS[0]] * 3 + [system + PROMPTS[1], system + PROMPTS[2]]
+    routings = [ROUTINGS[1]] * 3 + [ROUTINGS[0]] * 2
+    done = run(cached, prompts, routings)
+    assert [d.text for d in done] == [d.text for d in run(plain, prompts, routings)]
+    assert done[0].cached_tokens == 0
+    assert done[1].cached_tokens == done[2].cached_tokens == (done[0].prompt_tokens - 1) // BLOCK * BLOCK
+    shared = len(smol_tokenizer(system).input_ids) // BLOCK * BLOCK
+    first, second = sorted((done[3].cached_tokens, done[4].cached_tokens))  # whichever went first
+    assert first == 0 and second >= shared > 0

@@ -249,7 +249,9 @@ class Engine:
                     self.runner.running = self._advance(*decoded)
             plan = self.scheduler.schedule(self.runner.decoding, self.runner.progress())
             if plan.admitted:
-                self.runner.start_prefill(plan.admitted)
+                # a static batch is prefilled whole (nothing joins it later)
+                continuous = self.config.policy == "continuous"
+                self.scheduler.defer(self.runner.start_prefill(plan.admitted, defer=continuous))
                 progress = self.runner.progress()
                 if progress is not None:  # some could not be planned, or prompt heads came from the prefix cache
                     plan = self.scheduler.schedule(self.runner.decoding, progress)

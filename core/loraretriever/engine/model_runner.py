@@ -171,12 +171,16 @@ class ModelRunner:
             return merged, torch.cat([logits for _, logits in survivors])
 
     # -- prefill -----------------------------------------------------------------------------
-    def start_prefill(self, requests: list[RequestState]) -> None:
+    def start_prefill(self, requests: list[RequestState], defer: bool = True) -> list[RequestState]:
         """Plans the admitted group's composition (a request that cannot be planned fails alone)
-        and makes its batch."""
+        and makes its batch, each prompt's head from the prefix cache where it is there. Returns
+        the requests deferred: those that would compute the same next block as an earlier one of
+        the group (``n`` choices of a prompt, concurrent calls with one system prompt); admitted
+        after this group, they find that block cached (``defer=False``: none is)."""
+        requests, deferred = self._leaders(requests) if defer else (requests, [])
         requests, plan = self._plan(requests)
         if not requests:
-            return
+            return deferred
         heads = [self._cached_head(r) for r in requests]
         length = max(len(r.prompt_ids) - r.cached_tokens for r in requests)
         prompt = torch.full((len(requests), length), self.pad_id, dtype=torch.long)
@@ -188,6 +192,7 @@ class ModelRunner:
         kv = PrefillKV(len(requests), width + length, self.layers, self.model.device)
         kv.preload(heads)
         self.prefilling = RowBatch(requests, kv, self._running_plan(plan, len(requests)), prompt.to(self.model.device))
+        return deferred
 
     def prefill(self, tokens: int) -> PrefillDone | list[RequestState] | None:
         """The next ``tokens`` prompt tokens of the prefilling group. Returns the group and its last
@@ -261,9 +266,41 @@ class ModelRunner:
             if request.error is None and not request.cancelled:
                 self._store(batch.kv, row, request, request.prompt_ids + request.ids, int(batch.kv.lengths[row]))
 
+    def _leaders(self, requests: list[RequestState]) -> tuple[list[RequestState], list[RequestState]]:
+        """Splits a group into the requests to prefill now and those to defer (see
+        :meth:`start_prefill`); sets each one's ``prefix_key``."""
+        cache = self.prefix_cache
+        if cache is None or len(requests) < 2:
+            return requests, []
+        kind = (self.model.device, next(self.model.parameters()).dtype)
+        if kind != self._kv_kind:  # the model moved or changed dtype: what is cached no longer fits
+            cache.clear()
+            self._kv_kind = kind
+        leaders, deferred, computing = [], [], set()
+        for request in requests:
+            request.prefix_key = self._prefix_key(request)
+            chain = self._usable_chain(request)
+            found = cache.match(chain)
+            block = chain[found] if found < len(chain) else None  # the first block it would compute
+            if block is not None and block in computing:
+                deferred.append(request)
+            else:
+                leaders.append(request)
+                computing.update(chain)
+        return leaders, deferred
+
+    def _usable_chain(self, request: RequestState) -> list[bytes]:
+        """The block hashes of ``request``'s prompt head that may come from the cache: at least one
+        prompt token is left to prefill (its logits give the first token)."""
+        if request.prefix_key is None:
+            return []
+        usable = (len(request.prompt_ids) - 1) // self.prefix_cache.block_tokens
+        return self.prefix_cache.chain(
+            request.prefix_key, request.prompt_ids[: usable * self.prefix_cache.block_tokens]
+        )
+
     def _cached_head(self, request: RequestState) -> torch.Tensor | None:
-        """The KV of the longest head of ``request``'s prompt in the prefix cache (at least one
-        prompt token is left to prefill: its logits give the first token); sets its
+        """The KV of the longest head of ``request``'s prompt in the prefix cache; sets its
         ``cached_tokens`` and ``prefix_key``."""
         request.cached_tokens = 0
         cache = self.prefix_cache
@@ -276,8 +313,7 @@ class ModelRunner:
         if kind != self._kv_kind:  # the model moved or changed dtype: what is cached no longer fits
             cache.clear()
             self._kv_kind = kind
-        usable = (len(request.prompt_ids) - 1) // cache.block_tokens
-        head = cache.lookup(cache.chain(request.prefix_key, request.prompt_ids[: usable * cache.block_tokens]))
+        head = cache.lookup(self._usable_chain(request))
         request.cached_tokens = 0 if head is None else head.shape[3]
         cache.count(len(request.prompt_ids), request.cached_tokens)
         return head

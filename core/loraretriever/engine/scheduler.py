@@ -97,6 +97,11 @@ class Scheduler:
             plan.prefill_tokens = min(total - done, max(budget // rows, 1))
         return plan
 
+    def defer(self, requests: Sequence[RequestState]) -> None:
+        """Puts back at the head of the queue requests admitted but not prefilled yet (they share
+        a prompt head with one being prefilled: the next admission finds it cached)."""
+        self.waiting.extendleft(reversed(requests))
+
     def retry_alone(self, requests: Sequence[RequestState]) -> None:
         """Puts back at the head of the queue requests whose shared prefill failed; each is then
         admitted alone."""
