@@ -275,7 +275,11 @@ def _mixed(model, tokenizer, queries, prompts, max_new_tokens, rate_fractions, s
     router = Router.from_cards(cards)
 
     def make_lm(policy: str) -> RoutedLM:
-        return RoutedLM(model, tokenizer, pool, router, max_batch_size=prompts, max_wait_ms=20, policy=policy)
+        # the prefix cache off: the invoke loop re-sends the batch's prompts, and cached heads
+        # would measure the cache, not batching (agent_loop measures the cache)
+        return RoutedLM(
+            model, tokenizer, pool, router, max_batch_size=prompts, max_wait_ms=20, policy=policy, prefix_cache_gb=0
+        )
 
     try:
         return run_mixed_benchmark(
