@@ -232,3 +232,20 @@ def test_requests_admitted_together_share_a_head_one_computes(tiny_lm, smol_toke
     shared = len(smol_tokenizer(system).input_ids) // BLOCK * BLOCK
     first, second = sorted((done[3].cached_tokens, done[4].cached_tokens))  # whichever went first
     assert first == 0 and second >= shared > 0
+
+
+def test_kv_that_cannot_be_kept_turns_the_cache_off_and_serves_on(tiny_lm, smol_tokenizer, composer, monkeypatch):
+    """A model whose layers keep KV of different shapes cannot be cut into blocks: its requests are
+    served as without a cache, none fails."""
+    from loraretriever.engine import kv
+
+    def unstackable(*args, **kwargs):
+        raise RuntimeError("stack expects each tensor to be equal size")
+
+    monkeypatch.setattr(kv, "_stack_rows", unstackable)
+    cached = engine_with(tiny_lm, smol_tokenizer, composer, cached=True)
+    plain = engine_with(tiny_lm, smol_tokenizer, composer, cached=False)
+    done = run(cached, PROMPTS, ROUTINGS) + run(cached, PROMPTS, ROUTINGS)
+    assert cached.runner.prefix_cache is None
+    assert [d.text for d in done] == [d.text for d in run(plain, PROMPTS, ROUTINGS)] * 2
+    assert all(d.cached_tokens == 0 for d in done)

@@ -326,8 +326,14 @@ class ModelRunner:
             return
         chain = cache.chain(request.prefix_key, tokens[:n])
         first = cache.match(chain)
-        if first < len(chain):
+        if first >= len(chain):
+            return
+        try:
             cache.store(chain, kv.read(row, first * cache.block_tokens, len(chain) * cache.block_tokens), first)
+        except Exception as error:  # e.g. a model whose layers keep KV of different shapes: serve uncached
+            logger.warning("prefix cache turned off: this model's KV cannot be kept in blocks (%s)", error)
+            cache.clear()
+            self.prefix_cache = None
 
     def _prefix_key(self, request: RequestState) -> str | None:
         """The prefix cache key of ``request``'s composition, or None if it cannot be told (then
