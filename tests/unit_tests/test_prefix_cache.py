@@ -249,3 +249,34 @@ def test_kv_that_cannot_be_kept_turns_the_cache_off_and_serves_on(tiny_lm, smol_
     assert cached.runner.prefix_cache is None
     assert [d.text for d in done] == [d.text for d in run(plain, PROMPTS, ROUTINGS)] * 2
     assert all(d.cached_tokens == 0 for d in done)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_architectures_get_the_logits_of_a_full_prefill(smol_tokenizer, tmp_path, family):
+    """Qwen2 (biased q/k/v) and Mistral (a sliding window shorter than the prompt), each with a real
+    PEFT adapter on v_proj."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(
+        vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape)).eval()
+    else:
+        model = MistralForCausalLM(MistralConfig(**shape, sliding_window=8)).eval()
+    pool = LoraPool(model)
+    pool.add(save_peft_adapter(model, tmp_path / "v", r=4, seed=5, targets=["v_proj"]), name="v")
+    composer = Composer(model, pool)
+    try:
+        for routing in (Routing.pinned(["v"]), Routing.base()):
+            plain = engine_with(model, smol_tokenizer, composer, cached=False)
+            cached = engine_with(model, smol_tokenizer, composer, cached=True)
+            _, expected = first_token_logits(plain, PROMPTS[1], routing)
+            first_token_logits(cached, PROMPTS[1], routing)
+            request, logits = first_token_logits(cached, PROMPTS[1], routing)
+            assert request.cached_tokens > 0
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        composer.remove_hooks()
