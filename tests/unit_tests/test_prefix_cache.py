@@ -194,6 +194,16 @@ def test_prefix_cache_gb_is_checked():
         EngineConfig(prefix_cache_gb=-1)
 
 
+def assert_cached_head_gives_full_prefill_logits(model, tokenizer, composer, routing: Routing) -> None:
+    plain = engine_with(model, tokenizer, composer, cached=False)
+    cached = engine_with(model, tokenizer, composer, cached=True)
+    _, expected = first_token_logits(plain, PROMPTS[1], routing)
+    first_token_logits(cached, PROMPTS[1], routing)
+    request, logits = first_token_logits(cached, PROMPTS[1], routing)
+    assert request.cached_tokens > 0
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def first_token_logits(engine: Engine, prompt: str, routing: Routing):
     """Prefills one request through the engine's model runner: the request and its last prompt
     token's logits."""
@@ -208,13 +218,7 @@ def first_token_logits(engine: Engine, prompt: str, routing: Routing):
 @pytest.mark.parametrize("routing", ROUTINGS, ids=["single", "mixture", "base"])
 def test_a_cached_head_gives_the_logits_of_a_full_prefill(tiny_lm, smol_tokenizer, composer, routing):
     """Greedy texts of a tiny model hide small errors; the logits after a cached head do not."""
-    plain = engine_with(tiny_lm, smol_tokenizer, composer, cached=False)
-    cached = engine_with(tiny_lm, smol_tokenizer, composer, cached=True)
-    _, expected = first_token_logits(plain, PROMPTS[1], routing)
-    first_token_logits(cached, PROMPTS[1], routing)
-    request, logits = first_token_logits(cached, PROMPTS[1], routing)
-    assert request.cached_tokens > 0
-    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert_cached_head_gives_full_prefill_logits(tiny_lm, smol_tokenizer, composer, routing)
 
 
 def test_requests_admitted_together_share_a_head_one_computes(tiny_lm, smol_tokenizer, composer):
@@ -271,12 +275,6 @@ def test_other_architectures_get_the_logits_of_a_full_prefill(smol_tokenizer, tm
     composer = Composer(model, pool)
     try:
         for routing in (Routing.pinned(["v"]), Routing.base()):
-            plain = engine_with(model, smol_tokenizer, composer, cached=False)
-            cached = engine_with(model, smol_tokenizer, composer, cached=True)
-            _, expected = first_token_logits(plain, PROMPTS[1], routing)
-            first_token_logits(cached, PROMPTS[1], routing)
-            request, logits = first_token_logits(cached, PROMPTS[1], routing)
-            assert request.cached_tokens > 0
-            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+            assert_cached_head_gives_full_prefill_logits(model, smol_tokenizer, composer, routing)
     finally:
         composer.remove_hooks()

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from loraretriever.evaluation.workload import timed_in_turns
 from loraretriever.serving.routed_lm import RoutedLM
 
 __all__ = ["agent_conversation", "long_chat", "run_agent_loop", "run_long_prompt"]
@@ -87,7 +88,7 @@ def run_long_prompt(
             "ours_routed": lambda: lm.generate([chat], mode="mixture", top_k=3, **options),
         }
         routing = lm.generate([chat], mode="mixture", top_k=3, max_new_tokens=1)[0].routing
-        seconds = _in_turns(methods, rounds)
+        seconds = {name: [t for t, _ in runs] for name, runs in timed_in_turns(methods, rounds).items()}
     finally:
         lm.close()
     cached_lm = make_lm()
@@ -162,16 +163,3 @@ def run_agent_loop(
     out["same_answers"] = answers_by["cache_on"] == answers_by["cache_off"]
     out["targets_met"] = {"cache_on_later_over_first<=0.25": (out["cache_on"]["later_over_first"] or 1) <= 0.25}
     return out
-
-
-def _in_turns(methods: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each method per round, after one warm-up run each, the methods in turns."""
-    for method in methods.values():
-        method()
-    seconds: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, method in methods.items():
-            start = time.perf_counter()
-            method()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ __all__ = [
     "lora_config",
     "random_lora_state_dict",
     "task_pool",
+    "timed_in_turns",
     "tokens_per_second",
     "tokens_per_second_in_turns",
 ]
@@ -70,6 +72,20 @@ def tokens_per_second(fn: Callable[[], int], repeats: int = 2) -> float:
     return best
 
 
+def timed_in_turns(methods: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, list[tuple[float, Any]]]:
+    """``(seconds, returned value)`` of each method per round: one warm-up run each, then every
+    round runs every method once, one after the other."""
+    for fn in methods.values():
+        fn()
+    runs: dict[str, list[tuple[float, Any]]] = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            value = fn()
+            runs[name].append((time.perf_counter() - start, value))
+    return runs
+
+
 def tokens_per_second_in_turns(
     methods: Mapping[str, Callable[[], int]], reference: str, rounds: int = 5
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -82,14 +98,8 @@ def tokens_per_second_in_turns(
     Returns:
         ``(median tokens/s per method, median ratio to reference per method)``.
     """
-    for fn in methods.values():
-        fn()
-    rates: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            tokens = fn()
-            rates[name].append(tokens / (time.perf_counter() - start))
+    runs = timed_in_turns(methods, rounds)
+    rates = {name: [tokens / seconds for seconds, tokens in values] for name, values in runs.items()}
     ratios = {
         name: statistics.median(r / b for r, b in zip(values, rates[reference], strict=True))
         for name, values in rates.items()
