@@ -50,6 +50,9 @@ def test_card_checks_name_samples_and_tags():
         AdapterCard("sst2", [])
     with pytest.raises(RetrievalError, match="not one string"):
         AdapterCard("sst2", "a single string")
+    for samples, kind in ((None, "NoneType"), (3, "int"), ({"a": "b"}, "dict")):  # found by the fuzz test
+        with pytest.raises(RetrievalError, match=f"not {kind}"):
+            AdapterCard.from_dict({"name": "sst2", "samples": samples})
     with pytest.raises(RetrievalError, match="sample 1"):
         AdapterCard("sst2", ["ok", "  "])
     with pytest.raises(RetrievalError, match="card name"):

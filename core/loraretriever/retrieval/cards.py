@@ -79,6 +79,11 @@ class AdapterCard:
             raise RetrievalError(f"card name: {err}") from None
         if isinstance(self.samples, str):
             raise RetrievalError(f"card {self.name!r}: samples must be a list of strings, not one string.")
+        if not isinstance(self.samples, Sequence):  # None, a number or a mapping from a hand-edited card file
+            raise RetrievalError(
+                f"card {self.name!r}: samples must be a list of strings, not {type(self.samples).__name__} "
+                f"({self.samples!r:.60})."
+            )
         samples = tuple(self.samples)
         if not samples:
             raise RetrievalError(
