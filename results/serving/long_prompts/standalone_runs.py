@@ -1,6 +1,6 @@
 """bench serve's long_prompt in a process of its own: ``plain`` (twice), ``after-mixed`` (before and
 after the mixed workload in one process) or ``after-pool`` (after a 1,000-adapter pool was built
-and dropped). Run: ``LORARETRIEVER_HOME=$PWD/.home .venv/bin/python <this file> plain``."""
+and dropped); ``mixed``: bench serve's mixed workload (32 prompts, 64 new tokens) alone. Run: ``LORARETRIEVER_HOME=$PWD/.home .venv/bin/python <this file> plain``."""
 
 import gc
 import json
@@ -41,6 +41,9 @@ elif mode == "after-mixed":
     long()
     _mixed(model, tokenizer, QUERIES, 8, 24, [0.6], 0, lambda message: None)
     long()
+elif mode == "mixed":
+    out = _mixed(model, tokenizer, QUERIES, 32, 64, [0.6], 0, lambda message: None)
+    print(json.dumps({key: out[key] for key in ("batch_s", "invoke_loop_s", "batch_vs_loop", "same_outputs")}))
 elif mode == "after-pool":
     generator, sized = torch.Generator().manual_seed(0), LoraPool(model)
     for i in range(1000):
