@@ -272,7 +272,7 @@ class Engine:
         """Samples each row's next token, hands it to its request and the output processor;
         returns the batch with its unfinished rows."""
         sampled = self.sampler(batch.requests, logits)
-        events, keep = [], []
+        events, keep, left = [], [], []
         for row, request in enumerate(batch.requests):
             if request.finished:  # its grammar refused the token, or it stopped meanwhile
                 continue
@@ -293,9 +293,10 @@ class Engine:
         for row, request in enumerate(batch.requests):
             if request.finished:
                 request.release()
+                left.append(row)
             else:
                 keep.append(row)
-        self.runner.remember(batch, [row for row in range(len(batch)) if row not in keep])
+        self.runner.remember(batch, left)
         batch.last = sampled.tokens
         return batch.keep(keep)
 

@@ -125,7 +125,6 @@ class PrefillKV:
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)  # tokens cached per row
         self.dense = True  # no padded column so far: passes need no explicit mask
         self.start = 0  # columns preloaded from the prefix cache (prefilled columns follow)
-        self.cached = torch.zeros(rows, dtype=torch.long, device=device)  # tokens per row preloaded
         self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(num_layers)])
 
     def __len__(self) -> int:
@@ -154,7 +153,6 @@ class PrefillKV:
                 self._v[layer][row, :, width - n : width] = head[1, layer]
             self.mask_buffer[row, width - n : width] = 1
             self.positions[row] = n
-            self.cached[row] = n
         self.start = self.end = width
         self.dense = all(h is not None and h.shape[3] == width for h in heads)
 
@@ -210,7 +208,7 @@ class PrefillKV:
     def remove(self, leaving: Sequence[int]) -> None:
         """Drops rows: the last rows move into the holes (see :func:`swap_moves`)."""
         destinations, sources, self.n = swap_moves(self.n, leaving)
-        move_rows([*self._k, *self._v, self.mask_buffer, self.positions, self.cached], destinations, sources)
+        move_rows([*self._k, *self._v, self.mask_buffer, self.positions], destinations, sources)
 
 
 class RunningKV:

@@ -177,6 +177,7 @@ class ModelRunner:
         the requests deferred: those that would compute the same next block as an earlier one of
         the group (``n`` choices of a prompt, concurrent calls with one system prompt); admitted
         after this group, they find that block cached (``defer=False``: none is)."""
+        self._key(requests)
         requests, deferred = self._leaders(requests) if defer else (requests, [])
         requests, plan = self._plan(requests)
         if not requests:
@@ -244,14 +245,15 @@ class ModelRunner:
             batch = getattr(self, name)
             if batch is None:
                 continue
-            keep = [i for i, r in enumerate(batch.requests) if not (r.cancelled or r.finished)]
-            if len(keep) < len(batch):
-                self.remember(batch, [i for i in range(len(batch)) if i not in set(keep)])
-                for request in batch.requests:
-                    if request.cancelled or request.finished:
-                        request.release()
-                        if request.cancelled:
-                            cancelled.append(request)
+            keep, gone = [], []
+            for i, request in enumerate(batch.requests):
+                (gone if request.cancelled or request.finished else keep).append(i)
+            if gone:
+                self.remember(batch, gone)
+                for i in gone:
+                    batch.requests[i].release()
+                    if batch.requests[i].cancelled:
+                        cancelled.append(batch.requests[i])
                 setattr(self, name, batch.keep(keep))
         return cancelled
 
@@ -266,19 +268,26 @@ class ModelRunner:
             if request.error is None and not request.cancelled:
                 self._store(batch.kv, row, request, request.prompt_ids + request.ids, int(batch.kv.lengths[row]))
 
+    def _key(self, requests: list[RequestState]) -> None:
+        """Sets each admitted request's ``prefix_key`` (None without a prefix cache), once per
+        admission; empties the cache first if the model moved or changed dtype since it was filled."""
+        if self.prefix_cache is None:
+            return
+        kind = (self.model.device, next(self.model.parameters()).dtype)
+        if kind != self._kv_kind:  # what is cached no longer fits the model's KV
+            self.prefix_cache.clear()
+            self._kv_kind = kind
+        for request in requests:
+            request.prefix_key = self._prefix_key(request)
+
     def _leaders(self, requests: list[RequestState]) -> tuple[list[RequestState], list[RequestState]]:
         """Splits a group into the requests to prefill now and those to defer (see
-        :meth:`start_prefill`); sets each one's ``prefix_key``."""
+        :meth:`start_prefill`)."""
         cache = self.prefix_cache
         if cache is None or len(requests) < 2:
             return requests, []
-        kind = (self.model.device, next(self.model.parameters()).dtype)
-        if kind != self._kv_kind:  # the model moved or changed dtype: what is cached no longer fits
-            cache.clear()
-            self._kv_kind = kind
         leaders, deferred, computing = [], [], set()
         for request in requests:
-            request.prefix_key = self._prefix_key(request)
             chain = self._usable_chain(request)
             found = cache.match(chain)
             block = chain[found] if found < len(chain) else None  # the first block it would compute
@@ -301,18 +310,11 @@ class ModelRunner:
 
     def _cached_head(self, request: RequestState) -> torch.Tensor | None:
         """The KV of the longest head of ``request``'s prompt in the prefix cache; sets its
-        ``cached_tokens`` and ``prefix_key``."""
+        ``cached_tokens``."""
         request.cached_tokens = 0
         cache = self.prefix_cache
-        if cache is None:
+        if cache is None or request.prefix_key is None:
             return None
-        request.prefix_key = self._prefix_key(request)
-        if request.prefix_key is None:
-            return None
-        kind = (self.model.device, next(self.model.parameters()).dtype)
-        if kind != self._kv_kind:  # the model moved or changed dtype: what is cached no longer fits
-            cache.clear()
-            self._kv_kind = kind
         head = cache.lookup(self._usable_chain(request))
         request.cached_tokens = 0 if head is None else head.shape[3]
         cache.count(len(request.prompt_ids), request.cached_tokens)

@@ -72,10 +72,6 @@ class PrefixStats:
     stored_blocks: int = 0
     evicted_blocks: int = 0
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
-
 
 class PrefixCache:
     """Blocks of prompt KV under a byte budget, least recently used out first.

@@ -54,7 +54,11 @@ class ServerMetrics:
         self.generation_tokens = Counter(
             "loraretriever_generation_tokens", "Tokens generated (rate() is tokens/s).", registry=r
         )
-        self.prompt_tokens = Counter("loraretriever_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.prompt_tokens = Counter(
+            "loraretriever_prompt_tokens",
+            "Prompt tokens of the requests served (computed or from the prefix cache).",
+            registry=r,
+        )
         self.prefix_cache_queries = Counter(
             "loraretriever_prefix_cache_queries",
             "Prompt tokens looked up in the prefix cache (as vLLM's prefix_cache_queries).",
