@@ -235,11 +235,13 @@ class LoraPool:
             self._placement = placement
             self._version += 1
 
-    def check_names(self, names: list[str]) -> None:
-        """Raises :class:`UnknownAdapterError` naming the first adapter not in the pool."""
+    def check_names(self, names: list[str], param: str = "model") -> None:
+        """Raises :class:`UnknownAdapterError` naming the first adapter not in the pool (and, for a
+        caller's option other than the served ``model``, that option)."""
         for name in names:
             if name not in self:
-                raise UnknownAdapterError(self._unknown(name))
+                where = "" if param == "model" else f"{param}={list(names)!r}: "
+                raise UnknownAdapterError(where + self._unknown(name), param=param)
 
     # -- holding -----------------------------------------------------------------------------
     def hold(self, names: list[str]) -> AdapterHold:

@@ -399,7 +399,7 @@ class RoutedLM:
         prompts = _check_prompts(prompts)
         config, options = split_call_options(kwargs, self.generation, self.route_defaults)
         if options.adapters is not None:
-            self.pool.check_names(list(options.adapters))
+            self.pool.check_names(list(options.adapters), param="adapters")
         plan_gated(options, self.composer.gates, self.pool)  # a missing or mismatched gate fails now
         per_prompt = [options] * len(prompts)
         if options.exclude is not None and not all(isinstance(e, str) for e in options.exclude):

@@ -91,7 +91,7 @@ class BatchRunner:
         if retrieval is None:
             routings = [Routing.base()] * len(texts)
         elif retrieval.adapters is not None:
-            self.pool.check_names(list(retrieval.adapters))
+            self.pool.check_names(list(retrieval.adapters), param="adapters")
             pinned = Routing.pinned(
                 retrieval.adapters,
                 retrieval.adapter_weights,
